@@ -1,0 +1,19 @@
+//! The usage ledger.
+//!
+//! Owns: the database handle and its migrations (`/migrations`, one folder per backend),
+//! usage records and everything derived from them for finance. Must never: know about HTTP,
+//! models or how a request was served. It takes usage events and gives records back; the
+//! request id is the identity of a record, unique forever, enforced by the database.
+
+pub mod db;
+pub mod usage;
+
+pub use db::{Backend, Db, DbError};
+pub use usage::{Ledger, UsageEvent, UsageStatus};
+
+/// Milliseconds since the Unix epoch: every timestamp in the store is one of these.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,58 @@
+//! Gateway configuration: flags, each with an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayConfig {
+    /// Address for the consumer API; port 0 picks a free port (printed at start).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The store: `sqlite://PATH` (embedded) or `postgres://...`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+    pub database_url: String,
+
+    /// Inference worker base URLs, comma-separated.
+    #[arg(
+        long = "worker",
+        env = "GATEWAY_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub workers: Vec<String>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds to wait for a worker's response head.
+    #[arg(
+        long,
+        env = "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT",
+        default_value_t = 60
+    )]
+    pub upstream_first_byte_timeout_secs: u64,
+
+    /// Seconds for a whole non-streamed upstream response.
+    #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value_t = 600)]
+    pub upstream_timeout_secs: u64,
+
+    /// Milliseconds between worker health checks.
+    #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+
+    /// Milliseconds a key lookup is cached: the bound on revocation reaching this replica.
+    #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 1000)]
+    pub key_cache_ms: u64,
+
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Create a demo tenant and key on first start and keep the key in this file (mode 0600).
+    #[arg(long, env = "GATEWAY_DEMO_KEY_FILE")]
+    pub demo_key_file: Option<PathBuf>,
+}

@@ -1,0 +1,108 @@
+//! The gateway's one error type, mapped to HTTP statuses and the OpenAI error shape here
+//! and nowhere else.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use openai_types::ErrorBody;
+
+/// Seconds clients are told to wait on 503.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("this key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("unknown path")]
+    PathNotFound,
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("no healthy worker can serve `{0}` right now")]
+    NoWorker(String),
+    #[error("the upstream worker did not answer in time")]
+    UpstreamTimeout,
+    #[error("the upstream worker failed: {0}")]
+    Upstream(String),
+    #[error("usage could not be recorded; the request was not billed and can be retried")]
+    Metering,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ModelNotFound(_) | Self::PathNotFound => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoWorker(_) | Self::Metering => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn parts(&self) -> (&'static str, Option<&'static str>, Option<&'static str>) {
+        match self {
+            Self::BadRequest { param, .. } => ("invalid_request_error", *param, None),
+            Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
+            Self::ModelNotAllowed(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_allowed"),
+            ),
+            Self::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            Self::PathNotFound => ("invalid_request_error", None, Some("not_found")),
+            Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
+            Self::NoWorker(_) => ("server_error", None, Some("no_healthy_worker")),
+            Self::UpstreamTimeout => ("server_error", None, Some("upstream_timeout")),
+            Self::Upstream(_) => ("server_error", None, Some("upstream_error")),
+            Self::Metering => ("server_error", None, Some("metering_unavailable")),
+            Self::Internal(_) => ("server_error", None, None),
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let (kind, param, code) = self.parts();
+        let body = ErrorBody::new(self.to_string(), kind, param, code);
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl From<billing::DbError> for GatewayError {
+    fn from(e: billing::DbError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,148 @@
+//! API keys: format, generation, hashing and verification.
+//!
+//! A key reads `sk-gw-<public id>-<secret><checksum>`: the public id finds the row, the
+//! secret is 190 bits from the OS generator, and the checksum (CRC-32 of everything before
+//! it) lets us reject mistyped keys without touching the store. Only the SHA-256 of the
+//! whole key is stored, compared in constant time. The plaintext exists once, at creation.
+
+use std::fmt;
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub const KEY_PREFIX: &str = "sk-gw-";
+const ID_LEN: usize = 16;
+const SECRET_LEN: usize = 32;
+const CHECKSUM_LEN: usize = 6;
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A full key in plaintext. `Debug` never prints the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PlaintextKey(String);
+
+impl PlaintextKey {
+    /// Generates a fresh key from the OS random generator.
+    pub fn generate() -> Self {
+        let id = random_base62(ID_LEN);
+        let secret = random_base62(SECRET_LEN);
+        let body = format!("{KEY_PREFIX}{id}-{secret}");
+        let checksum = checksum(&body);
+        Self(format!("{body}{checksum}"))
+    }
+
+    /// Wraps a presented key after checking its shape and checksum.
+    pub fn parse(raw: &str) -> Option<Self> {
+        parse_parts(raw)?;
+        Some(Self(raw.to_owned()))
+    }
+
+    pub fn public_id(&self) -> &str {
+        parse_parts(&self.0).map_or("", |(id, _)| id)
+    }
+
+    /// The value stored in the database.
+    pub fn hash(&self) -> String {
+        hash_key(&self.0)
+    }
+
+    /// The plaintext, for the one moment it is shown.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PlaintextKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PlaintextKey({KEY_PREFIX}{}-[redacted])",
+            self.public_id()
+        )
+    }
+}
+
+/// Splits a key into (public id, secret+checksum) if its shape and checksum are right.
+fn parse_parts(raw: &str) -> Option<(&str, &str)> {
+    let rest = raw.strip_prefix(KEY_PREFIX)?;
+    let (id, tail) = rest.split_once('-')?;
+    if id.len() != ID_LEN || tail.len() != SECRET_LEN + CHECKSUM_LEN {
+        return None;
+    }
+    if !id
+        .bytes()
+        .chain(tail.bytes())
+        .all(|b| b.is_ascii_alphanumeric())
+    {
+        return None;
+    }
+    let (body, sum) = raw.split_at(raw.len() - CHECKSUM_LEN);
+    if checksum(body).as_bytes().ct_eq(sum.as_bytes()).unwrap_u8() != 1 {
+        return None;
+    }
+    Some((id, tail))
+}
+
+pub fn hash_key(raw: &str) -> String {
+    hex::encode(Sha256::digest(raw.as_bytes()))
+}
+
+/// Constant-time comparison of a presented key's hash with the stored one.
+pub fn hash_matches(presented: &PlaintextKey, stored_hash: &str) -> bool {
+    presented
+        .hash()
+        .as_bytes()
+        .ct_eq(stored_hash.as_bytes())
+        .into()
+}
+
+fn checksum(body: &str) -> String {
+    let mut n = crc32fast::hash(body.as_bytes()) as u64;
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn random_base62(len: usize) -> String {
+    let mut rng = rand::rng();
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        let mut byte = [0u8; 1];
+        rng.fill_bytes(&mut byte);
+        // Rejection sampling keeps every character equally likely.
+        if (byte[0] as usize) < 62 * 4 {
+            out.push(BASE62[byte[0] as usize % 62] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_and_hash_consistently() {
+        let key = PlaintextKey::generate();
+        let parsed = PlaintextKey::parse(key.expose()).unwrap();
+        assert_eq!(parsed.public_id(), key.public_id());
+        assert_eq!(key.public_id().len(), ID_LEN);
+        assert!(hash_matches(&parsed, &key.hash()));
+        assert!(!format!("{key:?}").contains(&key.expose()[KEY_PREFIX.len() + ID_LEN + 1..]));
+    }
+
+    #[test]
+    fn a_changed_character_fails_the_checksum() {
+        let key = PlaintextKey::generate();
+        let mut raw = key.expose().to_owned();
+        let i = raw.len() - CHECKSUM_LEN - 3;
+        let c = if &raw[i..=i] == "a" { "b" } else { "a" };
+        raw.replace_range(i..=i, c);
+        assert!(PlaintextKey::parse(&raw).is_none());
+        assert!(PlaintextKey::parse("sk-gw-short").is_none());
+        assert!(PlaintextKey::parse("").is_none());
+    }
+}

@@ -1,0 +1,25 @@
+//! The metering API gateway: the only thing a consumer can reach.
+//!
+//! Owns: key authentication, the worker pool and routing, forwarding OpenAI-compatible
+//! calls, and turning each served call into exactly one usage event for the ledger. Must
+//! never: run a model, price usage (billing does), or let a response end successfully at
+//! the client before its usage is recorded.
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keys;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+pub mod tenants;
+
+pub use config::GatewayConfig;
+pub use server::Gateway;
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,493 @@
+//! Forwarding consumer calls to workers and metering what they used.
+//!
+//! Every successful call produces exactly one usage event, written before the client sees
+//! the end of the response: for a JSON reply, before the reply is sent; for a stream,
+//! before `[DONE]`. A stream that ends early is billed for the tokens the worker had
+//! delivered, as counted by the worker's `: usage P C` comments, and marked as such.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use billing::{now_ms, Ledger, UsageEvent, UsageStatus};
+use futures::{Stream, StreamExt};
+use serde_json::{Map, Value};
+
+use crate::auth::Caller;
+use crate::error::GatewayError;
+use crate::pool::{Lease, WorkerPool};
+
+/// Upstream settings.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamLimits {
+    /// Until the worker's response head arrives.
+    pub first_byte_timeout: Duration,
+    /// For a whole non-streamed response.
+    pub total_timeout: Duration,
+    /// Workers tried for one request (only while nothing reached the client).
+    pub max_attempts: usize,
+}
+
+/// A parsed consumer request body, kept as JSON so unknown fields pass through unchanged.
+pub struct ProxiedCall {
+    pub endpoint: &'static str,
+    pub model: String,
+    pub body: Map<String, Value>,
+}
+
+impl ProxiedCall {
+    pub fn parse(endpoint: &'static str, bytes: &[u8]) -> Result<Self, GatewayError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| GatewayError::bad_request(format!("invalid JSON body: {e}"), None))?;
+        let Value::Object(body) = value else {
+            return Err(GatewayError::bad_request(
+                "the request body must be a JSON object",
+                None,
+            ));
+        };
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(_) => {
+                return Err(GatewayError::bad_request(
+                    "`model` must be a non-empty string",
+                    Some("model"),
+                ))
+            }
+            None => {
+                return Err(GatewayError::bad_request(
+                    "`model` is required",
+                    Some("model"),
+                ))
+            }
+        };
+        Ok(Self {
+            endpoint,
+            model,
+            body,
+        })
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.body
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    fn client_wants_usage(&self) -> bool {
+        self.body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// Billing needs the usage chunk whatever the client asked.
+    fn force_stream_usage(&mut self) {
+        let options = self
+            .body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !options.is_object() {
+            *options = Value::Object(Map::new());
+        }
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+}
+
+/// Who made the call and when, for the usage event.
+#[derive(Clone)]
+pub struct CallContext {
+    pub request_id: String,
+    pub caller: Caller,
+    pub started_at: i64,
+}
+
+impl CallContext {
+    fn event(
+        &self,
+        call_endpoint: &str,
+        model: &str,
+        prompt: u64,
+        completion: u64,
+        status: UsageStatus,
+    ) -> UsageEvent {
+        UsageEvent {
+            request_id: self.request_id.clone(),
+            tenant_id: self.caller.key.tenant_id.clone(),
+            key_id: self.caller.key.id.clone(),
+            model: model.to_owned(),
+            endpoint: call_endpoint.to_owned(),
+            prompt_tokens: prompt as i64,
+            completion_tokens: completion as i64,
+            started_at: self.started_at,
+            finished_at: now_ms(),
+            status,
+        }
+    }
+}
+
+pub struct Proxy {
+    pub pool: Arc<WorkerPool>,
+    pub client: reqwest::Client,
+    pub ledger: Ledger,
+    pub limits: UpstreamLimits,
+}
+
+impl Proxy {
+    /// Checks the model against the key and the pool, forwards, meters, answers.
+    pub async fn handle(
+        &self,
+        ctx: CallContext,
+        mut call: ProxiedCall,
+    ) -> Result<Response, GatewayError> {
+        if !ctx.caller.key.allows_model(&call.model) {
+            return Err(GatewayError::ModelNotAllowed(call.model));
+        }
+        if !self.pool.knows(&call.model) {
+            return Err(GatewayError::ModelNotFound(call.model));
+        }
+        let stream = call.is_stream();
+        let client_wants_usage = call.client_wants_usage();
+        if stream {
+            call.force_stream_usage();
+        }
+        let (lease, upstream) = self.send(&call).await?;
+        let status = upstream.status();
+        if !status.is_success() {
+            // Worker-side errors are already in the OpenAI shape; pass them on as they are.
+            let bytes = upstream
+                .bytes()
+                .await
+                .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+            return Ok(json_response(status, bytes));
+        }
+        if stream {
+            Ok(self.metered_stream(ctx, call, lease, upstream, client_wants_usage))
+        } else {
+            let bytes = tokio::time::timeout(self.limits.total_timeout, upstream.bytes())
+                .await
+                .map_err(|_| GatewayError::UpstreamTimeout)?
+                .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+            drop(lease);
+            let (prompt, completion) = usage_of(&bytes).ok_or_else(|| {
+                GatewayError::Upstream("the worker's reply carried no usage".into())
+            })?;
+            let event = ctx.event(
+                call.endpoint,
+                &call.model,
+                prompt,
+                completion,
+                UsageStatus::Success,
+            );
+            self.ledger.record(&event).await.map_err(|e| {
+                tracing::error!(error = %e, request_id = %ctx.request_id, "recording usage failed");
+                GatewayError::Metering
+            })?;
+            Ok(json_response(StatusCode::OK, bytes))
+        }
+    }
+
+    /// Sends to a worker, trying another while nothing has reached the client and the
+    /// failure says the request was not taken (connection refused, 503).
+    async fn send(&self, call: &ProxiedCall) -> Result<(Lease, reqwest::Response), GatewayError> {
+        let mut tried: Vec<String> = Vec::new();
+        for _ in 0..self.limits.max_attempts.max(1) {
+            let Some(lease) = self.pool.pick(&call.model, &tried) else {
+                break;
+            };
+            let url = format!("{}{}", lease.node.base_url, call.endpoint);
+            tried.push(lease.node.base_url.clone());
+            let sent = tokio::time::timeout(
+                self.limits.first_byte_timeout,
+                self.client.post(&url).json(&call.body).send(),
+            )
+            .await;
+            match sent {
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Err(e)) if e.is_connect() => {
+                    lease.node.eject();
+                    tracing::warn!(worker = %lease.node.base_url, error = %e, "worker unreachable; trying another");
+                }
+                Ok(Err(e)) => return Err(GatewayError::Upstream(e.to_string())),
+                // Overloaded: the worker did not take the request, so another may.
+                Ok(Ok(r)) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+                Ok(Ok(r)) => return Ok((lease, r)),
+            }
+        }
+        Err(GatewayError::NoWorker(call.model.clone()))
+    }
+
+    fn metered_stream(
+        &self,
+        ctx: CallContext,
+        call: ProxiedCall,
+        lease: Lease,
+        upstream: reqwest::Response,
+        client_wants_usage: bool,
+    ) -> Response {
+        let meter = StreamMeter {
+            ledger: self.ledger.clone(),
+            ctx,
+            endpoint: call.endpoint,
+            model: call.model,
+            counted: (0, 0),
+            recorded: false,
+            _lease: lease,
+        };
+        let body = metered(upstream.bytes_stream(), meter, client_wants_usage);
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+}
+
+fn json_response(status: StatusCode, bytes: Bytes) -> Response {
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `(prompt_tokens, completion_tokens)` of a JSON reply.
+fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let usage = v.get("usage")?;
+    let prompt = usage.get("prompt_tokens")?.as_u64()?;
+    let completion = usage
+        .get("completion_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some((prompt, completion))
+}
+
+/// Tracks a stream's usage; if dropped before the stream completed (the client left),
+/// records what was delivered.
+struct StreamMeter {
+    ledger: Ledger,
+    ctx: CallContext,
+    endpoint: &'static str,
+    model: String,
+    counted: (u64, u64),
+    recorded: bool,
+    _lease: Lease,
+}
+
+impl StreamMeter {
+    async fn record(&mut self, status: UsageStatus) -> bool {
+        self.recorded = true;
+        let event = self.ctx.event(
+            self.endpoint,
+            &self.model,
+            self.counted.0,
+            self.counted.1,
+            status,
+        );
+        match self.ledger.record(&event).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, request_id = %self.ctx.request_id, "recording stream usage failed");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for StreamMeter {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let event = self.ctx.event(
+            self.endpoint,
+            &self.model,
+            self.counted.0,
+            self.counted.1,
+            UsageStatus::ClientCancelled,
+        );
+        let ledger = self.ledger.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = ledger.record(&event).await {
+                    tracing::error!(error = %e, request_id = %event.request_id, "recording cancelled stream failed");
+                }
+            });
+        }
+    }
+}
+
+/// What one upstream SSE event means to the meter.
+enum SseEvent<'a> {
+    /// `: usage P C` from the worker.
+    Counted(u64, u64),
+    Comment,
+    Done,
+    Data(&'a str),
+}
+
+fn classify_event(event: &str) -> SseEvent<'_> {
+    if let Some(rest) = event.strip_prefix(": usage ") {
+        let mut parts = rest.split_whitespace().map(str::parse::<u64>);
+        if let (Some(Ok(p)), Some(Ok(c))) = (parts.next(), parts.next()) {
+            return SseEvent::Counted(p, c);
+        }
+    }
+    if event.starts_with(':') {
+        return SseEvent::Comment;
+    }
+    match event.strip_prefix("data:").map(str::trim) {
+        Some("[DONE]") => SseEvent::Done,
+        Some(data) => SseEvent::Data(data),
+        None => SseEvent::Comment,
+    }
+}
+
+/// Passes the worker's SSE stream through, reading usage from it, hiding the usage chunk
+/// if the client did not ask for it, and recording usage before `[DONE]` goes out.
+fn metered(
+    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    meter: StreamMeter,
+    client_wants_usage: bool,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    struct State<S> {
+        upstream: S,
+        meter: StreamMeter,
+        buffer: Vec<u8>,
+        finished: bool,
+    }
+    let state = State {
+        upstream: Box::pin(upstream),
+        meter,
+        buffer: Vec::new(),
+        finished: false,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        loop {
+            // Emit every complete event in the buffer.
+            if let Some(end) = find_event_end(&st.buffer) {
+                let raw: Vec<u8> = st.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&raw[..raw.len() - 2]).into_owned();
+                match classify_event(&text) {
+                    SseEvent::Counted(p, c) => st.meter.counted = (p, c),
+                    SseEvent::Comment => {}
+                    SseEvent::Done => {
+                        st.finished = true;
+                        let out = if st.meter.record(UsageStatus::Success).await {
+                            Bytes::from_static(b"data: [DONE]\n\n")
+                        } else {
+                            Bytes::from(error_event(
+                                "usage could not be recorded",
+                                "metering_unavailable",
+                            ))
+                        };
+                        return Some((Ok(out), st));
+                    }
+                    SseEvent::Data(data) => {
+                        let parsed: Option<Value> = serde_json::from_str(data).ok();
+                        if let Some(usage) = parsed
+                            .as_ref()
+                            .and_then(|v| v.get("usage"))
+                            .filter(|u| !u.is_null())
+                        {
+                            let p = usage
+                                .get("prompt_tokens")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0);
+                            let c = usage
+                                .get("completion_tokens")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0);
+                            st.meter.counted = (p, c);
+                            if !client_wants_usage {
+                                continue;
+                            }
+                        }
+                        if parsed.as_ref().and_then(|v| v.get("error")).is_some() {
+                            st.finished = true;
+                            st.meter.record(UsageStatus::UpstreamFailed).await;
+                        }
+                        return Some((Ok(Bytes::from(raw)), st));
+                    }
+                }
+                continue;
+            }
+            match st.upstream.next().await {
+                Some(Ok(chunk)) => st.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    // The worker went away mid-stream: bill what was delivered, tell the client.
+                    st.finished = true;
+                    st.meter.record(UsageStatus::UpstreamFailed).await;
+                    let out = error_event(
+                        &format!("the upstream worker failed mid-stream: {e}"),
+                        "upstream_error",
+                    );
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+                None => {
+                    st.finished = true;
+                    st.meter.record(UsageStatus::UpstreamFailed).await;
+                    let out = error_event("the upstream stream ended early", "upstream_error");
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+            }
+        }
+    })
+}
+
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    buffer.windows(2).position(|w| w == b"\n\n")
+}
+
+fn error_event(message: &str, code: &str) -> String {
+    let body = openai_types::ErrorBody::new(message, "server_error", None, Some(code));
+    format!(
+        "data: {}\n\n",
+        serde_json::to_string(&body).unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_sse_events() {
+        assert!(matches!(
+            classify_event(": usage 12 3"),
+            SseEvent::Counted(12, 3)
+        ));
+        assert!(matches!(classify_event(": keep-alive"), SseEvent::Comment));
+        assert!(matches!(classify_event("data: [DONE]"), SseEvent::Done));
+        assert!(matches!(
+            classify_event("data: {\"a\":1}"),
+            SseEvent::Data("{\"a\":1}")
+        ));
+    }
+
+    #[test]
+    fn stream_usage_is_forced_on() {
+        let mut call = ProxiedCall::parse(
+            "/v1/chat/completions",
+            br#"{"model":"m","stream":true,"stream_options":null}"#,
+        )
+        .unwrap();
+        assert!(!call.client_wants_usage());
+        call.force_stream_usage();
+        assert_eq!(
+            call.body["stream_options"]["include_usage"],
+            Value::Bool(true)
+        );
+    }
+}

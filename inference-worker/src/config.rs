@@ -1,0 +1,78 @@
+//! Worker configuration: flags, each with an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "inference-worker",
+    about = "Serves llama-family GGUF chat models and BERT-family embedding models over an OpenAI-compatible API"
+)]
+pub struct WorkerConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    #[arg(long, env = "WORKER_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+
+    /// Chat model as `NAME=PATH.gguf` or `PATH.gguf` (name = file name up to the first dot).
+    #[arg(long = "chat-model", env = "WORKER_CHAT_MODELS", value_delimiter = ',')]
+    pub chat_models: Vec<String>,
+
+    /// Embedding model folder as `NAME=DIR` or `DIR` (name = folder name).
+    #[arg(
+        long = "embedding-model",
+        env = "WORKER_EMBEDDING_MODELS",
+        value_delimiter = ','
+    )]
+    pub embedding_models: Vec<String>,
+
+    /// Threads for model compute (default: all cores).
+    #[arg(long, env = "WORKER_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Chat sequences decoded together.
+    #[arg(long, env = "WORKER_MAX_ACTIVE_SEQUENCES", default_value_t = 8)]
+    pub max_active_sequences: usize,
+
+    /// Requests that may wait per model before new ones get 503.
+    #[arg(long, env = "WORKER_MAX_QUEUED", default_value_t = 64)]
+    pub max_queued: usize,
+
+    /// Most texts embedded in one forward pass.
+    #[arg(long, env = "WORKER_EMBED_MAX_BATCH", default_value_t = 32)]
+    pub embed_max_batch: usize,
+
+    /// Largest request body accepted.
+    #[arg(long, env = "WORKER_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Splits `NAME=PATH`, or names the model after the path.
+pub fn named_path(spec: &str) -> (String, PathBuf) {
+    if let Some((name, path)) = spec.split_once('=') {
+        return (name.to_owned(), PathBuf::from(path));
+    }
+    let path = PathBuf::from(spec);
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_owned());
+    let name = file.split('.').next().unwrap_or(&file).to_owned();
+    (name, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::named_path;
+
+    #[test]
+    fn names_models_after_their_files() {
+        assert_eq!(
+            named_path("models/SmolLM2-135M-Instruct.Q4_1.gguf").0,
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(named_path("models/all-MiniLM-L6-v2").0, "all-MiniLM-L6-v2");
+        assert_eq!(named_path("chat=x/y.gguf").0, "chat");
+    }
+}

@@ -1,0 +1,222 @@
+//! Embedding models: a BERT-family folder (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) run with candle, mean-pooled and L2-normalised like
+//! sentence-transformers, on one thread that batches concurrent requests together.
+//!
+//! Owns: tokenization, dynamic batching, pooling, and the zero-shot classifier built on the
+//! embeddings. Must never: block the async runtime or know who is asking.
+
+mod classify;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokio::sync::{mpsc, oneshot};
+
+pub use classify::classify;
+
+use crate::error::WorkerError;
+use crate::metrics::Metrics;
+
+/// sentence-transformers' limit for this model family.
+const MAX_SEQUENCE_TOKENS: usize = 256;
+
+/// Vectors for a job's texts, in order, with the tokens each used.
+#[derive(Debug)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: Vec<usize>,
+}
+
+struct EmbedJob {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Embedded, String>>,
+}
+
+pub struct EmbeddingModel {
+    pub name: String,
+    pub dimensions: usize,
+    submit: mpsc::Sender<EmbedJob>,
+}
+
+/// Batching knobs, from the worker's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_batch: usize,
+    pub max_queued: usize,
+}
+
+impl EmbeddingModel {
+    pub fn load(
+        name: String,
+        dir: &Path,
+        limits: BatchLimits,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let read = |file: &str| {
+            std::fs::read(dir.join(file))
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", dir.join(file).display()))
+        };
+        let config: Config = serde_json::from_slice(&read("config.json")?)?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(read("tokenizer.json")?).map_err(anyhow::Error::msg)?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_SEQUENCE_TOKENS.min(config.max_position_embeddings),
+                ..Default::default()
+            }))
+            .map_err(anyhow::Error::msg)?;
+        let vb = VarBuilder::from_buffered_safetensors(
+            read("model.safetensors")?,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let model = BertModel::load(vb, &config)?;
+        let dimensions = config.hidden_size;
+
+        let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
+        let runner = Runner {
+            name: name.clone(),
+            model,
+            tokenizer,
+            max_batch: limits.max_batch.max(1),
+            metrics,
+        };
+        std::thread::Builder::new()
+            .name(format!("embed-{name}"))
+            .spawn(move || runner.run(queue))?;
+        Ok(Arc::new(Self {
+            name,
+            dimensions,
+            submit,
+        }))
+    }
+
+    /// Embeds `texts`, batched with whatever else is waiting.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Embedded, WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit
+            .try_send(EmbedJob { texts, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    WorkerError::Internal("embedding engine stopped".into())
+                }
+            })?;
+        answer
+            .await
+            .map_err(|_| WorkerError::Internal("embedding engine dropped the request".into()))?
+            .map_err(WorkerError::Internal)
+    }
+}
+
+struct Runner {
+    name: String,
+    model: BertModel,
+    tokenizer: Tokenizer,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Runner {
+    fn run(self, mut queue: mpsc::Receiver<EmbedJob>) {
+        while let Some(first) = queue.blocking_recv() {
+            // Take whatever else is already waiting, up to one batch of texts.
+            let mut jobs = vec![first];
+            let mut count = jobs[0].texts.len();
+            while count < self.max_batch {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        count += job.texts.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let texts: Vec<&str> = jobs
+                .iter()
+                .flat_map(|j| j.texts.iter().map(String::as_str))
+                .collect();
+            let started = std::time::Instant::now();
+            let result = self.embed_all(&texts);
+            self.metrics
+                .embed_batch_seconds
+                .with_label_values(&[&self.name])
+                .observe(started.elapsed().as_secs_f64());
+            let mut offset = 0;
+            for job in jobs {
+                let n = job.texts.len();
+                let answer = match &result {
+                    Ok(out) => Ok(Embedded {
+                        vectors: out.vectors[offset..offset + n].to_vec(),
+                        tokens: out.tokens[offset..offset + n].to_vec(),
+                    }),
+                    Err(e) => Err(e.clone()),
+                };
+                offset += n;
+                let _ = job.reply.send(answer);
+            }
+        }
+    }
+
+    /// Embeds texts in length-sorted batches (less padding), returning them in input order.
+    fn embed_all(&self, texts: &[&str]) -> Result<Embedded, String> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut vectors = vec![Vec::new(); texts.len()];
+        let mut tokens = vec![0; texts.len()];
+        for chunk in order.chunks(self.max_batch) {
+            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let (vecs, counts) = self.embed_batch(&batch).map_err(|e| e.to_string())?;
+            for ((&i, v), c) in chunk.iter().zip(vecs).zip(counts) {
+                vectors[i] = v;
+                tokens[i] = c;
+            }
+        }
+        Ok(Embedded { vectors, tokens })
+    }
+
+    fn embed_batch(&self, texts: &[&str]) -> anyhow::Result<(Vec<Vec<f32>>, Vec<usize>)> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(anyhow::Error::msg)?;
+        let len = encodings.first().map_or(0, |e| e.get_ids().len());
+        let mut ids = Vec::with_capacity(texts.len() * len);
+        let mut mask = Vec::with_capacity(texts.len() * len);
+        let mut counts = Vec::with_capacity(texts.len());
+        for e in &encodings {
+            ids.extend_from_slice(e.get_ids());
+            mask.extend_from_slice(e.get_attention_mask());
+            counts.push(e.get_attention_mask().iter().filter(|m| **m == 1).count());
+        }
+        let device = Device::Cpu;
+        let ids = Tensor::from_vec(ids, (texts.len(), len), &device)?;
+        let mask = Tensor::from_vec(mask, (texts.len(), len), &device)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        // Mean over real tokens, then unit length.
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+        let pooled = summed.broadcast_div(&mask.sum(1)?)?;
+        let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+        let normalized = pooled.broadcast_div(&norm)?;
+        Ok((normalized.to_vec2::<f32>()?, counts))
+    }
+}
+
+/// Truncates to `dimensions` and re-normalises to unit length.
+pub fn truncate_dimensions(vector: &mut Vec<f32>, dimensions: usize) {
+    vector.truncate(dimensions);
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+}

@@ -1,0 +1,403 @@
+//! The worker's HTTP surface: OpenAI-compatible routes, `/health` and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::StreamExt;
+use openai_types::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChunkChoice, ClassifyRequest, ClassifyResponse, ClassifyResult, Delta, Embedding,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody, FinishReason,
+    Model, ModelList, Usage,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::embed::{self, EmbeddingModel};
+use crate::error::WorkerError;
+use crate::llm::{ChatModel, GenerationEvent, GenerationJob};
+use crate::{unix_now, AppState, ModelSet};
+
+/// Most labels one classify request may carry.
+const MAX_LABELS: usize = 64;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/classify", post(classify))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
+        .with_state(state)
+}
+
+async fn record_request(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
+}
+
+async fn not_found() -> Response {
+    let body = ErrorBody::new(
+        "unknown path",
+        "invalid_request_error",
+        None,
+        Some("not_found"),
+    );
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// Reads a bounded body and parses it, mapping every failure to an OpenAI-shaped error.
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, WorkerError> {
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| WorkerError::PayloadTooLarge(limit))?;
+    serde_json::from_slice(&bytes).map_err(|e| WorkerError::Invalid {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+fn models(state: &AppState) -> Result<&ModelSet, WorkerError> {
+    state.models.get().ok_or(WorkerError::NotReady)
+}
+
+fn chat_model(state: &AppState, name: &str) -> Result<Arc<ChatModel>, WorkerError> {
+    models(state)?
+        .chat
+        .get(name)
+        .cloned()
+        .ok_or_else(|| WorkerError::ModelNotFound(name.to_owned()))
+}
+
+fn embedding_model(state: &AppState, name: &str) -> Result<Arc<EmbeddingModel>, WorkerError> {
+    models(state)?
+        .embedding
+        .get(name)
+        .cloned()
+        .ok_or_else(|| WorkerError::ModelNotFound(name.to_owned()))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.models.get() {
+        Some(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
+        None => WorkerError::NotReady.into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, WorkerError> {
+    let set = models(&state)?;
+    let mut names: Vec<&String> = set.chat.keys().chain(set.embedding.keys()).collect();
+    names.sort();
+    Ok(Json(ModelList::new(
+        names
+            .into_iter()
+            .map(|n| Model::new(n.clone(), state.started_at))
+            .collect(),
+    )))
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, WorkerError> {
+    let req: ChatCompletionRequest = read_json(body, state.max_body_bytes).await?;
+    let model = chat_model(&state, &req.model)?;
+    let (prompt, params) = model.prepare(&req)?;
+    let (events, receiver) = mpsc::channel(256);
+    model.submit(GenerationJob {
+        prompt,
+        params,
+        events,
+    })?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    if req.is_stream() {
+        let include_usage = req.include_usage();
+        Ok(stream_response(
+            receiver,
+            id,
+            created,
+            req.model,
+            include_usage,
+        ))
+    } else {
+        collect_response(receiver, id, created, req.model).await
+    }
+}
+
+async fn collect_response(
+    mut events: mpsc::Receiver<GenerationEvent>,
+    id: String,
+    created: u64,
+    model: String,
+) -> Result<Response, WorkerError> {
+    let mut content = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Delta { text, .. } => content.push_str(&text),
+            GenerationEvent::Failed(e) => return Err(WorkerError::Internal(e)),
+            GenerationEvent::Finished { reason, usage } => {
+                let body = ChatCompletion {
+                    id,
+                    object: "chat.completion".into(),
+                    created,
+                    model,
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content,
+                        },
+                        finish_reason: reason,
+                        logprobs: None,
+                    }],
+                    usage,
+                };
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(WorkerError::Internal(
+        "generation ended without a result".into(),
+    ))
+}
+
+/// Turns generation events into SSE: a role delta first, content deltas, one finish
+/// reason, the usage chunk if asked, then `[DONE]`; a failure becomes an error event.
+fn stream_response(
+    events: mpsc::Receiver<GenerationEvent>,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> Response {
+    let chunk = move |delta: Delta, finish_reason: Option<FinishReason>, usage: Option<Usage>| {
+        let choices = if usage.is_some() {
+            Vec::new()
+        } else {
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+                logprobs: None,
+            }]
+        };
+        let c = ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        };
+        sse_data(&serde_json::to_string(&c).unwrap_or_default())
+    };
+    let first = chunk(
+        Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        },
+        None,
+        None,
+    );
+    let body = ReceiverStream::new(events).flat_map(move |event| {
+        let out: Vec<Bytes> = match event {
+            GenerationEvent::Delta { text, usage } => vec![
+                chunk(
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    None,
+                    None,
+                ),
+                usage_comment(usage),
+            ],
+            GenerationEvent::Finished { reason, usage } => {
+                let mut v = vec![chunk(Delta::default(), Some(reason), None)];
+                if include_usage {
+                    v.push(chunk(Delta::default(), None, Some(usage)));
+                }
+                v.push(sse_data("[DONE]"));
+                v
+            }
+            GenerationEvent::Failed(e) => {
+                let err = ErrorBody::new(e, "server_error", None, None);
+                vec![sse_data(&serde_json::to_string(&err).unwrap_or_default())]
+            }
+        };
+        futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
+    });
+    let body = futures::stream::once(async move { Ok::<_, Infallible>(first) }).chain(body);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The tokens counted so far, as an SSE comment: clients ignore it, the gateway reads it
+/// to bill a stream that ends early for exactly what was delivered.
+fn usage_comment(usage: Usage) -> Bytes {
+    Bytes::from(format!(
+        ": usage {} {}\n\n",
+        usage.prompt_tokens, usage.completion_tokens
+    ))
+}
+
+fn sse_data(payload: &str) -> Bytes {
+    Bytes::from(format!("data: {payload}\n\n"))
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Json<EmbeddingResponse>, WorkerError> {
+    let req: EmbeddingRequest = read_json(body, state.max_body_bytes).await?;
+    req.input
+        .validate()
+        .map_err(|m| WorkerError::invalid(m, "input"))?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(WorkerError::invalid(
+                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
+                "encoding_format",
+            ))
+        }
+    };
+    let model = embedding_model(&state, &req.model)?;
+    let dimensions = match req.dimensions {
+        None => model.dimensions,
+        Some(d) if d >= 1 && (d as usize) <= model.dimensions => d as usize,
+        Some(d) => {
+            return Err(WorkerError::invalid(
+                format!(
+                    "`dimensions` must be between 1 and {}, not {d}",
+                    model.dimensions
+                ),
+                "dimensions",
+            ))
+        }
+    };
+    let texts = req.input.texts().into_iter().map(str::to_owned).collect();
+    let out = model.embed(texts).await?;
+    let tokens: u64 = out.tokens.iter().map(|t| *t as u64).sum();
+    let data = out
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut v)| {
+            if dimensions < v.len() {
+                embed::truncate_dimensions(&mut v, dimensions);
+            }
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                EmbeddingVector::Float(v)
+            };
+            Embedding {
+                object: "embedding".into(),
+                index: i as u32,
+                embedding,
+            }
+        })
+        .collect();
+    Ok(Json(EmbeddingResponse {
+        object: "list".into(),
+        data,
+        model: req.model,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    }))
+}
+
+async fn classify(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Json<ClassifyResponse>, WorkerError> {
+    let req: ClassifyRequest = read_json(body, state.max_body_bytes).await?;
+    req.input
+        .validate()
+        .map_err(|m| WorkerError::invalid(m, "input"))?;
+    if req.labels.len() < 2 || req.labels.len() > MAX_LABELS {
+        return Err(WorkerError::invalid(
+            format!("`labels` must hold between 2 and {MAX_LABELS} labels"),
+            "labels",
+        ));
+    }
+    if req.labels.iter().any(|l| l.trim().is_empty()) {
+        return Err(WorkerError::invalid("labels must not be empty", "labels"));
+    }
+    let mut unique = req.labels.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != req.labels.len() {
+        return Err(WorkerError::invalid("labels must be distinct", "labels"));
+    }
+    let model = embedding_model(&state, &req.model)?;
+    let inputs: Vec<String> = req.input.texts().into_iter().map(str::to_owned).collect();
+    let n_inputs = inputs.len();
+    let mut texts = inputs;
+    texts.extend(req.labels.iter().cloned());
+    let out = model.embed(texts).await?;
+    let (input_vectors, label_vectors) = out.vectors.split_at(n_inputs);
+    let tokens: u64 = out.tokens[..n_inputs].iter().map(|t| *t as u64).sum();
+    let mut results = embed::classify(input_vectors, &req.labels, label_vectors);
+    let result = match (&req.input, results.len()) {
+        (openai_types::TextInput::One(_), 1) => ClassifyResult::One(results.remove(0)),
+        _ => ClassifyResult::Many { data: results },
+    };
+    Ok(Json(ClassifyResponse {
+        object: "classification".into(),
+        model: req.model,
+        result,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    }))
+}

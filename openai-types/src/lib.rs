@@ -1,0 +1,70 @@
+//! OpenAI-compatible wire types shared by the gateway and the inference worker.
+//!
+//! Owns: the JSON shapes of requests, responses, stream chunks and errors, exactly as the
+//! official SDKs expect them. Must never: hold behaviour beyond (de)serialisation and
+//! shape validation, or depend on HTTP, models, keys or storage.
+
+use serde::{Deserialize, Serialize};
+
+mod chat;
+mod embeddings;
+mod error;
+
+pub use chat::*;
+pub use embeddings::*;
+pub use error::*;
+
+/// Token accounting attached to every successful response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Model {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+impl Model {
+    pub fn new(id: impl Into<String>, created: u64) -> Self {
+        Self {
+            id: id.into(),
+            object: "model".into(),
+            created,
+            owned_by: "system".into(),
+        }
+    }
+}
+
+/// The body of `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+impl ModelList {
+    pub fn new(data: Vec<Model>) -> Self {
+        Self {
+            object: "list".into(),
+            data,
+        }
+    }
+}

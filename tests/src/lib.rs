@@ -1,0 +1,280 @@
+//! Test support: starting real worker processes and gateways, and fresh databases.
+//!
+//! Nothing here is a stand-in: workers are the release or debug `inference-worker` binary
+//! with the real models, gateways bind real ports, databases are real SQLite files and
+//! real Postgres databases created for one test and dropped after.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway::tenants::{NewKey, TenantStore};
+use gateway::GatewayConfig;
+
+pub const CHAT_MODEL: &str = "SmolLM2-135M-Instruct";
+pub const EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Where the models are (`MODELS_DIR`, else `./models`); fails loudly if they are missing.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models"));
+    assert!(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
+        "models missing in {}: run `make models` (or `make test`, which fetches them)",
+        dir.display()
+    );
+    dir
+}
+
+/// A binary of this workspace, built by `cargo build --bins` (as `make test` does).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `inference-worker` process, killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl WorkerProcess {
+    /// Starts a worker with both models on a free port and waits until it is healthy.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let models = models_dir();
+        let mut child = Command::new(binary("inference-worker"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--chat-model")
+            .arg(models.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .arg("--embedding-model")
+            .arg(models.join("all-MiniLM-L6-v2"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting inference-worker");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            // Keep draining so the worker never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+            line
+        })
+        .await
+        .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("inference-worker listening on ")
+            .unwrap_or_else(|| panic!("unexpected worker output: {line:?}"))
+            .to_owned();
+        let worker = Self { child, url };
+        worker.wait_healthy(Duration::from_secs(120)).await;
+        worker
+    }
+
+    async fn wait_healthy(&self, limit: Duration) {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = client.get(format!("{}/health", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < limit,
+                "worker not healthy after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh SQLite file in a temporary folder, removed when dropped.
+pub struct TempSqlite {
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl TempSqlite {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("gw-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/store.db", dir.display());
+        Self { dir, url }
+    }
+}
+
+impl Default for TempSqlite {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempSqlite {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh database on the test Postgres server (`TEST_DATABASE_URL`), dropped afterwards.
+pub struct TempPostgres {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TempPostgres {
+    pub async fn new() -> Self {
+        let admin_url = std::env::var("TEST_DATABASE_URL").expect(
+            "TEST_DATABASE_URL is not set: run the tests with `make test`, which finds or starts Postgres",
+        );
+        let name = format!("gw_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&admin_url)
+            .await
+            .expect("connecting to TEST_DATABASE_URL");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Dropped inside a test runtime, possibly while it shuts down: use a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await
+                {
+                    let _ = sqlx::Executor::execute(
+                        &mut conn,
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                    )
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Gateway settings for a test: port 0, the given store and workers.
+pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
+    GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: database_url.to_owned(),
+        workers: workers.to_vec(),
+        max_body_bytes: 1024 * 1024,
+        upstream_first_byte_timeout_secs: 60,
+        upstream_timeout_secs: 300,
+        health_interval_ms: 200,
+        key_cache_ms: 1000,
+        shutdown_grace_secs: 5,
+        demo_key_file: None,
+    }
+}
+
+/// A gateway serving in this process on a real port.
+pub struct RunningGateway {
+    pub url: String,
+    pub db: billing::Db,
+    pub tenants: TenantStore,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningGateway {
+    pub async fn start(config: GatewayConfig) -> Self {
+        let db = billing::Db::connect(&config.database_url).await.unwrap();
+        let gateway = gateway::Gateway::build_with_db(&config, db.clone())
+            .await
+            .unwrap();
+        let url = format!("http://{}", gateway.local_addr().unwrap());
+        let tenants = gateway.state().tenants.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            db,
+            tenants,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A new tenant with one key; returns the plaintext key.
+    pub async fn tenant_with_key(&self, tenant: &str, new: NewKey) -> (String, String) {
+        let t = self.tenants.create_tenant(tenant).await.unwrap();
+        let (key, record) = self.tenants.create_key(&t.id, &new).await.unwrap();
+        (key.expose().to_owned(), record.id)
+    }
+
+    /// Graceful shutdown; returns when the gateway has drained.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}

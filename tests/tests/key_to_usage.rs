@@ -1,0 +1,232 @@
+//! From a key to the model and back: a real worker process with the real models, a real
+//! gateway on a real port, a real store; every successful call leaves one usage record.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use base64::Engine as _;
+use e2e_tests::{
+    gateway_config, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
+};
+use futures::StreamExt;
+use gateway::tenants::NewKey;
+use serde_json::{json, Value};
+
+struct Stack {
+    _worker: WorkerProcess,
+    _store: TempSqlite,
+    gateway: RunningGateway,
+    key: String,
+    http: reqwest::Client,
+}
+
+async fn stack() -> Stack {
+    let worker = WorkerProcess::start().await;
+    let store = TempSqlite::new();
+    let gateway = RunningGateway::start(gateway_config(
+        &store.url,
+        std::slice::from_ref(&worker.url),
+    ))
+    .await;
+    let (key, _) = gateway.tenant_with_key("acme", NewKey::default()).await;
+    Stack {
+        _worker: worker,
+        _store: store,
+        gateway,
+        key,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Stack {
+    fn post(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.gateway.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
+    let s = stack().await;
+    let response = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}],
+                   "max_tokens": 12, "temperature": 0, "some_unknown_field": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    // Greedy decoding of this prompt answers "... is 4." on SmolLM2-135M-Instruct.
+    assert!(content.contains('4'), "unexpected answer: {content:?}");
+    let prompt_tokens = body["usage"]["prompt_tokens"].as_i64().unwrap();
+    let completion_tokens = body["usage"]["completion_tokens"].as_i64().unwrap();
+    assert!(prompt_tokens > 10 && (1..=12).contains(&completion_tokens));
+
+    let ledger = billing::Ledger::new(s.gateway.db.clone());
+    let record = ledger
+        .get(&request_id)
+        .await
+        .unwrap()
+        .expect("usage record written");
+    assert_eq!(record.model, CHAT_MODEL);
+    assert_eq!(record.endpoint, "/v1/chat/completions");
+    assert_eq!(record.prompt_tokens, prompt_tokens);
+    assert_eq!(record.completion_tokens, completion_tokens);
+    assert_eq!(record.status, billing::UsageStatus::Success);
+    assert!(record.finished_at >= record.started_at);
+    let tenant = s
+        .gateway
+        .tenants
+        .tenant_by_name("acme")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.tenant_id, tenant.id);
+    assert_eq!(ledger.for_tenant(&tenant.id).await.unwrap().len(), 1);
+    s.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_completion_ends_with_done_and_is_recorded() {
+    let s = stack().await;
+    let response = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Count to five."}],
+                   "max_tokens": 10, "stream": true, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut text = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(
+        events.iter().all(|e| e.starts_with("data: ")),
+        "only data events reach the client: {events:?}"
+    );
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let finishes = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .count();
+    assert_eq!(finishes, 1);
+    // The client did not ask for usage, so the usage chunk the gateway requested is hidden.
+    assert!(chunks
+        .iter()
+        .all(|c| c.get("usage").is_none_or(Value::is_null)));
+
+    let record = billing::Ledger::new(s.gateway.db.clone())
+        .get(&request_id)
+        .await
+        .unwrap()
+        .expect("stream usage recorded");
+    assert_eq!(record.status, billing::UsageStatus::Success);
+    assert!(record.prompt_tokens > 0 && (1..=10).contains(&record.completion_tokens));
+    s.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_embeddings_and_bad_keys() {
+    let s = stack().await;
+    let models: Value = s
+        .http
+        .get(format!("{}/v1/models", s.gateway.url))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![CHAT_MODEL, EMBEDDING_MODEL]);
+
+    let response = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": EMBEDDING_MODEL, "input": ["hello world", "bonjour"], "encoding_format": "base64"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let v: Vec<f32> = bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(v.len(), 384);
+    let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    let record = billing::Ledger::new(s.gateway.db.clone())
+        .get(&request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record.prompt_tokens,
+        body["usage"]["prompt_tokens"].as_i64().unwrap()
+    );
+
+    for auth in [
+        None,
+        Some("sk-gw-not-a-key"),
+        Some(&s.key[..s.key.len() - 1]),
+    ] {
+        let mut req = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.gateway.url))
+            .json(&json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}));
+        if let Some(a) = auth {
+            req = req.bearer_auth(a);
+        }
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().contains_key("x-request-id"));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert!(body["error"]["message"].is_string());
+        assert!(body["error"].get("param").is_some() && body["error"].get("type").is_some());
+    }
+    s.gateway.stop().await;
+}

@@ -1,0 +1,92 @@
+//! The store behaves the same on SQLite (embedded) and Postgres (production).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use billing::{Db, Ledger, UsageEvent, UsageStatus};
+use e2e_tests::{TempPostgres, TempSqlite};
+use gateway::tenants::{NewKey, TenantStore};
+
+fn event(request_id: &str, tenant: &str) -> UsageEvent {
+    UsageEvent {
+        request_id: request_id.into(),
+        tenant_id: tenant.into(),
+        key_id: "k".into(),
+        model: "m".into(),
+        endpoint: "/v1/chat/completions".into(),
+        prompt_tokens: 17,
+        completion_tokens: 5,
+        started_at: 1_700_000_000_000,
+        finished_at: 1_700_000_000_250,
+        status: UsageStatus::Success,
+    }
+}
+
+async fn ledger_is_idempotent(db: Db) {
+    let ledger = Ledger::new(db);
+    let e = event("req_1", "t1");
+    assert!(ledger.record(&e).await.unwrap());
+    // A replay with different numbers changes nothing: the first record stands.
+    let mut replay = e.clone();
+    replay.completion_tokens = 999;
+    assert!(!ledger.record(&replay).await.unwrap());
+    assert_eq!(ledger.get("req_1").await.unwrap(), Some(e.clone()));
+    assert!(ledger.record(&event("req_2", "t2")).await.unwrap());
+    assert_eq!(ledger.for_tenant("t1").await.unwrap(), vec![e]);
+    assert_eq!(ledger.get("missing").await.unwrap(), None);
+}
+
+async fn keys_round_trip(db: Db) {
+    let store = TenantStore::new(db);
+    let tenant = store.create_tenant("acme").await.unwrap();
+    assert!(
+        store.create_tenant("acme").await.is_err(),
+        "tenant names are unique"
+    );
+    let (key, record) = store
+        .create_key(
+            &tenant.id,
+            &NewKey {
+                name: "ci".into(),
+                allowed_models: Some(vec!["a".into(), "b".into()]),
+                expires_at: Some(i64::MAX),
+            },
+        )
+        .await
+        .unwrap();
+    let loaded = store.key(key.public_id()).await.unwrap().unwrap();
+    assert_eq!(loaded, record);
+    assert!(loaded.allows_model("b") && !loaded.allows_model("c"));
+    assert_ne!(loaded.secret_hash, key.expose(), "only the hash is stored");
+    assert!(store.revoke_key(&record.id).await.unwrap());
+    assert!(!store.revoke_key(&record.id).await.unwrap());
+    assert!(store
+        .key(&record.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+}
+
+#[tokio::test]
+async fn sqlite_ledger_is_idempotent() {
+    let store = TempSqlite::new();
+    ledger_is_idempotent(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_ledger_is_idempotent() {
+    let pg = TempPostgres::new().await;
+    ledger_is_idempotent(Db::connect(&pg.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn sqlite_keys_round_trip() {
+    let store = TempSqlite::new();
+    keys_round_trip(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_keys_round_trip() {
+    let pg = TempPostgres::new().await;
+    keys_round_trip(Db::connect(&pg.url).await.unwrap()).await;
+}
