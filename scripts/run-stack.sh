@@ -57,6 +57,7 @@ echo >&2
 target/release/gateway serve \
   --listen "$GATEWAY_LISTEN" \
   --database-url "sqlite://$DATA_DIR/gateway.db" \
+  --spool-dir "$DATA_DIR/spool" \
   --worker "http://$WORKER_LISTEN" \
   --demo-key-file "$DATA_DIR/demo-key" &
 pids+=($!)

@@ -6,10 +6,12 @@
 //! request id is the identity of a record, unique forever, enforced by the database.
 
 pub mod db;
+pub mod spool;
 pub mod usage;
 
 pub use db::{Backend, Db, DbError};
-pub use usage::{Ledger, UsageEvent, UsageStatus};
+pub use spool::{Shipper, ShipperHandle, Spool, SpoolError};
+pub use usage::{Delivery, Ledger, UsageEvent, UsageStatus};
 
 /// Milliseconds since the Unix epoch: every timestamp in the store is one of these.
 pub fn now_ms() -> i64 {

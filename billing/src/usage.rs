@@ -36,6 +36,36 @@ impl UsageStatus {
     }
 }
 
+/// Whether the response reached its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    Delivered,
+    /// The client was gone before the response was handed over.
+    Undelivered,
+    /// The gateway stopped (crashed) before it knew: the request was in flight.
+    Unknown,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Undelivered => "undelivered",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "delivered" => Some(Self::Delivered),
+            "undelivered" => Some(Self::Undelivered),
+            "unknown" => Some(Self::Unknown),
+            _ => None,
+        }
+    }
+}
+
 /// What one call used. Quantities are integers; nothing here is money.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
@@ -50,7 +80,13 @@ pub struct UsageEvent {
     pub started_at: i64,
     pub finished_at: i64,
     pub status: UsageStatus,
+    /// `Unknown` when appended to the spool means "the outcome follows".
+    pub delivery: Delivery,
 }
+
+const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
+                       completion_tokens, started_at, finished_at, status, delivery";
+const COLUMN_COUNT: usize = 11;
 
 /// Writes and reads usage records.
 #[derive(Clone, Debug)]
@@ -64,36 +100,58 @@ impl Ledger {
     }
 
     /// Records one event. Idempotent: a second event with the same request id changes
-    /// nothing and returns `false`.
+    /// nothing (beyond resolving an `unknown` delivery) and returns `false`.
     pub async fn record(&self, event: &UsageEvent) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "INSERT INTO usage_records (request_id, tenant_id, key_id, model, endpoint, \
-             prompt_tokens, completion_tokens, started_at, finished_at, status) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(&event.request_id)
-        .bind(&event.tenant_id)
-        .bind(&event.key_id)
-        .bind(&event.model)
-        .bind(&event.endpoint)
-        .bind(event.prompt_tokens)
-        .bind(event.completion_tokens)
-        .bind(event.started_at)
-        .bind(event.finished_at)
-        .bind(event.status.as_str())
-        .execute(self.db.pool())
-        .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(self.record_batch(std::slice::from_ref(event)).await? == 1)
+    }
+
+    /// Records a batch in one statement; returns how many rows were inserted or had an
+    /// `unknown` delivery resolved. Quantities of an existing record never change.
+    pub async fn record_batch(&self, events: &[UsageEvent]) -> Result<u64, DbError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+        for i in 0..events.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..COLUMN_COUNT {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", i * COLUMN_COUNT + c + 1));
+            }
+            sql.push(')');
+        }
+        sql.push_str(
+            " ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
+             WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'",
+        );
+        let mut query = sqlx::query(&sql);
+        for e in events {
+            query = query
+                .bind(&e.request_id)
+                .bind(&e.tenant_id)
+                .bind(&e.key_id)
+                .bind(&e.model)
+                .bind(&e.endpoint)
+                .bind(e.prompt_tokens)
+                .bind(e.completion_tokens)
+                .bind(e.started_at)
+                .bind(e.finished_at)
+                .bind(e.status.as_str())
+                .bind(e.delivery.as_str());
+        }
+        Ok(query.execute(self.db.pool()).await?.rows_affected())
     }
 
     /// The record for a request id, if any.
     pub async fn get(&self, request_id: &str) -> Result<Option<UsageEvent>, DbError> {
-        let row = sqlx::query(
-            "SELECT request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
-             completion_tokens, started_at, finished_at, status \
-             FROM usage_records WHERE request_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM usage_records WHERE request_id = $1"
+        ))
         .bind(request_id)
         .fetch_optional(self.db.pool())
         .await?;
@@ -102,11 +160,9 @@ impl Ledger {
 
     /// Every record of a tenant, oldest first.
     pub async fn for_tenant(&self, tenant_id: &str) -> Result<Vec<UsageEvent>, DbError> {
-        let rows = sqlx::query(
-            "SELECT request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
-             completion_tokens, started_at, finished_at, status \
-             FROM usage_records WHERE tenant_id = $1 ORDER BY started_at, request_id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM usage_records WHERE tenant_id = $1 ORDER BY started_at, request_id"
+        ))
         .bind(tenant_id)
         .fetch_all(self.db.pool())
         .await?;
@@ -116,6 +172,7 @@ impl Ledger {
 
 fn from_row(row: &sqlx::any::AnyRow) -> Result<UsageEvent, DbError> {
     let status: String = row.try_get("status")?;
+    let delivery: String = row.try_get("delivery")?;
     Ok(UsageEvent {
         request_id: row.try_get("request_id")?,
         tenant_id: row.try_get("tenant_id")?,
@@ -129,6 +186,11 @@ fn from_row(row: &sqlx::any::AnyRow) -> Result<UsageEvent, DbError> {
         status: UsageStatus::parse(&status).ok_or_else(|| {
             DbError::Sqlx(sqlx::Error::Decode(
                 format!("unknown usage status `{status}`").into(),
+            ))
+        })?,
+        delivery: Delivery::parse(&delivery).ok_or_else(|| {
+            DbError::Sqlx(sqlx::Error::Decode(
+                format!("unknown delivery `{delivery}`").into(),
             ))
         })?,
     })

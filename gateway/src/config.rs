@@ -15,6 +15,14 @@ pub struct GatewayConfig {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
     pub database_url: String,
 
+    /// Folder of the durable usage spool (one per gateway process).
+    #[arg(long, env = "GATEWAY_SPOOL_DIR", default_value = "data/spool")]
+    pub spool_dir: PathBuf,
+
+    /// Bytes after which the spool starts a new segment file.
+    #[arg(long, env = "GATEWAY_SPOOL_SEGMENT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub spool_segment_bytes: u64,
+
     /// Inference worker base URLs, comma-separated.
     #[arg(
         long = "worker",

@@ -1,8 +1,9 @@
 //! Forwarding consumer calls to workers and metering what they used.
 //!
-//! Every successful call produces exactly one usage event, written before the client sees
-//! the end of the response: for a JSON reply, before the reply is sent; for a stream,
-//! before `[DONE]`. A stream that ends early is billed for the tokens the worker had
+//! Every successful call produces exactly one usage event, durable in the spool before the
+//! client sees the end of the response: for a JSON reply, before the reply is sent; for a
+//! stream, before `[DONE]`. Once the response is handed over (or the client is gone) an
+//! outcome follows. A stream that ends early is billed for the tokens the worker had
 //! delivered, as counted by the worker's `: usage P C` comments, and marked as such.
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use billing::{now_ms, Ledger, UsageEvent, UsageStatus};
+use billing::{now_ms, Delivery, Spool, UsageEvent, UsageStatus};
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value};
 
@@ -112,9 +113,9 @@ impl CallContext {
         &self,
         call_endpoint: &str,
         model: &str,
-        prompt: u64,
-        completion: u64,
+        (prompt, completion): (u64, u64),
         status: UsageStatus,
+        delivery: Delivery,
     ) -> UsageEvent {
         UsageEvent {
             request_id: self.request_id.clone(),
@@ -127,6 +128,7 @@ impl CallContext {
             started_at: self.started_at,
             finished_at: now_ms(),
             status,
+            delivery,
         }
     }
 }
@@ -134,7 +136,7 @@ impl CallContext {
 pub struct Proxy {
     pub pool: Arc<WorkerPool>,
     pub client: reqwest::Client,
-    pub ledger: Ledger,
+    pub spool: Spool,
     pub limits: UpstreamLimits,
 }
 
@@ -174,21 +176,26 @@ impl Proxy {
                 .map_err(|_| GatewayError::UpstreamTimeout)?
                 .map_err(|e| GatewayError::Upstream(e.to_string()))?;
             drop(lease);
-            let (prompt, completion) = usage_of(&bytes).ok_or_else(|| {
+            let counted = usage_of(&bytes).ok_or_else(|| {
                 GatewayError::Upstream("the worker's reply carried no usage".into())
             })?;
             let event = ctx.event(
                 call.endpoint,
                 &call.model,
-                prompt,
-                completion,
+                counted,
                 UsageStatus::Success,
+                Delivery::Unknown,
             );
-            self.ledger.record(&event).await.map_err(|e| {
-                tracing::error!(error = %e, request_id = %ctx.request_id, "recording usage failed");
+            self.spool.append_usage(&event).await.map_err(|e| {
+                tracing::error!(error = %e, request_id = %ctx.request_id, "spooling usage failed");
                 GatewayError::Metering
             })?;
-            Ok(json_response(StatusCode::OK, bytes))
+            let outcome = OutcomeOnEnd {
+                spool: self.spool.clone(),
+                request_id: ctx.request_id,
+                pending: true,
+            };
+            Ok(tracked_json(bytes, outcome))
         }
     }
 
@@ -231,12 +238,13 @@ impl Proxy {
         client_wants_usage: bool,
     ) -> Response {
         let meter = StreamMeter {
-            ledger: self.ledger.clone(),
+            spool: self.spool.clone(),
             ctx,
             endpoint: call.endpoint,
             model: call.model,
             counted: (0, 0),
             recorded: false,
+            outcome_pending: false,
             _lease: lease,
         };
         let body = metered(upstream.bytes_stream(), meter, client_wants_usage);
@@ -258,6 +266,47 @@ fn json_response(status: StatusCode, bytes: Bytes) -> Response {
     response
 }
 
+/// Records a response's outcome: delivered once its body has been read to the end,
+/// undelivered if it is dropped before.
+struct OutcomeOnEnd {
+    spool: Spool,
+    request_id: String,
+    pending: bool,
+}
+
+impl OutcomeOnEnd {
+    fn settle(&mut self, delivered: bool) {
+        if std::mem::take(&mut self.pending) {
+            self.spool.record_outcome(&self.request_id, delivered);
+        }
+    }
+}
+
+impl Drop for OutcomeOnEnd {
+    fn drop(&mut self) {
+        self.settle(false);
+    }
+}
+
+/// A JSON body that reports its outcome when the server has taken all of it.
+fn tracked_json(bytes: Bytes, outcome: OutcomeOnEnd) -> Response {
+    let body = futures::stream::unfold((Some(bytes), outcome), |(bytes, mut outcome)| async move {
+        match bytes {
+            Some(b) => Some((Ok::<_, std::io::Error>(b), (None, outcome))),
+            None => {
+                outcome.settle(true);
+                None
+            }
+        }
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 /// `(prompt_tokens, completion_tokens)` of a JSON reply.
 fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
@@ -271,54 +320,63 @@ fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Tracks a stream's usage; if dropped before the stream completed (the client left),
-/// records what was delivered.
+/// spools what was delivered.
 struct StreamMeter {
-    ledger: Ledger,
+    spool: Spool,
     ctx: CallContext,
     endpoint: &'static str,
     model: String,
     counted: (u64, u64),
     recorded: bool,
+    /// A success was spooled; its outcome follows when the stream ends or is dropped.
+    outcome_pending: bool,
     _lease: Lease,
 }
 
 impl StreamMeter {
+    fn event(&self, status: UsageStatus) -> UsageEvent {
+        let delivery = match status {
+            UsageStatus::Success => Delivery::Unknown,
+            // Only what was delivered is counted for streams that end early.
+            UsageStatus::ClientCancelled | UsageStatus::UpstreamFailed => Delivery::Delivered,
+        };
+        self.ctx
+            .event(self.endpoint, &self.model, self.counted, status, delivery)
+    }
+
     async fn record(&mut self, status: UsageStatus) -> bool {
         self.recorded = true;
-        let event = self.ctx.event(
-            self.endpoint,
-            &self.model,
-            self.counted.0,
-            self.counted.1,
-            status,
-        );
-        match self.ledger.record(&event).await {
-            Ok(_) => true,
+        match self.spool.append_usage(&self.event(status)).await {
+            Ok(()) => {
+                self.outcome_pending = status == UsageStatus::Success;
+                true
+            }
             Err(e) => {
-                tracing::error!(error = %e, request_id = %self.ctx.request_id, "recording stream usage failed");
+                tracing::error!(error = %e, request_id = %self.ctx.request_id, "spooling stream usage failed");
                 false
             }
+        }
+    }
+
+    fn settle(&mut self, delivered: bool) {
+        if std::mem::take(&mut self.outcome_pending) {
+            self.spool.record_outcome(&self.ctx.request_id, delivered);
         }
     }
 }
 
 impl Drop for StreamMeter {
     fn drop(&mut self) {
+        self.settle(false);
         if self.recorded {
             return;
         }
-        let event = self.ctx.event(
-            self.endpoint,
-            &self.model,
-            self.counted.0,
-            self.counted.1,
-            UsageStatus::ClientCancelled,
-        );
-        let ledger = self.ledger.clone();
+        let event = self.event(UsageStatus::ClientCancelled);
+        let spool = self.spool.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Err(e) = ledger.record(&event).await {
-                    tracing::error!(error = %e, request_id = %event.request_id, "recording cancelled stream failed");
+                if let Err(e) = spool.append_usage(&event).await {
+                    tracing::error!(error = %e, request_id = %event.request_id, "spooling a cancelled stream failed");
                 }
             });
         }
@@ -372,6 +430,8 @@ fn metered(
     };
     futures::stream::unfold(state, move |mut st| async move {
         if st.finished {
+            // The server asked for more after the last event: all of it was handed over.
+            st.meter.settle(true);
             return None;
         }
         loop {

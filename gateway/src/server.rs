@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use billing::{now_ms, Db, Ledger};
+use billing::{now_ms, Db, Ledger, Shipper, ShipperHandle, Spool};
 use openai_types::{Model, ModelList};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,6 +40,8 @@ pub struct Gateway {
     listener: TcpListener,
     state: Arc<AppState>,
     db: Db,
+    spool: Spool,
+    shipper: ShipperHandle,
     health_interval: Duration,
     shutdown_grace: Duration,
 }
@@ -59,12 +61,15 @@ impl Gateway {
         let pool = WorkerPool::new(&config.workers, client.clone());
         pool.check_all().await;
         let tenants = TenantStore::new(db.clone());
+        let spool = Spool::open(&config.spool_dir, config.spool_segment_bytes)?;
+        let shipper =
+            Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
         let state = Arc::new(AppState {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
                 pool,
                 client,
-                ledger: Ledger::new(db.clone()),
+                spool: spool.clone(),
                 limits: UpstreamLimits {
                     first_byte_timeout: Duration::from_secs(
                         config.upstream_first_byte_timeout_secs,
@@ -82,6 +87,8 @@ impl Gateway {
             listener,
             state,
             db,
+            spool,
+            shipper,
             health_interval: Duration::from_millis(config.health_interval_ms),
             shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
         })
@@ -124,9 +131,12 @@ impl Gateway {
             _ = drained => tracing::warn!("grace period over; abandoning in-flight requests"),
         }
         health.abort();
-        // Streams whose clients left record their usage from spawned tasks; give them a
-        // moment before closing the store.
+        // Streams whose clients left spool their usage from spawned tasks; let them run.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = self.spool.flush().await {
+            tracing::error!(error = %e, "flushing the usage spool failed");
+        }
+        self.shipper.stop().await;
         self.db.close().await;
         Ok(())
     }

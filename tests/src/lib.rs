@@ -215,11 +215,15 @@ impl Drop for TempPostgres {
     }
 }
 
-/// Gateway settings for a test: port 0, the given store and workers.
+/// Gateway settings for a test: port 0, the given store and workers, a fresh spool folder.
 pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
+    let spool_dir =
+        std::env::temp_dir().join(format!("gw-spool-{}", uuid::Uuid::new_v4().simple()));
     GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: database_url.to_owned(),
+        spool_dir,
+        spool_segment_bytes: 1024 * 1024,
         workers: workers.to_vec(),
         max_body_bytes: 1024 * 1024,
         upstream_first_byte_timeout_secs: 60,
@@ -266,6 +270,23 @@ impl RunningGateway {
         let t = self.tenants.create_tenant(tenant).await.unwrap();
         let (key, record) = self.tenants.create_key(&t.id, &new).await.unwrap();
         (key.expose().to_owned(), record.id)
+    }
+
+    /// Waits (up to 10 s) for the usage record of `request_id` to reach the store.
+    pub async fn usage_record(&self, request_id: &str) -> Option<billing::UsageEvent> {
+        let ledger = billing::Ledger::new(self.db.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(record) = ledger.get(request_id).await.unwrap() {
+                if record.delivery != billing::Delivery::Unknown {
+                    return Some(record);
+                }
+            }
+            if Instant::now() > deadline {
+                return ledger.get(request_id).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Graceful shutdown; returns when the gateway has drained.

@@ -73,11 +73,12 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
     assert!(prompt_tokens > 10 && (1..=12).contains(&completion_tokens));
 
     let ledger = billing::Ledger::new(s.gateway.db.clone());
-    let record = ledger
-        .get(&request_id)
+    let record = s
+        .gateway
+        .usage_record(&request_id)
         .await
-        .unwrap()
         .expect("usage record written");
+    assert_eq!(record.delivery, billing::Delivery::Delivered);
     assert_eq!(record.model, CHAT_MODEL);
     assert_eq!(record.endpoint, "/v1/chat/completions");
     assert_eq!(record.prompt_tokens, prompt_tokens);
@@ -143,11 +144,12 @@ async fn streamed_completion_ends_with_done_and_is_recorded() {
         .iter()
         .all(|c| c.get("usage").is_none_or(Value::is_null)));
 
-    let record = billing::Ledger::new(s.gateway.db.clone())
-        .get(&request_id)
+    let record = s
+        .gateway
+        .usage_record(&request_id)
         .await
-        .unwrap()
         .expect("stream usage recorded");
+    assert_eq!(record.delivery, billing::Delivery::Delivered);
     assert_eq!(record.status, billing::UsageStatus::Success);
     assert!(record.prompt_tokens > 0 && (1..=10).contains(&record.completion_tokens));
     s.gateway.stop().await;
@@ -198,11 +200,7 @@ async fn models_embeddings_and_bad_keys() {
     assert_eq!(v.len(), 384);
     let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-4);
-    let record = billing::Ledger::new(s.gateway.db.clone())
-        .get(&request_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let record = s.gateway.usage_record(&request_id).await.unwrap();
     assert_eq!(
         record.prompt_tokens,
         body["usage"]["prompt_tokens"].as_i64().unwrap()

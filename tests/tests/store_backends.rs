@@ -1,7 +1,7 @@
 //! The store behaves the same on SQLite (embedded) and Postgres (production).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
-use billing::{Db, Ledger, UsageEvent, UsageStatus};
+use billing::{Db, Delivery, Ledger, UsageEvent, UsageStatus};
 use e2e_tests::{TempPostgres, TempSqlite};
 use gateway::tenants::{NewKey, TenantStore};
 
@@ -17,6 +17,7 @@ fn event(request_id: &str, tenant: &str) -> UsageEvent {
         started_at: 1_700_000_000_000,
         finished_at: 1_700_000_000_250,
         status: UsageStatus::Success,
+        delivery: Delivery::Delivered,
     }
 }
 

@@ -1,0 +1,247 @@
+//! The durable usage spool: the metering path between the gateway and the store.
+//!
+//! A usage event is appended to a local append-only log and fsynced (group commit: one
+//! fsync covers every event that arrived meanwhile) before the caller is told it is safe;
+//! the [`shipper`] then writes events to the store in batches, idempotently, and advances a
+//! persisted cursor. So the store can be down for minutes and the gateway can be killed at
+//! any moment without losing an event or counting one twice.
+//!
+//! After a response's fate is known the gateway appends an outcome (delivered or not,
+//! without waiting for fsync). Events whose outcome never arrived because the process died
+//! are shipped with delivery `unknown`: at most the requests in flight at the crash.
+
+pub mod segment;
+pub mod shipper;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+pub use segment::SpoolEntry;
+pub use shipper::{Shipper, ShipperHandle};
+
+use crate::usage::UsageEvent;
+
+/// Queue bound in front of the writer thread; appends wait (never fail) when it is full.
+const QUEUE: usize = 65_536;
+/// Most records one group commit takes.
+const MAX_GROUP: usize = 8_192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O: {0}")]
+    Io(String),
+    #[error("the spool is closed")]
+    Closed,
+}
+
+enum Command {
+    Append {
+        bytes: Vec<u8>,
+        durable: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+/// A handle to the spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    /// Segments numbered below this were written by an earlier process.
+    pub first_live_segment: u64,
+    /// Wakes the shipper when something was written.
+    pub written: Notify,
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` and starts its writer thread. Segments left by
+    /// an earlier process are kept for the shipper; this process writes new ones.
+    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let first_live_segment = segment::list_segments(dir)?.last().map_or(0, |n| n + 1);
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            first_live_segment,
+            written: Notify::new(),
+        });
+        let (commands, queue) = mpsc::channel(QUEUE);
+        let writer = Writer::create(shared.clone(), segment_bytes.max(1024))?;
+        std::thread::Builder::new()
+            .name("usage-spool".into())
+            .spawn(move || writer.run(queue))?;
+        Ok(Self { commands, shared })
+    }
+
+    /// Appends a usage event and returns once it is on disk (fsynced).
+    pub async fn append_usage(&self, event: &UsageEvent) -> Result<(), SpoolError> {
+        let mut bytes = Vec::with_capacity(256);
+        segment::encode(
+            &SpoolEntry::Usage {
+                event: event.clone(),
+            },
+            &mut bytes,
+        )
+        .map_err(|e| SpoolError::Io(e.to_string()))?;
+        let (durable, done) = oneshot::channel();
+        self.commands
+            .send(Command::Append {
+                bytes,
+                durable: Some(durable),
+            })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        done.await
+            .map_err(|_| SpoolError::Closed)?
+            .map_err(SpoolError::Io)
+    }
+
+    /// Records whether a response reached its client. Does not wait for the disk: a lost
+    /// outcome only makes the record's delivery `unknown`.
+    pub fn record_outcome(&self, request_id: &str, delivered: bool) {
+        let mut bytes = Vec::with_capacity(96);
+        let entry = SpoolEntry::Outcome {
+            request_id: request_id.to_owned(),
+            delivered,
+        };
+        if segment::encode(&entry, &mut bytes).is_err() {
+            return;
+        }
+        let command = Command::Append {
+            bytes,
+            durable: None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.commands.try_send(command) {
+            let commands = self.commands.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = commands.send(command).await;
+                });
+            }
+        }
+    }
+
+    /// Fsyncs everything appended so far (outcomes included).
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(done))
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        wait.await
+            .map_err(|_| SpoolError::Closed)?
+            .map_err(SpoolError::Io)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    segment_bytes: u64,
+    number: u64,
+    file: File,
+    size: u64,
+    /// Bytes written since the last fsync.
+    dirty: bool,
+}
+
+impl Writer {
+    fn create(shared: Arc<Shared>, segment_bytes: u64) -> io::Result<Self> {
+        let number = shared.first_live_segment;
+        let file = new_segment(&shared.dir, number)?;
+        Ok(Self {
+            shared,
+            segment_bytes,
+            number,
+            file,
+            size: 0,
+            dirty: false,
+        })
+    }
+
+    fn run(mut self, mut queue: mpsc::Receiver<Command>) {
+        let mut buffer = Vec::with_capacity(1 << 16);
+        while let Some(first) = queue.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            buffer.clear();
+            let mut must_sync = false;
+            for command in &group {
+                match command {
+                    Command::Append { bytes, durable } => {
+                        buffer.extend_from_slice(bytes);
+                        must_sync |= durable.is_some();
+                    }
+                    Command::Flush(_) => must_sync = true,
+                }
+            }
+            let result = self.write(&buffer, must_sync).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "usage spool write failed");
+            }
+            for command in group {
+                match command {
+                    Command::Append {
+                        durable: Some(ack), ..
+                    }
+                    | Command::Flush(ack) => {
+                        let _ = ack.send(result.clone());
+                    }
+                    Command::Append { durable: None, .. } => {}
+                }
+            }
+            self.shared.written.notify_one();
+        }
+        // Every handle is gone: make what is left durable.
+        let _ = self.file.sync_data();
+    }
+
+    fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
+        if !bytes.is_empty() {
+            self.file.write_all(bytes)?;
+            self.size += bytes.len() as u64;
+            self.dirty = true;
+        }
+        if sync && self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        if self.size >= self.segment_bytes {
+            self.file.sync_data()?;
+            self.number += 1;
+            self.file = new_segment(&self.shared.dir, self.number)?;
+            self.size = 0;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+fn new_segment(dir: &Path, number: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment::segment_path(dir, number))?;
+    // Make the new name itself durable.
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}

@@ -1,0 +1,297 @@
+//! Moves spooled usage events into the store.
+//!
+//! Reads segments in order from a persisted cursor, pairs each event with its outcome,
+//! writes batches with the ledger's idempotent insert, then persists the new cursor and
+//! deletes segments wholly behind it. A crash anywhere here only means some events are
+//! written again, which the request-id key makes harmless. While the store is down the
+//! shipper retries with backoff and the spool grows on disk.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::segment::{self, SpoolEntry};
+use super::{Shared, Spool};
+use crate::usage::{Delivery, Ledger, UsageEvent};
+
+/// Most events written to the store in one statement.
+const BATCH: usize = 500;
+const CURSOR_FILE: &str = "cursor";
+
+/// A position in the spool: segment number and byte offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Position {
+    segment: u64,
+    offset: u64,
+}
+
+struct Waiting {
+    start: Position,
+    event: UsageEvent,
+    seen: Instant,
+    recovered: bool,
+}
+
+/// Counters readable while the shipper runs.
+#[derive(Debug, Default)]
+pub struct ShipperStats {
+    pub shipped: AtomicU64,
+    pub failures: AtomicU64,
+    /// Events read but not yet in the store.
+    pub backlog: AtomicU64,
+}
+
+pub struct Shipper {
+    shared: Arc<Shared>,
+    ledger: Ledger,
+    /// How long a live event waits for its outcome before shipping as `unknown`.
+    outcome_wait: Duration,
+    stats: Arc<ShipperStats>,
+}
+
+/// Stops the shipper and waits for it.
+pub struct ShipperHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub stats: Arc<ShipperStats>,
+}
+
+impl ShipperHandle {
+    /// Ships everything read so far (events still without an outcome as `unknown`), then
+    /// stops. If the store is down it stops without shipping; the spool keeps the events.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl Shipper {
+    pub fn new(spool: &Spool, ledger: Ledger, outcome_wait: Duration) -> Self {
+        Self {
+            shared: spool.shared(),
+            ledger,
+            outcome_wait,
+            stats: Arc::new(ShipperStats::default()),
+        }
+    }
+
+    pub fn spawn(self) -> ShipperHandle {
+        let (stop, stopped) = watch::channel(false);
+        let stats = self.stats.clone();
+        let task = tokio::spawn(self.run(stopped));
+        ShipperHandle { stop, task, stats }
+    }
+
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let dir = self.shared.dir.clone();
+        let mut read_at = read_cursor(&dir).unwrap_or(Position {
+            segment: 0,
+            offset: 0,
+        });
+        let mut waiting: Vec<Waiting> = Vec::new();
+        let mut outcomes: HashMap<String, bool> = HashMap::new();
+        // Events shipped as `unknown` because their outcome was late; a late outcome
+        // upgrades them.
+        let mut shipped_unknown: HashMap<String, UsageEvent> = HashMap::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let stopping = *stopped.borrow();
+            // 1. Read whatever is new.
+            match read_new(&dir, &mut read_at) {
+                Ok(entries) => {
+                    for (entry, start) in entries {
+                        match entry {
+                            SpoolEntry::Usage { event } => waiting.push(Waiting {
+                                start,
+                                recovered: start.segment < self.shared.first_live_segment,
+                                event,
+                                seen: Instant::now(),
+                            }),
+                            SpoolEntry::Outcome {
+                                request_id,
+                                delivered,
+                            } => {
+                                outcomes.insert(request_id, delivered);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading the usage spool failed"),
+            }
+            // 2. Decide which events are ready. Recovered events are complete once all
+            //    recovered segments are read: their process is gone.
+            let recovered_read = read_at.segment >= self.shared.first_live_segment;
+            let mut ready: Vec<UsageEvent> = Vec::new();
+            waiting.retain_mut(|w| {
+                if w.event.delivery != Delivery::Unknown {
+                    ready.push(w.event.clone());
+                    return false;
+                }
+                if let Some(delivered) = outcomes.remove(&w.event.request_id) {
+                    w.event.delivery = if delivered {
+                        Delivery::Delivered
+                    } else {
+                        Delivery::Undelivered
+                    };
+                    ready.push(w.event.clone());
+                    return false;
+                }
+                if (w.recovered && recovered_read)
+                    || w.seen.elapsed() >= self.outcome_wait
+                    || stopping
+                {
+                    if !w.recovered {
+                        shipped_unknown.insert(w.event.request_id.clone(), w.event.clone());
+                    }
+                    ready.push(w.event.clone());
+                    return false;
+                }
+                true
+            });
+            for (request_id, delivered) in outcomes.drain() {
+                if let Some(mut event) = shipped_unknown.remove(&request_id) {
+                    event.delivery = if delivered {
+                        Delivery::Delivered
+                    } else {
+                        Delivery::Undelivered
+                    };
+                    ready.push(event);
+                }
+            }
+            if shipped_unknown.len() > 100_000 {
+                shipped_unknown.clear();
+            }
+            // 3. Ship.
+            let mut failed = false;
+            for batch in ready.chunks(BATCH) {
+                match self.ledger.record_batch(batch).await {
+                    Ok(_) => {
+                        self.stats
+                            .shipped
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "shipping usage failed; will retry");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                // Nothing is lost: rewind to re-read everything not yet shipped.
+                read_at = read_cursor(&dir).unwrap_or(Position {
+                    segment: 0,
+                    offset: 0,
+                });
+                waiting.clear();
+                outcomes.clear();
+                self.stats.backlog.store(0, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if *stopped.borrow() && stopping {
+                    return;
+                }
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            // 4. Persist the cursor: everything before the oldest waiting event is shipped.
+            let cursor = waiting.iter().map(|w| w.start).min().unwrap_or(read_at);
+            if let Err(e) = write_cursor(&dir, cursor) {
+                tracing::error!(error = %e, "persisting the spool cursor failed");
+            } else {
+                delete_behind(&dir, cursor.segment);
+            }
+            self.stats
+                .backlog
+                .store(waiting.len() as u64, Ordering::Relaxed);
+            if stopping && waiting.is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = self.shared.written.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+    }
+}
+
+/// Reads every complete record after `at`, across segments, and moves `at` past them.
+/// Returns each entry with the position where it starts.
+fn read_new(dir: &Path, at: &mut Position) -> std::io::Result<Vec<(SpoolEntry, Position)>> {
+    let mut out = Vec::new();
+    let segments = segment::list_segments(dir)?;
+    for (i, &number) in segments.iter().enumerate() {
+        if number < at.segment {
+            continue;
+        }
+        if number > at.segment {
+            *at = Position {
+                segment: number,
+                offset: 0,
+            };
+        }
+        let path = segment::segment_path(dir, number);
+        let mut start = at.offset;
+        for (entry, end) in segment::read_from(&path, at.offset)? {
+            out.push((
+                entry,
+                Position {
+                    segment: number,
+                    offset: start,
+                },
+            ));
+            start = end;
+        }
+        at.offset = start;
+        // Move on only from a segment that a newer one follows (the writer is done with it).
+        if i + 1 == segments.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn cursor_path(dir: &Path) -> PathBuf {
+    dir.join(CURSOR_FILE)
+}
+
+fn read_cursor(dir: &Path) -> Option<Position> {
+    let text = fs::read_to_string(cursor_path(dir)).ok()?;
+    let (segment, offset) = text.trim().split_once(' ')?;
+    Some(Position {
+        segment: segment.parse().ok()?,
+        offset: offset.parse().ok()?,
+    })
+}
+
+fn write_cursor(dir: &Path, cursor: Position) -> std::io::Result<()> {
+    if read_cursor(dir) == Some(cursor) {
+        return Ok(());
+    }
+    let tmp = dir.join("cursor.tmp");
+    let mut file = fs::File::create(&tmp)?;
+    writeln!(file, "{} {}", cursor.segment, cursor.offset)?;
+    file.sync_all()?;
+    fs::rename(&tmp, cursor_path(dir))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Removes segments numbered below `segment`: everything in them is in the store.
+fn delete_behind(dir: &Path, segment: u64) {
+    if let Ok(numbers) = segment::list_segments(dir) {
+        for n in numbers.into_iter().filter(|n| *n < segment) {
+            let _ = fs::remove_file(segment::segment_path(dir, n));
+        }
+    }
+}
