@@ -131,6 +131,70 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A `gateway serve` process (the release or debug binary), killed when dropped.
+pub struct GatewayProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl GatewayProcess {
+    /// Starts a gateway on a free port over `database_url`, spooling into `spool_dir`.
+    pub async fn start(database_url: &str, spool_dir: &Path, workers: &[String]) -> Self {
+        let mut child = Command::new(binary("gateway"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .arg("--spool-dir")
+            .arg(spool_dir)
+            .args([
+                "--worker",
+                &workers.join(","),
+                "--health-interval-ms",
+                "200",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting gateway");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            std::thread::spawn(move || for _ in reader.lines() {});
+            line
+        })
+        .await
+        .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("gateway listening on ")
+            .unwrap_or_else(|| panic!("unexpected gateway output: {line:?}"))
+            .to_owned();
+        Self { child, url }
+    }
+
+    /// `kill -9`: no draining, no flushing.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A fresh SQLite file in a temporary folder, removed when dropped.
 pub struct TempSqlite {
     dir: PathBuf,
@@ -138,6 +202,11 @@ pub struct TempSqlite {
 }
 
 impl TempSqlite {
+    /// The temporary folder, for other files of the same test.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("gw-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -1,0 +1,180 @@
+//! SPEC §6.1 under `kill -9`: a gateway process is killed at random moments during load,
+//! ten times, and restarted on the same spool and store. Afterwards every response that
+//! reached a client as a success has exactly one usage record, and the only extra records
+//! are requests that were in flight at a crash, marked `unknown`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use billing::{Db, Delivery, UsageStatus};
+use e2e_tests::{GatewayProcess, TempSqlite, WorkerProcess, EMBEDDING_MODEL};
+use gateway::tenants::{NewKey, TenantStore};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sqlx::Row;
+
+const KILLS: usize = 10;
+const CLIENTS: usize = 8;
+
+#[derive(Default)]
+struct Observed {
+    successes: Mutex<HashSet<String>>,
+    /// Requests that were sent and then broke (the gateway died under them).
+    broken: AtomicU64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_nine_during_load_loses_and_duplicates_nothing() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("chaos seed {seed} (set CHAOS_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let worker = WorkerProcess::start().await;
+    let store = TempSqlite::new();
+    let spool_dir = store.dir().join("spool");
+    let db = Db::connect(&store.url).await.unwrap();
+    let tenants = TenantStore::new(db.clone());
+    let tenant = tenants.create_tenant("chaos").await.unwrap();
+    let (key, _) = tenants
+        .create_key(&tenant.id, &NewKey::default())
+        .await
+        .unwrap();
+    let key = key.expose().to_owned();
+    let workers = vec![worker.url.clone()];
+
+    let mut gateway = GatewayProcess::start(&store.url, &spool_dir, &workers).await;
+    let current_url = Arc::new(RwLock::new(gateway.url.clone()));
+    let observed = Arc::new(Observed::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (url, observed, stop, http, key) = (
+            current_url.clone(),
+            observed.clone(),
+            stop.clone(),
+            http.clone(),
+            key.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let base = url.read().unwrap().clone();
+                let sent = http
+                    .post(format!("{base}/v1/embeddings"))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": EMBEDDING_MODEL, "input": format!("client {c} request {n}")}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status() == 200 => {
+                        let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+                        // A success is a whole body received.
+                        match response.bytes().await {
+                            Ok(_) => {
+                                observed.successes.lock().unwrap().insert(id);
+                            }
+                            Err(_) => {
+                                observed.broken.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Ok(response) => panic!("unexpected status {}", response.status()),
+                    // Refused: the gateway is down and nothing was sent.
+                    Err(e) if e.is_connect() => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(_) => {
+                        observed.broken.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    for round in 0..KILLS {
+        let wait = Duration::from_millis(rng.random_range(300..1500));
+        tokio::time::sleep(wait).await;
+        gateway.kill();
+        println!("round {round}: killed after {wait:?}");
+        gateway = GatewayProcess::start(&store.url, &spool_dir, &workers).await;
+        *current_url.write().unwrap() = gateway.url.clone();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    // A graceful stop ships everything left in the spool.
+    assert!(gateway.terminate().success());
+
+    let successes = observed.successes.lock().unwrap().clone();
+    let broken = observed.broken.load(Ordering::Relaxed);
+    let rows = sqlx::query("SELECT request_id, status, delivery FROM usage_records")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    let mut recorded = HashSet::new();
+    let mut unknown = 0u64;
+    for row in &rows {
+        let id: String = row.get("request_id");
+        let status: String = row.get("status");
+        let delivery: String = row.get("delivery");
+        assert_eq!(UsageStatus::parse(&status), Some(UsageStatus::Success));
+        match Delivery::parse(&delivery).unwrap() {
+            Delivery::Unknown => unknown += 1,
+            Delivery::Undelivered => {
+                assert!(!successes.contains(&id), "a success marked undelivered")
+            }
+            Delivery::Delivered => {}
+        }
+        assert!(recorded.insert(id), "duplicate record");
+    }
+    println!(
+        "{} successes, {} broken in flight, {} records ({} unknown)",
+        successes.len(),
+        broken,
+        rows.len(),
+        unknown
+    );
+    assert!(
+        successes.len() > 100,
+        "the load generator made too little progress"
+    );
+    let missing: Vec<&String> = successes.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} successful responses have no record: {missing:?}",
+        missing.len()
+    );
+    let extra = rows.len() as u64 - successes.len() as u64;
+    assert!(
+        extra <= broken,
+        "{extra} records beyond the successes, but only {broken} requests broke in flight"
+    );
+    // At most one request per client is in flight at each crash.
+    assert!(
+        unknown <= (KILLS * CLIENTS) as u64,
+        "{unknown} records marked unknown"
+    );
+    for row in &rows {
+        let id: String = row.get("request_id");
+        let delivery: String = row.get("delivery");
+        if !successes.contains(&id) {
+            assert_ne!(
+                delivery, "delivered",
+                "{id} never reached its client but is marked delivered"
+            );
+        }
+    }
+}
