@@ -1,7 +1,9 @@
 //! Authentication of consumer requests by API key, with a short-lived cache.
 //!
 //! The cache's time-to-live is the bound on how long a revoked key keeps working on a
-//! replica that had it cached.
+//! replica that had it cached, while the store is reachable. While it is not, keys seen in
+//! the last [`STALE_IF_ERROR`] keep working from the cache, so a store outage does not
+//! stop the API (usage goes to the spool meanwhile).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -24,9 +26,18 @@ pub struct Authenticator {
     store: TenantStore,
     ttl: Duration,
     cache: RwLock<HashMap<String, (KeyRecord, Instant)>>,
+    /// When the store last failed; for a short while after, cached keys are used without
+    /// asking it again, so an outage does not make every request wait on a dead store.
+    store_failed_at: RwLock<Option<Instant>>,
 }
 
+/// How long after a store error cached keys are served without retrying the store.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 const INVALID_KEY: &str = "Incorrect API key provided.";
+
+/// How old a cached key may be and still be used while the store cannot be reached.
+pub const STALE_IF_ERROR: Duration = Duration::from_secs(15 * 60);
 
 impl Authenticator {
     pub fn new(store: TenantStore, ttl: Duration) -> Self {
@@ -34,6 +45,7 @@ impl Authenticator {
             store,
             ttl,
             cache: RwLock::new(HashMap::new()),
+            store_failed_at: RwLock::new(None),
         }
     }
 
@@ -65,17 +77,42 @@ impl Authenticator {
     }
 
     async fn lookup(&self, public_id: &str) -> Result<Option<KeyRecord>, GatewayError> {
-        if let Ok(cache) = self.cache.read() {
-            if let Some((record, at)) = cache.get(public_id) {
-                if at.elapsed() < self.ttl {
-                    return Ok(Some(record.clone()));
-                }
+        let cached = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|cache| cache.get(public_id).cloned());
+        if let Some((record, at)) = &cached {
+            let store_down = self
+                .store_failed_at
+                .read()
+                .ok()
+                .and_then(|t| *t)
+                .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER);
+            if at.elapsed() < self.ttl || (store_down && at.elapsed() < STALE_IF_ERROR) {
+                return Ok(Some(record.clone()));
             }
         }
-        let record = self.store.key(public_id).await?;
-        if let (Some(r), Ok(mut cache)) = (&record, self.cache.write()) {
-            cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            cache.insert(public_id.to_owned(), (r.clone(), Instant::now()));
+        let looked_up = self.store.key(public_id).await;
+        if let Ok(mut failed) = self.store_failed_at.write() {
+            *failed = looked_up.is_err().then(Instant::now);
+        }
+        let record = match looked_up {
+            Ok(record) => record,
+            Err(e) => match cached {
+                Some((record, at)) if at.elapsed() < STALE_IF_ERROR => {
+                    tracing::warn!(error = %e, "key store unreachable; using the cached key");
+                    return Ok(Some(record));
+                }
+                _ => return Err(e.into()),
+            },
+        };
+        if let Ok(mut cache) = self.cache.write() {
+            cache.retain(|_, (_, at)| at.elapsed() < STALE_IF_ERROR);
+            match &record {
+                Some(r) => cache.insert(public_id.to_owned(), (r.clone(), Instant::now())),
+                None => cache.remove(public_id),
+            };
         }
         Ok(record)
     }

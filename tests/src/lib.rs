@@ -284,6 +284,145 @@ impl Drop for TempPostgres {
     }
 }
 
+/// A PostgreSQL cluster of the test's own (initdb + pg_ctl), for tests that stop and start
+/// the server. Never the machine's shared server. Removed when dropped.
+pub struct ThrowawayPostgres {
+    dir: PathBuf,
+    port: u16,
+    pg_ctl: PathBuf,
+    as_postgres_user: bool,
+    pub url: String,
+}
+
+fn pg_binary(name: &str) -> PathBuf {
+    if let Ok(out) = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+    {
+        let found = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !found.is_empty() {
+            return PathBuf::from(found);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|p| p.exists());
+    candidates.sort();
+    candidates
+        .pop()
+        .unwrap_or_else(|| panic!("PostgreSQL's `{name}` not found: apt-get install postgresql"))
+}
+
+impl ThrowawayPostgres {
+    pub fn start() -> Self {
+        let dir = workspace_root()
+            .join("target")
+            .join(format!("pg-throwaway-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        // The server refuses to run as root.
+        let as_postgres_user = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if as_postgres_user {
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let pg = Self {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            pg_ctl: pg_binary("pg_ctl"),
+            dir,
+            port,
+            as_postgres_user,
+        };
+        let initdb = pg_binary("initdb");
+        let data = pg.dir.join("data");
+        let status = pg
+            .command(&initdb)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        pg.start_server();
+        pg
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        if self.as_postgres_user {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        let status = self
+            .command(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-o", &options, "-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl start failed");
+    }
+
+    /// Stops the server (fast shutdown: connections are cut).
+    pub fn stop_server(&self) {
+        let status = self
+            .command(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Gateway settings for a test: port 0, the given store and workers, a fresh spool folder.
 pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
     let spool_dir =
