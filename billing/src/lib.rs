@@ -10,7 +10,7 @@ pub mod spool;
 pub mod usage;
 
 pub use db::{Backend, Db, DbError};
-pub use spool::{Shipper, ShipperHandle, Spool, SpoolError};
+pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
 pub use usage::{Delivery, Ledger, UsageEvent, UsageStatus};
 
 /// Milliseconds since the Unix epoch: every timestamp in the store is one of these.

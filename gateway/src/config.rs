@@ -11,6 +11,10 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address for Prometheus `/metrics` (kept off the consumer listener).
+    #[arg(long, env = "GATEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
     /// The store: `sqlite://PATH` (embedded) or `postgres://...`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
     pub database_url: String,

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::Caller;
 use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
 use crate::pool::{Lease, WorkerPool};
 
 /// Upstream settings.
@@ -138,6 +139,7 @@ pub struct Proxy {
     pub client: reqwest::Client,
     pub spool: Spool,
     pub limits: UpstreamLimits,
+    pub metrics: Arc<GatewayMetrics>,
 }
 
 impl Proxy {
@@ -186,6 +188,7 @@ impl Proxy {
                 UsageStatus::Success,
                 Delivery::Unknown,
             );
+            count_tokens(&self.metrics, &event);
             self.spool.append_usage(&event).await.map_err(|e| {
                 tracing::error!(error = %e, request_id = %ctx.request_id, "spooling usage failed");
                 GatewayError::Metering
@@ -203,26 +206,43 @@ impl Proxy {
     /// failure says the request was not taken (connection refused, 503).
     async fn send(&self, call: &ProxiedCall) -> Result<(Lease, reqwest::Response), GatewayError> {
         let mut tried: Vec<String> = Vec::new();
-        for _ in 0..self.limits.max_attempts.max(1) {
+        for attempt in 0..self.limits.max_attempts.max(1) {
             let Some(lease) = self.pool.pick(&call.model, &tried) else {
                 break;
             };
-            let url = format!("{}{}", lease.node.base_url, call.endpoint);
-            tried.push(lease.node.base_url.clone());
+            if attempt > 0 {
+                self.metrics.upstream_retries.inc();
+            }
+            let worker = lease.node.base_url.clone();
+            let failed = |kind: &str| {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[&worker, kind])
+                    .inc()
+            };
+            let url = format!("{worker}{}", call.endpoint);
+            tried.push(worker.clone());
             let sent = tokio::time::timeout(
                 self.limits.first_byte_timeout,
                 self.client.post(&url).json(&call.body).send(),
             )
             .await;
             match sent {
-                Err(_) => return Err(GatewayError::UpstreamTimeout),
-                Ok(Err(e)) if e.is_connect() => {
-                    lease.node.eject();
-                    tracing::warn!(worker = %lease.node.base_url, error = %e, "worker unreachable; trying another");
+                Err(_) => {
+                    failed("timeout");
+                    return Err(GatewayError::UpstreamTimeout);
                 }
-                Ok(Err(e)) => return Err(GatewayError::Upstream(e.to_string())),
+                Ok(Err(e)) if e.is_connect() => {
+                    failed("connect");
+                    lease.node.eject();
+                    tracing::warn!(%worker, error = %e, "worker unreachable; trying another");
+                }
+                Ok(Err(e)) => {
+                    failed("other");
+                    return Err(GatewayError::Upstream(e.to_string()));
+                }
                 // Overloaded: the worker did not take the request, so another may.
-                Ok(Ok(r)) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+                Ok(Ok(r)) if r.status() == StatusCode::SERVICE_UNAVAILABLE => failed("overloaded"),
                 Ok(Ok(r)) => return Ok((lease, r)),
             }
         }
@@ -239,6 +259,7 @@ impl Proxy {
     ) -> Response {
         let meter = StreamMeter {
             spool: self.spool.clone(),
+            metrics: self.metrics.clone(),
             ctx,
             endpoint: call.endpoint,
             model: call.model,
@@ -307,6 +328,18 @@ fn tracked_json(bytes: Bytes, outcome: OutcomeOnEnd) -> Response {
     response
 }
 
+fn count_tokens(metrics: &GatewayMetrics, event: &UsageEvent) {
+    for (kind, n) in [
+        ("prompt", event.prompt_tokens),
+        ("completion", event.completion_tokens),
+    ] {
+        metrics
+            .tokens
+            .with_label_values(&[&event.tenant_id, &event.model, kind])
+            .inc_by(n.max(0) as u64);
+    }
+}
+
 /// `(prompt_tokens, completion_tokens)` of a JSON reply.
 fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
@@ -323,6 +356,7 @@ fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
 /// spools what was delivered.
 struct StreamMeter {
     spool: Spool,
+    metrics: Arc<GatewayMetrics>,
     ctx: CallContext,
     endpoint: &'static str,
     model: String,
@@ -346,7 +380,9 @@ impl StreamMeter {
 
     async fn record(&mut self, status: UsageStatus) -> bool {
         self.recorded = true;
-        match self.spool.append_usage(&self.event(status)).await {
+        let event = self.event(status);
+        count_tokens(&self.metrics, &event);
+        match self.spool.append_usage(&event).await {
             Ok(()) => {
                 self.outcome_pending = status == UsageStatus::Success;
                 true
@@ -372,6 +408,7 @@ impl Drop for StreamMeter {
             return;
         }
         let event = self.event(UsageStatus::ClientCancelled);
+        count_tokens(&self.metrics, &event);
         let spool = self.spool.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use billing::{now_ms, Db, Ledger, Shipper, ShipperHandle, Spool};
+use billing::{now_ms, Db, Ledger, Shipper, ShipperHandle, ShipperStats, Spool};
 use openai_types::{Model, ModelList};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy, UpstreamLimits};
 use crate::tenants::TenantStore;
@@ -28,16 +29,23 @@ use crate::tenants::TenantStore;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The model a response was for, left on the response for the metrics layer.
+#[derive(Debug, Clone)]
+struct ModelLabel(String);
+
 pub struct AppState {
     pub auth: Authenticator,
     pub proxy: Proxy,
     pub tenants: TenantStore,
     pub max_body_bytes: usize,
     pub started_at: u64,
+    pub metrics: Arc<GatewayMetrics>,
+    pub shipper_stats: Arc<ShipperStats>,
 }
 
 pub struct Gateway {
     listener: TcpListener,
+    metrics_listener: TcpListener,
     state: Arc<AppState>,
     db: Db,
     spool: Spool,
@@ -64,12 +72,14 @@ impl Gateway {
         let spool = Spool::open(&config.spool_dir, config.spool_segment_bytes)?;
         let shipper =
             Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
+        let metrics = Arc::new(GatewayMetrics::new()?);
         let state = Arc::new(AppState {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
                 pool,
                 client,
                 spool: spool.clone(),
+                metrics: metrics.clone(),
                 limits: UpstreamLimits {
                     first_byte_timeout: Duration::from_secs(
                         config.upstream_first_byte_timeout_secs,
@@ -81,10 +91,14 @@ impl Gateway {
             tenants,
             max_body_bytes: config.max_body_bytes,
             started_at: crate::unix_now(),
+            metrics,
+            shipper_stats: shipper.stats.clone(),
         });
         let listener = TcpListener::bind(config.listen).await?;
+        let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
         Ok(Self {
             listener,
+            metrics_listener,
             state,
             db,
             spool,
@@ -96,6 +110,10 @@ impl Gateway {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics_listener.local_addr()
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -113,6 +131,11 @@ impl Gateway {
             .proxy
             .pool
             .spawn_health_checks(self.health_interval);
+        let metrics_app = Router::new()
+            .route("/metrics", get(render_metrics))
+            .with_state(self.state.clone());
+        let metrics_server =
+            tokio::spawn(axum::serve(self.metrics_listener, metrics_app).into_future());
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let signal = async move {
             shutdown.await;
@@ -131,6 +154,7 @@ impl Gateway {
             _ = drained => tracing::warn!("grace period over; abandoning in-flight requests"),
         }
         health.abort();
+        metrics_server.abort();
         // Streams whose clients left spool their usage from spawned tasks; let them run.
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Err(e) = self.spool.flush().await {
@@ -153,8 +177,58 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .fallback(|| async { GatewayError::PathNotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(assign_request_id))
         .with_state(state)
+}
+
+/// Counts and times every consumer request by route, model and status.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let model = response
+        .extensions()
+        .get::<ModelLabel>()
+        .map_or("", |m| m.0.as_str());
+    let status = response.status();
+    let labels = [route.as_str(), model, status.as_str()];
+    state.metrics.requests.with_label_values(&labels).inc();
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    for node in state.proxy.pool.nodes() {
+        m.worker_up
+            .with_label_values(&[&node.base_url])
+            .set(i64::from(node.is_healthy()));
+        m.worker_outstanding
+            .with_label_values(&[&node.base_url])
+            .set(node.outstanding() as i64);
+    }
+    let stats = &state.shipper_stats;
+    let load =
+        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as i64;
+    m.spool_backlog.set(load(&stats.backlog));
+    m.usage_shipped.set(load(&stats.shipped));
+    m.usage_ship_failures.set(load(&stats.failures));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 async fn assign_request_id(mut req: Request, next: Next) -> Response {
@@ -207,12 +281,18 @@ async fn proxied(
         .await
         .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes))?;
     let call = ProxiedCall::parse(endpoint, &bytes)?;
+    let model = ModelLabel(call.model.clone());
     let ctx = CallContext {
         request_id,
         caller,
         started_at,
     };
-    state.proxy.handle(ctx, call).await
+    let mut response = match state.proxy.handle(ctx, call).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    response.extensions_mut().insert(model);
+    Ok(response)
 }
 
 async fn list_models(

@@ -142,7 +142,8 @@ impl GatewayProcess {
     pub async fn start(database_url: &str, spool_dir: &Path, workers: &[String]) -> Self {
         let mut child = Command::new(binary("gateway"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--database-url", database_url])
             .arg("--spool-dir")
             .arg(spool_dir)
             .args([
@@ -429,6 +430,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         std::env::temp_dir().join(format!("gw-spool-{}", uuid::Uuid::new_v4().simple()));
     GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
         database_url: database_url.to_owned(),
         spool_dir,
         spool_segment_bytes: 1024 * 1024,
@@ -446,6 +448,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
 /// A gateway serving in this process on a real port.
 pub struct RunningGateway {
     pub url: String,
+    pub metrics_url: String,
     pub db: billing::Db,
     pub tenants: TenantStore,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -459,6 +462,7 @@ impl RunningGateway {
             .await
             .unwrap();
         let url = format!("http://{}", gateway.local_addr().unwrap());
+        let metrics_url = format!("http://{}/metrics", gateway.metrics_addr().unwrap());
         let tenants = gateway.state().tenants.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(gateway.run(async move {
@@ -466,6 +470,7 @@ impl RunningGateway {
         }));
         Self {
             url,
+            metrics_url,
             db,
             tenants,
             stop: Some(stop),

@@ -94,6 +94,36 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
         .unwrap();
     assert_eq!(record.tenant_id, tenant.id);
     assert_eq!(ledger.for_tenant(&tenant.id).await.unwrap().len(), 1);
+
+    let metrics = s
+        .http
+        .get(&s.gateway.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        line(&format!(
+            "gateway_http_requests_total{{model=\"{CHAT_MODEL}\",route=\"/v1/chat/completions\",status=\"200\"}}"
+        )),
+        Some(format!(
+            "gateway_http_requests_total{{model=\"{CHAT_MODEL}\",route=\"/v1/chat/completions\",status=\"200\"}} 1"
+        ))
+    );
+    let completion_line = format!(
+        "gateway_tokens_total{{kind=\"completion\",model=\"{CHAT_MODEL}\",tenant=\"{}\"}} {completion_tokens}",
+        tenant.id
+    );
+    assert!(metrics.contains(&completion_line), "{metrics}");
+    assert!(metrics.contains("gateway_worker_up{worker="));
     s.gateway.stop().await;
 }
 

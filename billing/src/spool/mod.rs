@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use segment::SpoolEntry;
-pub use shipper::{Shipper, ShipperHandle};
+pub use shipper::{Shipper, ShipperHandle, ShipperStats};
 
 use crate::usage::UsageEvent;
 

@@ -1,0 +1,112 @@
+//! The gateway's Prometheus series, served on their own listener (never the consumer one:
+//! they name tenants).
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+pub struct GatewayMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_retries: IntCounter,
+    pub worker_up: IntGaugeVec,
+    pub worker_outstanding: IntGaugeVec,
+    pub spool_backlog: IntGauge,
+    pub usage_shipped: IntGauge,
+    pub usage_ship_failures: IntGauge,
+}
+
+impl GatewayMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("gateway_http_requests_total", "Consumer requests answered"),
+            &["route", "model", "status"],
+        )?;
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_http_request_duration_seconds",
+                "Time from request to response head (first byte of a stream)",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 18)?),
+            &["route", "model", "status"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "gateway_tokens_total",
+                "Tokens metered, by tenant, model and kind",
+            ),
+            &["tenant", "model", "kind"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_errors_total",
+                "Failed attempts to reach a worker",
+            ),
+            &["worker", "kind"],
+        )?;
+        let upstream_retries = IntCounter::new(
+            "gateway_upstream_retries_total",
+            "Requests sent to another worker after a failed attempt",
+        )?;
+        let worker_up = IntGaugeVec::new(
+            Opts::new("gateway_worker_up", "1 if the worker passes health checks"),
+            &["worker"],
+        )?;
+        let worker_outstanding = IntGaugeVec::new(
+            Opts::new(
+                "gateway_worker_outstanding_requests",
+                "Requests in flight per worker",
+            ),
+            &["worker"],
+        )?;
+        let spool_backlog = IntGauge::new(
+            "gateway_usage_spool_backlog_events",
+            "Usage events read from the spool and not yet in the store",
+        )?;
+        let usage_shipped = IntGauge::new(
+            "gateway_usage_shipped_events",
+            "Usage events written to the store since start",
+        )?;
+        let usage_ship_failures = IntGauge::new(
+            "gateway_usage_ship_failures",
+            "Failed attempts to write usage to the store since start",
+        )?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_seconds.clone()),
+            Box::new(tokens.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(worker_up.clone()),
+            Box::new(worker_outstanding.clone()),
+            Box::new(spool_backlog.clone()),
+            Box::new(usage_shipped.clone()),
+            Box::new(usage_ship_failures.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            registry,
+            requests,
+            request_seconds,
+            tokens,
+            upstream_errors,
+            upstream_retries,
+            worker_up,
+            worker_outstanding,
+            spool_backlog,
+            usage_shipped,
+            usage_ship_failures,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+    }
+}
