@@ -56,6 +56,14 @@ else
 fi
 say "Postgres for tests: ${TEST_DATABASE_URL}"
 
+# The official openai SDK, for the compatibility test.
+if ! target/sdk-venv/bin/python -c 'import openai' 2>/dev/null; then
+  say "creating target/sdk-venv with the openai SDK"
+  mkdir -p target
+  python3 -m venv target/sdk-venv
+  target/sdk-venv/bin/pip install -q -r tests/sdk/requirements.txt
+fi
+
 say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy"

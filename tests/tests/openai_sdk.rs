@@ -1,0 +1,68 @@
+//! The official `openai` Python SDK, unchanged, against a real gateway and worker.
+//!
+//! Needs a Python with `openai` installed: `OPENAI_SDK_PYTHON`, else `target/sdk-venv`
+//! (which `make test` creates). Missing, the test fails and says how to get it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use e2e_tests::{
+    gateway_config, workspace_root, RunningGateway, TempSqlite, WorkerProcess, EMBEDDING_MODEL,
+};
+use gateway::tenants::NewKey;
+
+fn sdk_python() -> PathBuf {
+    let python = std::env::var_os("OPENAI_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/sdk-venv/bin/python"));
+    assert!(
+        python.exists(),
+        "no Python with the openai SDK at {}: run `make test` (it creates target/sdk-venv) or set OPENAI_SDK_PYTHON",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_python_sdk_works_unchanged() {
+    let python = sdk_python();
+    let worker = WorkerProcess::start().await;
+    let store = TempSqlite::new();
+    let gateway = RunningGateway::start(gateway_config(
+        &store.url,
+        std::slice::from_ref(&worker.url),
+    ))
+    .await;
+    let (key, _) = gateway.tenant_with_key("sdk", NewKey::default()).await;
+    let narrow = NewKey {
+        name: "narrow".into(),
+        allowed_models: Some(vec![EMBEDDING_MODEL.into()]),
+        expires_at: None,
+    };
+    let (narrow_key, _) = gateway.tenant_with_key("sdk-narrow", narrow).await;
+
+    let script = workspace_root().join("tests/sdk/openai_sdk_check.py");
+    let base_url = format!("{}/v1", gateway.url);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .env("GATEWAY_BASE_URL", base_url)
+            .env("GATEWAY_KEY", key)
+            .env("GATEWAY_NARROW_KEY", narrow_key)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("checks passed"));
+    gateway.stop().await;
+}
