@@ -57,7 +57,7 @@ pub struct GatewayConfig {
     pub health_interval_ms: u64,
 
     /// Milliseconds a key lookup is cached: the bound on revocation reaching this replica.
-    #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 1000)]
+    #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
 
     /// Seconds in-flight requests get to finish after a shutdown signal.
