@@ -60,6 +60,22 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
 
+    /// Seconds a client has to send request headers (and finish a TLS handshake).
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a client has to send the request body.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+
+    /// PEM certificate chain; with --tls-key, the consumer API speaks HTTPS (HTTP/2 by ALPN).
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,

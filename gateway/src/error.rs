@@ -23,6 +23,8 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("unknown path")]
     PathNotFound,
+    #[error("the request body was not received in time")]
+    RequestTimeout,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("no healthy worker can serve `{0}` right now")]
@@ -52,6 +54,7 @@ impl GatewayError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::PathNotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NoWorker(_) | Self::Metering => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -75,6 +78,7 @@ impl GatewayError {
             ),
             Self::PathNotFound => ("invalid_request_error", None, Some("not_found")),
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
+            Self::RequestTimeout => ("invalid_request_error", None, Some("request_timeout")),
             Self::NoWorker(_) => ("server_error", None, Some("no_healthy_worker")),
             Self::UpstreamTimeout => ("server_error", None, Some("upstream_timeout")),
             Self::Upstream(_) => ("server_error", None, Some("upstream_error")),

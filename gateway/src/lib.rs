@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

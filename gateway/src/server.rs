@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::listener::{self, ServeOptions};
 use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy, UpstreamLimits};
@@ -38,6 +39,7 @@ pub struct AppState {
     pub proxy: Proxy,
     pub tenants: TenantStore,
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     pub started_at: u64,
     pub metrics: Arc<GatewayMetrics>,
     pub shipper_stats: Arc<ShipperStats>,
@@ -51,7 +53,7 @@ pub struct Gateway {
     spool: Spool,
     shipper: ShipperHandle,
     health_interval: Duration,
-    shutdown_grace: Duration,
+    serve_options: ServeOptions,
 }
 
 impl Gateway {
@@ -90,10 +92,21 @@ impl Gateway {
             },
             tenants,
             max_body_bytes: config.max_body_bytes,
+            body_timeout: Duration::from_secs(config.body_read_timeout_secs),
             started_at: crate::unix_now(),
             metrics,
             shipper_stats: shipper.stats.clone(),
         });
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(listener::tls_acceptor(cert, key)?),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        let serve_options = ServeOptions {
+            header_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            grace: Duration::from_secs(config.shutdown_grace_secs),
+            tls,
+        };
         let listener = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
         Ok(Self {
@@ -104,7 +117,7 @@ impl Gateway {
             spool,
             shipper,
             health_interval: Duration::from_millis(config.health_interval_ms),
-            shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+            serve_options,
         })
     }
 
@@ -136,23 +149,18 @@ impl Gateway {
             .with_state(self.state.clone());
         let metrics_server =
             tokio::spawn(axum::serve(self.metrics_listener, metrics_app).into_future());
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        let signal = async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
-        };
-        let server = axum::serve(self.listener, router(self.state.clone()))
-            .with_graceful_shutdown(signal)
-            .into_future();
-        let grace = self.shutdown_grace;
-        let drained = async move {
-            let _ = stop_rx.wait_for(|stopped| *stopped).await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            served = server => served?,
-            _ = drained => tracing::warn!("grace period over; abandoning in-flight requests"),
-        }
+        });
+        listener::serve(
+            self.listener,
+            router(self.state.clone()),
+            self.serve_options,
+            stop_rx,
+        )
+        .await;
         health.abort();
         metrics_server.abort();
         // Streams whose clients left spool their usage from spawned tasks; let them run.
@@ -277,9 +285,13 @@ async fn proxied(
 ) -> Result<Response, GatewayError> {
     let started_at = now_ms();
     let caller = state.auth.authenticate(&headers).await?;
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes))?;
+    let bytes = tokio::time::timeout(
+        state.body_timeout,
+        axum::body::to_bytes(body, state.max_body_bytes),
+    )
+    .await
+    .map_err(|_| GatewayError::RequestTimeout)?
+    .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes))?;
     let call = ProxiedCall::parse(endpoint, &bytes)?;
     let model = ModelLabel(call.model.clone());
     let ctx = CallContext {
