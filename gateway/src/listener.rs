@@ -56,6 +56,7 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -75,7 +76,9 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = options.tls.clone();
         let header_timeout = options.header_timeout;
-        tokio::spawn(async move {
+        // Reap finished connection tasks so the set stays small.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             let served = match tls {
                 None => {
                     let conn =
@@ -101,6 +104,11 @@ pub async fn serve(
     }
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(options.grace) => tracing::warn!("grace period over; abandoning in-flight requests"),
+        _ = tokio::time::sleep(options.grace) => {
+            // Cut what is left; dropping a stream's meter spools what it delivered.
+            tracing::warn!(connections = connections.len(), "grace period over; closing in-flight requests");
+            connections.abort_all();
+        }
     }
+    while connections.join_next().await.is_some() {}
 }

@@ -409,13 +409,9 @@ impl Drop for StreamMeter {
         }
         let event = self.event(UsageStatus::ClientCancelled);
         count_tokens(&self.metrics, &event);
-        let spool = self.spool.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = spool.append_usage(&event).await {
-                    tracing::error!(error = %e, request_id = %event.request_id, "spooling a cancelled stream failed");
-                }
-            });
+        // Queued now, synchronously, so a shutdown's final flush covers it.
+        if !self.spool.append_usage_detached(&event) {
+            tracing::error!(request_id = %event.request_id, "spooling a cancelled stream failed");
         }
     }
 }

@@ -285,6 +285,51 @@ impl Drop for TempPostgres {
     }
 }
 
+/// The usual stack: a worker process, a fresh SQLite store, an in-process gateway on a
+/// real port, and one tenant with a key.
+pub struct Stack {
+    pub worker: WorkerProcess,
+    pub store: TempSqlite,
+    pub gateway: RunningGateway,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(tenant: &str) -> Self {
+        Self::start_with(tenant, |_, _| {}).await
+    }
+
+    /// As `start`, letting the test adjust the gateway's configuration first (the second
+    /// argument is the test's temporary folder).
+    pub async fn start_with(
+        tenant: &str,
+        configure: impl FnOnce(&mut GatewayConfig, &Path),
+    ) -> Self {
+        let worker = WorkerProcess::start().await;
+        let store = TempSqlite::new();
+        let mut config = gateway_config(&store.url, std::slice::from_ref(&worker.url));
+        configure(&mut config, store.dir());
+        let gateway = RunningGateway::start(config).await;
+        let (key, _) = gateway.tenant_with_key(tenant, NewKey::default()).await;
+        Self {
+            worker,
+            store,
+            gateway,
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A POST to the gateway with this stack's key and a JSON body.
+    pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.gateway.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+    }
+}
+
 /// A PostgreSQL cluster of the test's own (initdb + pg_ctl), for tests that stop and start
 /// the server. Never the machine's shared server. Removed when dropped.
 pub struct ThrowawayPostgres {
@@ -461,6 +506,14 @@ pub struct RunningGateway {
 
 impl RunningGateway {
     pub async fn start(config: GatewayConfig) -> Self {
+        // Gateway logs go to the test's output (shown when a test fails); RUST_LOG filters.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let db = billing::Db::connect(&config.database_url).await.unwrap();
         let gateway = gateway::Gateway::build_with_db(&config, db.clone())
             .await

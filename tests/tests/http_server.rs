@@ -6,9 +6,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{gateway_config, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL};
+use e2e_tests::{Stack, CHAT_MODEL};
 use futures::StreamExt;
-use gateway::tenants::NewKey;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,17 +25,21 @@ fn curl(args: &[&str]) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_and_http2_with_a_real_client() {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert_path, key_path) = (store.dir().join("cert.pem"), store.dir().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
-    let mut config = gateway_config(&store.url, std::slice::from_ref(&worker.url));
-    config.tls_cert = Some(cert_path.clone());
-    config.tls_key = Some(key_path);
-    let gateway = RunningGateway::start(config).await;
-    let (key, _) = gateway.tenant_with_key("tls", NewKey::default()).await;
+    let Stack {
+        worker: _worker,
+        store,
+        gateway,
+        key,
+        ..
+    } = Stack::start_with("tls", |config, dir| {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+        config.tls_cert = Some(dir.join("cert.pem"));
+        config.tls_key = Some(dir.join("key.pem"));
+    })
+    .await;
+    let cert_path = store.dir().join("cert.pem");
     let port = gateway.url.rsplit(':').next().unwrap().to_owned();
     let url = format!("https://localhost:{port}/v1/models");
     let auth = format!("Authorization: Bearer {key}");
@@ -97,13 +100,17 @@ async fn tls_and_http2_with_a_real_client() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_cannot_hold_connections() {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let mut config = gateway_config(&store.url, std::slice::from_ref(&worker.url));
-    config.header_read_timeout_secs = 1;
-    config.body_read_timeout_secs = 1;
-    let gateway = RunningGateway::start(config).await;
-    let (key, _) = gateway.tenant_with_key("slow", NewKey::default()).await;
+    let Stack {
+        worker: _worker,
+        store: _store,
+        gateway,
+        key,
+        ..
+    } = Stack::start_with("slow", |config, _| {
+        config.header_read_timeout_secs = 1;
+        config.body_read_timeout_secs = 1;
+    })
+    .await;
     let addr = gateway.url.trim_start_matches("http://").to_owned();
 
     // Headers that never finish: the connection is closed after the header deadline.
@@ -160,14 +167,13 @@ async fn slow_clients_cannot_hold_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_finishes_and_records_an_in_flight_stream() {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
-    let (key, _) = gateway.tenant_with_key("drain", NewKey::default()).await;
+    let Stack {
+        worker: _worker,
+        store,
+        gateway,
+        key,
+        ..
+    } = Stack::start_with("drain", |config, _| config.shutdown_grace_secs = 120).await;
     let response = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gateway.url))
         .bearer_auth(&key)
@@ -203,4 +209,59 @@ async fn graceful_shutdown_finishes_and_records_an_in_flight_stream() {
     assert_eq!(record.status, billing::UsageStatus::Success);
     assert_eq!(record.delivery, billing::Delivery::Delivered);
     assert!(record.completion_tokens > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_cut_by_the_grace_period_is_billed_for_what_was_delivered() {
+    let Stack {
+        worker: _worker,
+        store,
+        gateway,
+        key,
+        ..
+    } = Stack::start_with("cut", |config, _| config.shutdown_grace_secs = 1).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
+                      "max_tokens": 2000, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = response.bytes_stream();
+    let mut received = String::new();
+    // Read a few content chunks, then shut down under the stream.
+    while received.matches("\"content\"").count() < 4 {
+        received.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    let stopping = tokio::spawn(gateway.stop());
+    while let Some(Ok(chunk)) = stream.next().await {
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    stopping.await.unwrap();
+    assert!(
+        !received.contains("[DONE]"),
+        "the stream should have been cut"
+    );
+    let db = billing::Db::connect(&store.url).await.unwrap();
+    let record = billing::Ledger::new(db)
+        .get(&request_id)
+        .await
+        .unwrap()
+        .expect("a cut stream is still recorded");
+    assert_eq!(record.status, billing::UsageStatus::ClientCancelled);
+    assert!(record.prompt_tokens > 0);
+    let chunks = received.matches("\"content\"").count() as i64;
+    // Every content chunk but the first (the role delta) carries at least one token.
+    assert!(
+        record.completion_tokens >= chunks - 1,
+        "{} tokens for {chunks} chunks",
+        record.completion_tokens
+    );
 }

@@ -3,51 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use base64::Engine as _;
-use e2e_tests::{
-    gateway_config, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
-};
+use e2e_tests::{Stack, CHAT_MODEL, EMBEDDING_MODEL};
 use futures::StreamExt;
-use gateway::tenants::NewKey;
 use serde_json::{json, Value};
-
-struct Stack {
-    _worker: WorkerProcess,
-    _store: TempSqlite,
-    gateway: RunningGateway,
-    key: String,
-    http: reqwest::Client,
-}
-
-async fn stack() -> Stack {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
-    let (key, _) = gateway.tenant_with_key("acme", NewKey::default()).await;
-    Stack {
-        _worker: worker,
-        _store: store,
-        gateway,
-        key,
-        http: reqwest::Client::new(),
-    }
-}
-
-impl Stack {
-    fn post(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}{path}", self.gateway.url))
-            .bearer_auth(&self.key)
-            .json(&body)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
-    let s = stack().await;
+    let s = Stack::start("acme").await;
     let response = s
         .post(
             "/v1/chat/completions",
@@ -129,7 +91,7 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_completion_ends_with_done_and_is_recorded() {
-    let s = stack().await;
+    let s = Stack::start("acme").await;
     let response = s
         .post(
             "/v1/chat/completions",
@@ -187,7 +149,7 @@ async fn streamed_completion_ends_with_done_and_is_recorded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn models_embeddings_and_bad_keys() {
-    let s = stack().await;
+    let s = Stack::start("acme").await;
     let models: Value = s
         .http
         .get(format!("{}/v1/models", s.gateway.url))

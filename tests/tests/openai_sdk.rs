@@ -8,9 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use e2e_tests::{
-    gateway_config, workspace_root, RunningGateway, TempSqlite, WorkerProcess, EMBEDDING_MODEL,
-};
+use e2e_tests::{workspace_root, Stack, EMBEDDING_MODEL};
 use gateway::tenants::NewKey;
 
 fn sdk_python() -> PathBuf {
@@ -28,14 +26,13 @@ fn sdk_python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_official_python_sdk_works_unchanged() {
     let python = sdk_python();
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
-    let (key, _) = gateway.tenant_with_key("sdk", NewKey::default()).await;
+    let Stack {
+        worker: _worker,
+        store: _store,
+        gateway,
+        key,
+        ..
+    } = Stack::start("sdk").await;
     let narrow = NewKey {
         name: "narrow".into(),
         allowed_models: Some(vec![EMBEDDING_MODEL.into()]),

@@ -103,6 +103,47 @@ impl Spool {
             .map_err(SpoolError::Io)
     }
 
+    /// Queues a usage event without waiting for the disk, for callers that cannot wait
+    /// (destructors). The next group commit or [`Spool::flush`] makes it durable. Returns
+    /// whether it was queued.
+    pub fn append_usage_detached(&self, event: &UsageEvent) -> bool {
+        let mut bytes = Vec::with_capacity(256);
+        if segment::encode(
+            &SpoolEntry::Usage {
+                event: event.clone(),
+            },
+            &mut bytes,
+        )
+        .is_err()
+        {
+            return false;
+        }
+        self.enqueue(Command::Append {
+            bytes,
+            durable: None,
+        })
+    }
+
+    /// Sends without waiting; if the queue is full, a task finishes the send.
+    fn enqueue(&self, command: Command) -> bool {
+        match self.commands.try_send(command) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                let commands = self.commands.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => {
+                        handle.spawn(async move {
+                            let _ = commands.send(command).await;
+                        });
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
     /// Records whether a response reached its client. Does not wait for the disk: a lost
     /// outcome only makes the record's delivery `unknown`.
     pub fn record_outcome(&self, request_id: &str, delivered: bool) {
@@ -114,18 +155,10 @@ impl Spool {
         if segment::encode(&entry, &mut bytes).is_err() {
             return;
         }
-        let command = Command::Append {
+        self.enqueue(Command::Append {
             bytes,
             durable: None,
-        };
-        if let Err(mpsc::error::TrySendError::Full(command)) = self.commands.try_send(command) {
-            let commands = self.commands.clone();
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = commands.send(command).await;
-                });
-            }
-        }
+        });
     }
 
     /// Fsyncs everything appended so far (outcomes included).
