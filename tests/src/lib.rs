@@ -50,6 +50,41 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The URL a started binary prints on its first stdout line after `prefix`. The rest of its
+/// stdout is drained so the process never blocks on a full pipe.
+async fn announced_url(child: &mut Child, prefix: &'static str) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        std::thread::spawn(move || for _ in reader.lines() {});
+        line
+    })
+    .await
+    .unwrap();
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected output: {line:?}"))
+        .to_owned()
+}
+
+/// The sum of a Prometheus series' samples (all label sets) at `metrics_url`.
+pub async fn metric(http: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
+    let text = http
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A running `inference-worker` process, killed when dropped.
 pub struct WorkerProcess {
     child: Child,
@@ -76,22 +111,7 @@ impl WorkerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting inference-worker");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            // Keep draining so the worker never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            line
-        })
-        .await
-        .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("inference-worker listening on ")
-            .unwrap_or_else(|| panic!("unexpected worker output: {line:?}"))
-            .to_owned();
+        let url = announced_url(&mut child, "inference-worker listening on ").await;
         let worker = Self { child, url };
         worker.wait_healthy(Duration::from_secs(120)).await;
         worker
@@ -156,21 +176,7 @@ impl GatewayProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting gateway");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            std::thread::spawn(move || for _ in reader.lines() {});
-            line
-        })
-        .await
-        .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("gateway listening on ")
-            .unwrap_or_else(|| panic!("unexpected gateway output: {line:?}"))
-            .to_owned();
+        let url = announced_url(&mut child, "gateway listening on ").await;
         Self { child, url }
     }
 

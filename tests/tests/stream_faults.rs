@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use billing::{Delivery, UsageStatus};
-use e2e_tests::{Stack, CHAT_MODEL};
+use e2e_tests::{metric, Stack, CHAT_MODEL};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -30,21 +30,6 @@ async fn read_deltas(
     seen
 }
 
-async fn worker_metric(http: &reqwest::Client, worker: &str, name: &str) -> f64 {
-    let text = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_stops_the_worker_and_is_billed_for_what_it_got() {
     let s = Stack::start("leaver").await;
@@ -62,7 +47,14 @@ async fn a_client_that_leaves_stops_the_worker_and_is_billed_for_what_it_got() {
     drop(stream);
 
     let started = Instant::now();
-    while worker_metric(&s.http, &s.worker.url, "worker_cancelled_generations_total").await < 1.0 {
+    while metric(
+        &s.http,
+        &format!("{}/metrics", s.worker.url),
+        "worker_cancelled_generations_total",
+    )
+    .await
+        < 1.0
+    {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the worker kept generating"
