@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::db::{Db, DbError};
+use crate::db::{Backend, Db, DbError};
 
 /// How the call ended, as far as billing is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,40 +111,36 @@ impl Ledger {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
-        for i in 0..events.len() {
-            if i > 0 {
-                sql.push_str(", ");
+        // One transaction (one commit) per batch, split into statements of a size each
+        // backend handles well: sqlx's SQLite binding slows down sharply with hundreds of
+        // rows per statement, Postgres gains from large ones.
+        let rows_per_statement = match self.db.backend() {
+            Backend::Sqlite => 50,
+            Backend::Postgres => 2_000,
+        };
+        let mut tx = self.db.pool().begin().await?;
+        let mut affected = 0;
+        for chunk in events.chunks(rows_per_statement) {
+            let sql = insert_sql(chunk.len());
+            let mut query = sqlx::query(&sql);
+            for e in chunk {
+                query = query
+                    .bind(&e.request_id)
+                    .bind(&e.tenant_id)
+                    .bind(&e.key_id)
+                    .bind(&e.model)
+                    .bind(&e.endpoint)
+                    .bind(e.prompt_tokens)
+                    .bind(e.completion_tokens)
+                    .bind(e.started_at)
+                    .bind(e.finished_at)
+                    .bind(e.status.as_str())
+                    .bind(e.delivery.as_str());
             }
-            sql.push('(');
-            for c in 0..COLUMN_COUNT {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("${}", i * COLUMN_COUNT + c + 1));
-            }
-            sql.push(')');
+            affected += query.execute(&mut *tx).await?.rows_affected();
         }
-        sql.push_str(
-            " ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
-             WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'",
-        );
-        let mut query = sqlx::query(&sql);
-        for e in events {
-            query = query
-                .bind(&e.request_id)
-                .bind(&e.tenant_id)
-                .bind(&e.key_id)
-                .bind(&e.model)
-                .bind(&e.endpoint)
-                .bind(e.prompt_tokens)
-                .bind(e.completion_tokens)
-                .bind(e.started_at)
-                .bind(e.finished_at)
-                .bind(e.status.as_str())
-                .bind(e.delivery.as_str());
-        }
-        Ok(query.execute(self.db.pool()).await?.rows_affected())
+        tx.commit().await?;
+        Ok(affected)
     }
 
     /// The record for a request id, if any.
@@ -168,6 +164,27 @@ impl Ledger {
         .await?;
         rows.iter().map(from_row).collect()
     }
+}
+
+/// `INSERT` of `rows` records with numbered placeholders; a replay may only resolve an
+/// `unknown` delivery, never change quantities.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i > 0 { ", (" } else { "(" });
+        for c in 0..COLUMN_COUNT {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", i * COLUMN_COUNT + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(
+        " ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
+         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'",
+    );
+    sql
 }
 
 fn from_row(row: &sqlx::any::AnyRow) -> Result<UsageEvent, DbError> {

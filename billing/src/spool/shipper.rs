@@ -20,8 +20,8 @@ use super::segment::{self, SpoolEntry};
 use super::{Shared, Spool};
 use crate::usage::{Delivery, Ledger, UsageEvent};
 
-/// Most events written to the store in one statement.
-const BATCH: usize = 500;
+/// Most events written to the store in one transaction.
+const BATCH: usize = 5_000;
 const CURSOR_FILE: &str = "cursor";
 
 /// A position in the spool: segment number and byte offset.

@@ -1,0 +1,113 @@
+//! Benchmark (not a test): how fast usage events become durable in the spool, and how fast
+//! the shipper moves them into the store.
+//!
+//!     cargo run --release -p billing --example spool_bench -- \
+//!         postgres://postgres@127.0.0.1:5432/postgres [events] [concurrent appenders]
+//!
+//! Creates and drops its own database when given a Postgres URL; SQLite URLs are used as is.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use billing::{Db, Delivery, Ledger, Shipper, Spool, UsageEvent, UsageStatus};
+use sqlx::Connection;
+
+fn event(i: usize) -> UsageEvent {
+    UsageEvent {
+        request_id: format!("req_bench_{i:010}"),
+        tenant_id: format!("tn_{}", i % 97),
+        key_id: format!("key_{}", i % 311),
+        model: "SmolLM2-135M-Instruct".into(),
+        endpoint: "/v1/chat/completions".into(),
+        prompt_tokens: 30 + (i % 50) as i64,
+        completion_tokens: (i % 200) as i64,
+        started_at: 1_800_000_000_000 + i as i64,
+        finished_at: 1_800_000_000_100 + i as i64,
+        status: UsageStatus::Success,
+        delivery: Delivery::Delivered,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let url = args
+        .next()
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let events: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200_000);
+    let appenders: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
+
+    let (db_url, cleanup) = if url.starts_with("postgres") {
+        let name = format!("spool_bench_{}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
+        (format!("{base}/{name}"), Some((url.clone(), name)))
+    } else {
+        (url.clone(), None)
+    };
+    let dir = std::env::temp_dir().join(format!("spool-bench-{}", std::process::id()));
+    let db = Db::connect(&db_url).await?;
+    let spool = Spool::open(&dir, 64 * 1024 * 1024)?;
+
+    // 1. Durable appends: `appenders` tasks, each waiting for its fsync like a request does.
+    let started = Instant::now();
+    let per_task = events / appenders;
+    let mut tasks = Vec::new();
+    for t in 0..appenders {
+        let spool = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                spool.append_usage(&event(t * per_task + i)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let total = per_task * appenders;
+    let append_secs = started.elapsed().as_secs_f64();
+    println!(
+        "spool: {total} durable appends from {appenders} concurrent callers in {append_secs:.2} s = {:.0} events/s",
+        total as f64 / append_secs
+    );
+
+    // 2. Shipping: everything spooled above, into the store.
+    let started = Instant::now();
+    let shipper = Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
+    let stats = Arc::clone(&shipper.stats);
+    while stats.shipped.load(Ordering::Relaxed) < total as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ship_secs = started.elapsed().as_secs_f64();
+    shipper.stop().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records")
+        .fetch_one(db.pool())
+        .await?;
+    println!(
+        "shipper: {total} events into {} in {ship_secs:.2} s = {:.0} events/s ({rows} rows)",
+        if db_url.starts_with("postgres") {
+            "Postgres"
+        } else {
+            "SQLite"
+        },
+        total as f64 / ship_secs
+    );
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some((admin_url, name)) = cleanup {
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+    }
+    Ok(())
+}
