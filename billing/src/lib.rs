@@ -11,7 +11,7 @@ pub mod usage;
 
 pub use db::{Backend, Db, DbError};
 pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
-pub use usage::{Delivery, Ledger, UsageEvent, UsageStatus};
+pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
 
 /// Milliseconds since the Unix epoch: every timestamp in the store is one of these.
 pub fn now_ms() -> i64 {

@@ -88,6 +88,15 @@ const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_to
                        completion_tokens, started_at, finished_at, status, delivery";
 const COLUMN_COUNT: usize = 11;
 
+/// Usage of one model over a period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelTotals {
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
 /// Writes and reads usage records.
 #[derive(Clone, Debug)]
 pub struct Ledger {
@@ -141,6 +150,38 @@ impl Ledger {
         }
         tx.commit().await?;
         Ok(affected)
+    }
+
+    /// A tenant's totals per model for records started in `[from_ms, to_ms)`.
+    pub async fn totals_by_model(
+        &self,
+        tenant_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<ModelTotals>, DbError> {
+        let rows = sqlx::query(
+            "SELECT model, COUNT(*) AS requests, \
+                    CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
+             FROM usage_records \
+             WHERE tenant_id = $1 AND started_at >= $2 AND started_at < $3 \
+             GROUP BY model ORDER BY model",
+        )
+        .bind(tenant_id)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ModelTotals {
+                    model: r.try_get("model")?,
+                    requests: r.try_get("requests")?,
+                    prompt_tokens: r.try_get("prompt_tokens")?,
+                    completion_tokens: r.try_get("completion_tokens")?,
+                })
+            })
+            .collect()
     }
 
     /// The record for a request id, if any.

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Query;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
@@ -180,6 +182,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(list_models))
+        .route("/v1/usage", get(own_usage))
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -305,6 +308,53 @@ async fn proxied(
     };
     response.extensions_mut().insert(model);
     Ok(response)
+}
+
+/// `GET /v1/usage?start=&end=` (Unix seconds; default: the last 31 days): the
+/// calling key's tenant's usage per model, and nobody else's. Records reach the store
+/// through the spool, so the last fraction of a second may not be counted yet.
+async fn own_usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    range: Result<Query<UsageRange>, QueryRejection>,
+) -> Result<Response, GatewayError> {
+    let caller = state.auth.authenticate(&headers).await?;
+    let Query(range) =
+        range.map_err(|e| GatewayError::bad_request(e.body_text(), Some("start")))?;
+    let now = crate::unix_now() as i64;
+    let start = range.start.unwrap_or(now - 31 * 86_400);
+    let end = range.end.unwrap_or(now + 1);
+    if start < 0 || end <= start {
+        return Err(GatewayError::bad_request(
+            "`start` must be before `end`",
+            Some("start"),
+        ));
+    }
+    let totals = Ledger::new(state.tenants.db().clone())
+        .totals_by_model(&caller.key.tenant_id, start * 1000, end * 1000)
+        .await?;
+    let data: Vec<serde_json::Value> = totals
+        .into_iter()
+        .map(|t| {
+            serde_json::json!({
+                "model": t.model,
+                "requests": t.requests,
+                "prompt_tokens": t.prompt_tokens,
+                "completion_tokens": t.completion_tokens,
+                "total_tokens": t.prompt_tokens + t.completion_tokens,
+            })
+        })
+        .collect();
+    Ok(
+        Json(serde_json::json!({"object": "usage", "start": start, "end": end, "data": data}))
+            .into_response(),
+    )
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct UsageRange {
+    start: Option<i64>,
+    end: Option<i64>,
 }
 
 async fn list_models(

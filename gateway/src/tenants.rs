@@ -55,6 +55,10 @@ impl TenantStore {
         Self { db }
     }
 
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub async fn create_tenant(&self, name: &str) -> Result<Tenant, DbError> {
         let tenant = Tenant {
             id: format!("tn_{}", uuid::Uuid::now_v7().simple()),

@@ -220,3 +220,60 @@ async fn models_embeddings_and_bad_keys() {
     }
     s.gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_reads_its_own_tenants_usage_and_nobody_elses() {
+    let s = Stack::start("first").await;
+    let (other_key, _) = s
+        .gateway
+        .tenant_with_key("second", gateway::tenants::NewKey::default())
+        .await;
+    let embed = |key: String, text: &'static str| {
+        let http = s.http.clone();
+        let url = format!("{}/v1/embeddings", s.gateway.url);
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": EMBEDDING_MODEL, "input": text}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    let mut ids = vec![
+        embed(s.key.clone(), "one").await,
+        embed(s.key.clone(), "two").await,
+    ];
+    ids.push(embed(other_key.clone(), "three").await);
+    for id in &ids {
+        s.gateway.usage_record(id).await.expect("recorded");
+    }
+    let usage = |key: String, query: &'static str| {
+        let http = s.http.clone();
+        let url = format!("{}/v1/usage{query}", s.gateway.url);
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, mine) = usage(s.key.clone(), "").await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["data"].as_array().unwrap().len(), 1);
+    assert_eq!(mine["data"][0]["model"], EMBEDDING_MODEL);
+    assert_eq!(mine["data"][0]["requests"], 2);
+    let (_, theirs) = usage(other_key.clone(), "").await;
+    assert_eq!(theirs["data"][0]["requests"], 1);
+    // A window in the past holds nothing; a malformed one is a 400.
+    let (_, past) = usage(s.key.clone(), "?start=0&end=1000").await;
+    assert_eq!(past["data"], json!([]));
+    let (status, bad) = usage(s.key.clone(), "?start=yesterday").await;
+    assert_eq!(status, 400);
+    assert_eq!(bad["error"]["type"], "invalid_request_error");
+    let (status, _) = usage("sk-gw-nope".into(), "").await;
+    assert_eq!(status, 401);
+    s.gateway.stop().await;
+}

@@ -33,6 +33,17 @@ async fn ledger_is_idempotent(db: Db) {
     assert!(ledger.record(&event("req_2", "t2")).await.unwrap());
     assert_eq!(ledger.for_tenant("t1").await.unwrap(), vec![e]);
     assert_eq!(ledger.get("missing").await.unwrap(), None);
+    let totals = ledger.totals_by_model("t1", 0, i64::MAX).await.unwrap();
+    assert_eq!(
+        totals,
+        vec![billing::ModelTotals {
+            model: "m".into(),
+            requests: 1,
+            prompt_tokens: 17,
+            completion_tokens: 5
+        }]
+    );
+    assert!(ledger.totals_by_model("t1", 0, 1).await.unwrap().is_empty());
 }
 
 async fn keys_round_trip(db: Db) {
