@@ -4,7 +4,8 @@
 #
 # Postgres: TEST_DATABASE_URL (or DATABASE_URL) if set; else the local server on
 # 127.0.0.1:5432 if it answers; else a throwaway cluster made with initdb under target/.
-# Each test creates and drops its own database there.
+# Each test creates and drops its own database there. PG_TEST_THROWAWAY=1 forces the
+# throwaway cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,11 +41,14 @@ throwaway_pg() {
   say "starting a throwaway PostgreSQL cluster on port $port"
   run_pg "$initdb" -D "$dir/data" -U postgres --auth=trust >/dev/null
   run_pg "$pg_ctl" -D "$dir/data" -l "$dir/log" -o "-p $port -k $dir -c listen_addresses=127.0.0.1" -w start >/dev/null
-  trap 'run_pg "$pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true' EXIT
+  # Expanded now: the function's locals are gone by the time the trap runs.
+  trap "run_pg '$pg_ctl' -D '$dir/data' -m fast stop >/dev/null 2>&1 || true" EXIT
   export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 }
 
-if [ -n "${TEST_DATABASE_URL:-}" ]; then
+if [ -n "${PG_TEST_THROWAWAY:-}" ]; then
+  throwaway_pg
+elif [ -n "${TEST_DATABASE_URL:-}" ]; then
   :
 elif [ -n "${DATABASE_URL:-}" ] && [[ "$DATABASE_URL" == postgres* ]]; then
   export TEST_DATABASE_URL=$DATABASE_URL
