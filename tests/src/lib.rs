@@ -85,6 +85,31 @@ pub async fn metric(http: &reqwest::Client, metrics_url: &str, name: &str) -> f6
         .sum()
 }
 
+/// Runs `promtool check metrics` on a scrape; panics with its complaints.
+pub fn promtool_check(scrape: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found: install it (Debian: apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A running `inference-worker` process, killed when dropped.
 pub struct WorkerProcess {
     child: Child,

@@ -86,6 +86,19 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
     );
     assert!(metrics.contains(&completion_line), "{metrics}");
     assert!(metrics.contains("gateway_worker_up{worker="));
+    // Conventional names and units, as Prometheus' own linter sees them.
+    e2e_tests::promtool_check(&metrics);
+    let worker_metrics = s
+        .http
+        .get(format!("{}/metrics", s.worker.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(worker_metrics.contains("worker_generated_tokens_total"));
+    e2e_tests::promtool_check(&worker_metrics);
     s.gateway.stop().await;
 }
 
