@@ -34,6 +34,9 @@ pub enum DbError {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// A native pool beside the `Any` one, on Postgres only: bulk writes bind arrays,
+    /// which the `Any` driver cannot.
+    pg: Option<sqlx::PgPool>,
 }
 
 impl Db {
@@ -87,7 +90,17 @@ impl Db {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        let pg = match backend {
+            Backend::Postgres => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(3))
+                    .connect(&url)
+                    .await?,
+            ),
+            Backend::Sqlite => None,
+        };
+        Ok(Self { pool, backend, pg })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -98,7 +111,15 @@ impl Db {
         self.backend
     }
 
+    /// The native Postgres pool, when the store is Postgres.
+    pub fn postgres(&self) -> Option<&sqlx::PgPool> {
+        self.pg.as_ref()
+    }
+
     pub async fn close(&self) {
+        if let Some(pg) = &self.pg {
+            pg.close().await;
+        }
         self.pool.close().await;
     }
 }

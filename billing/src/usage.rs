@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::db::{Backend, Db, DbError};
+use crate::db::{Db, DbError};
 
 /// How the call ended, as far as billing is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,13 +120,12 @@ impl Ledger {
         if events.is_empty() {
             return Ok(0);
         }
-        // One transaction (one commit) per batch, split into statements of a size each
-        // backend handles well: sqlx's SQLite binding slows down sharply with hundreds of
-        // rows per statement, Postgres gains from large ones.
-        let rows_per_statement = match self.db.backend() {
-            Backend::Sqlite => 50,
-            Backend::Postgres => 2_000,
-        };
+        if let Some(pg) = self.db.postgres() {
+            return record_batch_postgres(pg, events).await;
+        }
+        // SQLite: one transaction (one commit) per batch, in statements of 50 rows: sqlx's
+        // SQLite binding slows down sharply with hundreds of rows per statement.
+        let rows_per_statement = 50;
         let mut tx = self.db.pool().begin().await?;
         let mut affected = 0;
         for chunk in events.chunks(rows_per_statement) {
@@ -205,6 +204,49 @@ impl Ledger {
         .await?;
         rows.iter().map(from_row).collect()
     }
+}
+
+/// Postgres: the whole batch in one statement, each column bound as one array.
+async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Result<u64, DbError> {
+    // Postgres refuses to upsert one key twice in a statement: keep each request id once,
+    // its latest event (a later one may carry a resolved delivery).
+    let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        latest.insert(&e.request_id, i);
+    }
+    let mut keep: Vec<usize> = latest.into_values().collect();
+    keep.sort_unstable();
+    let unique: Vec<&UsageEvent> = keep.into_iter().map(|i| &events[i]).collect();
+    let events = unique.as_slice();
+    let text = |f: fn(&UsageEvent) -> &str| {
+        events
+            .iter()
+            .map(|e| f(e).to_owned())
+            .collect::<Vec<String>>()
+    };
+    let int = |f: fn(&UsageEvent) -> i64| events.iter().map(|e| f(e)).collect::<Vec<i64>>();
+    let sql = format!(
+        "INSERT INTO usage_records ({COLUMNS}) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                              $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
+         ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
+         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'"
+    );
+    let result = sqlx::query(&sql)
+        .bind(text(|e| &e.request_id))
+        .bind(text(|e| &e.tenant_id))
+        .bind(text(|e| &e.key_id))
+        .bind(text(|e| &e.model))
+        .bind(text(|e| &e.endpoint))
+        .bind(int(|e| e.prompt_tokens))
+        .bind(int(|e| e.completion_tokens))
+        .bind(int(|e| e.started_at))
+        .bind(int(|e| e.finished_at))
+        .bind(text(|e| e.status.as_str()))
+        .bind(text(|e| e.delivery.as_str()))
+        .execute(pg)
+        .await?;
+    Ok(result.rows_affected())
 }
 
 /// `INSERT` of `rows` records with numbered placeholders; a replay may only resolve an

@@ -44,6 +44,26 @@ async fn ledger_is_idempotent(db: Db) {
         }]
     );
     assert!(ledger.totals_by_model("t1", 0, 1).await.unwrap().is_empty());
+
+    // One batch holding a request id twice (an `unknown` event and its resolution) is
+    // written as one record with the resolved delivery.
+    let mut pending = event("req_3", "t3");
+    pending.delivery = Delivery::Unknown;
+    let mut resolved = pending.clone();
+    resolved.delivery = Delivery::Undelivered;
+    ledger
+        .record_batch(&[pending, resolved.clone()])
+        .await
+        .unwrap();
+    assert_eq!(ledger.for_tenant("t3").await.unwrap(), vec![resolved]);
+    // A later replay resolving nothing changes nothing.
+    let mut replay = event("req_3", "t3");
+    replay.delivery = Delivery::Unknown;
+    ledger.record_batch(&[replay]).await.unwrap();
+    assert_eq!(
+        ledger.get("req_3").await.unwrap().unwrap().delivery,
+        Delivery::Undelivered
+    );
 }
 
 async fn keys_round_trip(db: Db) {
