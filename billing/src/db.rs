@@ -12,7 +12,7 @@ static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+enum Backend {
     Sqlite,
     Postgres,
 }
@@ -33,7 +33,6 @@ pub enum DbError {
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: AnyPool,
-    backend: Backend,
     /// A native pool beside the `Any` one, on Postgres only: bulk writes bind arrays,
     /// which the `Any` driver cannot.
     pg: Option<sqlx::PgPool>,
@@ -100,15 +99,11 @@ impl Db {
             ),
             Backend::Sqlite => None,
         };
-        Ok(Self { pool, backend, pg })
+        Ok(Self { pool, pg })
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// The native Postgres pool, when the store is Postgres.

@@ -9,7 +9,7 @@ pub mod db;
 pub mod spool;
 pub mod usage;
 
-pub use db::{Backend, Db, DbError};
+pub use db::{Db, DbError};
 pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
 pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
 

@@ -265,7 +265,7 @@ impl Proxy {
             model: call.model,
             counted: (0, 0),
             recorded: false,
-            outcome_pending: false,
+            outcome: None,
             _lease: lease,
         };
         let body = metered(upstream.bytes_stream(), meter, client_wants_usage);
@@ -362,8 +362,9 @@ struct StreamMeter {
     model: String,
     counted: (u64, u64),
     recorded: bool,
-    /// A success was spooled; its outcome follows when the stream ends or is dropped.
-    outcome_pending: bool,
+    /// Set once a success is spooled; reports the outcome when the stream ends, or
+    /// "undelivered" if the meter is dropped first.
+    outcome: Option<OutcomeOnEnd>,
     _lease: Lease,
 }
 
@@ -384,7 +385,13 @@ impl StreamMeter {
         count_tokens(&self.metrics, &event);
         match self.spool.append_usage(&event).await {
             Ok(()) => {
-                self.outcome_pending = status == UsageStatus::Success;
+                if status == UsageStatus::Success {
+                    self.outcome = Some(OutcomeOnEnd {
+                        spool: self.spool.clone(),
+                        request_id: self.ctx.request_id.clone(),
+                        pending: true,
+                    });
+                }
                 true
             }
             Err(e) => {
@@ -393,17 +400,11 @@ impl StreamMeter {
             }
         }
     }
-
-    fn settle(&mut self, delivered: bool) {
-        if std::mem::take(&mut self.outcome_pending) {
-            self.spool.record_outcome(&self.ctx.request_id, delivered);
-        }
-    }
 }
 
 impl Drop for StreamMeter {
     fn drop(&mut self) {
-        self.settle(false);
+        // A pending outcome reports itself as undelivered when `self.outcome` drops.
         if self.recorded {
             return;
         }
@@ -464,7 +465,9 @@ fn metered(
     futures::stream::unfold(state, move |mut st| async move {
         if st.finished {
             // The server asked for more after the last event: all of it was handed over.
-            st.meter.settle(true);
+            if let Some(outcome) = st.meter.outcome.as_mut() {
+                outcome.settle(true);
+            }
             return None;
         }
         loop {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use gateway::tenants::{NewKey, TenantStore};
 use gateway::GatewayConfig;
 
@@ -69,17 +71,16 @@ async fn announced_url(child: &mut Child, prefix: &'static str) -> String {
         .to_owned()
 }
 
+/// The text of a GET (a metrics scrape, say).
+pub async fn scrape(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// The sum of a Prometheus series' samples (all label sets) at `metrics_url`.
 pub async fn metric(http: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
-    let text = http
-        .get(metrics_url)
-        .send()
+    scrape(http, metrics_url)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -108,6 +109,42 @@ pub fn promtool_check(scrape: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Opens a streamed chat completion through a gateway; returns its request id and the
+/// SSE byte stream.
+pub async fn open_stream(
+    gateway_url: &str,
+    key: &str,
+    body: serde_json::Value,
+) -> (String, BoxStream<'static, reqwest::Result<bytes::Bytes>>) {
+    let response = reqwest::Client::new()
+        .post(format!("{gateway_url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (request_id, response.bytes_stream().boxed())
+}
+
+/// Reads until `n` content deltas (after the role delta) have arrived; returns the text read.
+pub async fn read_deltas(
+    stream: &mut BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    n: usize,
+) -> String {
+    let mut seen = String::new();
+    while seen.matches("\"content\"").count() < n + 1 {
+        seen.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    seen
 }
 
 /// A running `inference-worker` process, killed when dropped.
@@ -157,10 +194,6 @@ impl WorkerProcess {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// `kill -9`.

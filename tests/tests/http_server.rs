@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{Stack, CHAT_MODEL};
+use e2e_tests::{open_stream, read_deltas, Stack, CHAT_MODEL};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,20 +174,9 @@ async fn graceful_shutdown_finishes_and_records_an_in_flight_stream() {
         key,
         ..
     } = Stack::start_with("drain", |config, _| config.shutdown_grace_secs = 120).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(&key)
-        .json(&json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
-                      "max_tokens": 40, "temperature": 0, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut stream = response.bytes_stream();
+    let body = json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+                      "max_tokens": 40, "temperature": 0, "stream": true});
+    let (request_id, mut stream) = open_stream(&gateway.url, &key, body).await;
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
 
@@ -220,26 +209,11 @@ async fn a_stream_cut_by_the_grace_period_is_billed_for_what_was_delivered() {
         key,
         ..
     } = Stack::start_with("cut", |config, _| config.shutdown_grace_secs = 1).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(&key)
-        .json(&json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
-                      "max_tokens": 2000, "temperature": 0, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut stream = response.bytes_stream();
-    let mut received = String::new();
-    // Read a few content chunks, then shut down under the stream.
-    while received.matches("\"content\"").count() < 4 {
-        received.push_str(&String::from_utf8_lossy(
-            &stream.next().await.unwrap().unwrap(),
-        ));
-    }
+    let body = json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
+                      "max_tokens": 2000, "temperature": 0, "stream": true});
+    let (request_id, mut stream) = open_stream(&gateway.url, &key, body).await;
+    // Read a few content chunks (the role delta and three more), then shut down under the stream.
+    let mut received = read_deltas(&mut stream, 3).await;
     let stopping = tokio::spawn(gateway.stop());
     while let Some(Ok(chunk)) = stream.next().await {
         received.push_str(&String::from_utf8_lossy(&chunk));

@@ -57,15 +57,7 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
     assert_eq!(record.tenant_id, tenant.id);
     assert_eq!(ledger.for_tenant(&tenant.id).await.unwrap().len(), 1);
 
-    let metrics = s
-        .http
-        .get(&s.gateway.metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e2e_tests::scrape(&s.http, &s.gateway.metrics_url).await;
     let line = |name: &str| {
         metrics
             .lines()
@@ -88,15 +80,7 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
     assert!(metrics.contains("gateway_worker_up{worker="));
     // Conventional names and units, as Prometheus' own linter sees them.
     e2e_tests::promtool_check(&metrics);
-    let worker_metrics = s
-        .http
-        .get(format!("{}/metrics", s.worker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let worker_metrics = e2e_tests::scrape(&s.http, &format!("{}/metrics", s.worker.url)).await;
     assert!(worker_metrics.contains("worker_generated_tokens_total"));
     e2e_tests::promtool_check(&worker_metrics);
     s.gateway.stop().await;

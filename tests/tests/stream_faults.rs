@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use billing::{Delivery, UsageStatus};
-use e2e_tests::{metric, Stack, CHAT_MODEL};
+use e2e_tests::{metric, open_stream, read_deltas, Stack, CHAT_MODEL};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -16,33 +16,10 @@ fn long_stream() -> serde_json::Value {
            "max_tokens": 2000, "temperature": 0, "stream": true})
 }
 
-/// Reads until `n` content deltas have arrived; returns what was read.
-async fn read_deltas(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    n: usize,
-) -> String {
-    let mut seen = String::new();
-    while seen.matches("\"content\"").count() < n + 1 {
-        seen.push_str(&String::from_utf8_lossy(
-            &stream.next().await.unwrap().unwrap(),
-        ));
-    }
-    seen
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_stops_the_worker_and_is_billed_for_what_it_got() {
     let s = Stack::start("leaver").await;
-    let response = s
-        .post("/v1/chat/completions", long_stream())
-        .send()
-        .await
-        .unwrap();
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut stream = response.bytes_stream();
+    let (request_id, mut stream) = open_stream(&s.gateway.url, &s.key, long_stream()).await;
     let seen = read_deltas(&mut stream, 5).await;
     drop(stream);
 
@@ -81,16 +58,7 @@ async fn a_client_that_leaves_stops_the_worker_and_is_billed_for_what_it_got() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_billed() {
     let mut s = Stack::start("orphan").await;
-    let response = s
-        .post("/v1/chat/completions", long_stream())
-        .send()
-        .await
-        .unwrap();
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut stream = response.bytes_stream();
+    let (request_id, mut stream) = open_stream(&s.gateway.url, &s.key, long_stream()).await;
     let mut seen = read_deltas(&mut stream, 5).await;
     s.worker.kill();
     while let Some(chunk) = stream.next().await {

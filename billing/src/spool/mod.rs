@@ -173,10 +173,6 @@ impl Spool {
             .map_err(SpoolError::Io)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
     pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }

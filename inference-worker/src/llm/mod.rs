@@ -195,8 +195,4 @@ impl ChatModel {
             mpsc::error::TrySendError::Closed(_) => WorkerError::Internal("engine stopped".into()),
         })
     }
-
-    pub fn queued(&self) -> usize {
-        self.submit.max_capacity() - self.submit.capacity()
-    }
 }
