@@ -298,7 +298,11 @@ struct OutcomeOnEnd {
 impl OutcomeOnEnd {
     fn settle(&mut self, delivered: bool) {
         if std::mem::take(&mut self.pending) {
-            self.spool.record_outcome(&self.request_id, delivered);
+            if delivered {
+                self.spool.record_delivered(&self.request_id);
+            } else {
+                self.spool.record_outcome(&self.request_id, false);
+            }
         }
     }
 }

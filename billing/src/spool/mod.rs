@@ -59,7 +59,15 @@ pub(crate) struct Shared {
     pub first_live_segment: u64,
     /// Wakes the shipper when something was written.
     pub written: Notify,
+    /// Delivery outcomes waiting out [`DELIVERY_SETTLE`]; `flush` waits for them.
+    pub settling: std::sync::atomic::AtomicUsize,
+    pub settled: Notify,
 }
+
+/// How long after the last byte is handed to the connection a response is taken as
+/// delivered. The server writes those bytes to the socket after the body ends; a gateway
+/// killed within this window leaves the record `unknown` (in flight), never `delivered`.
+pub const DELIVERY_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Spool {
     /// Opens (creating) the spool in `dir` and starts its writer thread. Segments left by
@@ -71,6 +79,8 @@ impl Spool {
             dir: dir.to_owned(),
             first_live_segment,
             written: Notify::new(),
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            settled: Notify::new(),
         });
         let (commands, queue) = mpsc::channel(QUEUE);
         let writer = Writer::create(shared.clone(), segment_bytes.max(1024))?;
@@ -161,8 +171,36 @@ impl Spool {
         });
     }
 
-    /// Fsyncs everything appended so far (outcomes included).
+    /// Records that a response was delivered, once [`DELIVERY_SETTLE`] has passed.
+    pub fn record_delivered(&self, request_id: &str) {
+        use std::sync::atomic::Ordering;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.record_outcome(request_id, true);
+            return;
+        };
+        self.shared.settling.fetch_add(1, Ordering::SeqCst);
+        let spool = self.clone();
+        let request_id = request_id.to_owned();
+        handle.spawn(async move {
+            tokio::time::sleep(DELIVERY_SETTLE).await;
+            spool.record_outcome(&request_id, true);
+            if spool.shared.settling.fetch_sub(1, Ordering::SeqCst) == 1 {
+                spool.shared.settled.notify_waiters();
+            }
+        });
+    }
+
+    /// Fsyncs everything appended so far (outcomes included, after waiting for those still
+    /// settling).
     pub async fn flush(&self) -> Result<(), SpoolError> {
+        use std::sync::atomic::Ordering;
+        loop {
+            let settled = self.shared.settled.notified();
+            if self.shared.settling.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(DELIVERY_SETTLE * 2, settled).await;
+        }
         let (done, wait) = oneshot::channel();
         self.commands
             .send(Command::Flush(done))
