@@ -36,6 +36,10 @@ pub struct Db {
     /// A native pool beside the `Any` one, on Postgres only: bulk writes bind arrays,
     /// which the `Any` driver cannot.
     pg: Option<sqlx::PgPool>,
+    /// Connections for admission counters, which trade durability of the last commits for
+    /// latency: a store crash may forget the last moments of counting, never a usage record.
+    counters: AnyPool,
+    backend: Backend,
 }
 
 impl Db {
@@ -67,6 +71,25 @@ impl Db {
             }
         }
         let options = AnyConnectOptions::from_str(&url)?;
+        let counters = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 2 } else { 8 })
+            .acquire_timeout(Duration::from_secs(1))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    match backend {
+                        Backend::Sqlite => {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        }
+                        Backend::Postgres => {
+                            conn.execute("SET synchronous_commit = off").await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options.clone());
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
             .acquire_timeout(Duration::from_secs(3))
@@ -99,11 +122,25 @@ impl Db {
             ),
             Backend::Sqlite => None,
         };
-        Ok(Self { pool, pg })
+        Ok(Self {
+            pool,
+            pg,
+            counters,
+            backend,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Connections for admission counters (see the field's docs).
+    pub fn counters(&self) -> &AnyPool {
+        &self.counters
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend == Backend::Postgres
     }
 
     /// The native Postgres pool, when the store is Postgres.
@@ -115,6 +152,7 @@ impl Db {
         if let Some(pg) = &self.pg {
             pg.close().await;
         }
+        self.counters.close().await;
         self.pool.close().await;
     }
 }

@@ -6,10 +6,14 @@
 //! request id is the identity of a record, unique forever, enforced by the database.
 
 pub mod db;
+pub mod invoices;
+pub mod prices;
 pub mod spool;
 pub mod usage;
 
 pub use db::{Db, DbError};
+pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
+pub use prices::{period_of, Micros, Price, PriceBook, PriceError};
 pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
 pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
 

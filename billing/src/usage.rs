@@ -230,7 +230,8 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                               $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
          ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
-         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'"
+         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
+         AND usage_records.invoice_id IS NULL"
     );
     let result = sqlx::query(&sql)
         .bind(text(|e| &e.request_id))
@@ -265,7 +266,8 @@ fn insert_sql(rows: usize) -> String {
     }
     sql.push_str(
         " ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
-         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown'",
+         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
+         AND usage_records.invoice_id IS NULL",
     );
     sql
 }

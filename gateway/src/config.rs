@@ -80,6 +80,15 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Completion tokens reserved against quotas for a chat call without `max_tokens`
+    /// (the served models' context window).
+    #[arg(
+        long,
+        env = "GATEWAY_DEFAULT_COMPLETION_RESERVE",
+        default_value_t = 4096
+    )]
+    pub default_completion_reserve: i64,
+
     /// Create a demo tenant and key on first start and keep the key in this file (mode 0600).
     #[arg(long, env = "GATEWAY_DEMO_KEY_FILE")]
     pub demo_key_file: Option<PathBuf>,

@@ -35,6 +35,8 @@ pub enum GatewayError {
     Upstream(String),
     #[error("usage could not be recorded; the request was not billed and can be retried")]
     Metering,
+    #[error("{}", .0.message)]
+    Limited(Box<crate::limits::Refusal>),
     #[error("internal error")]
     Internal(String),
 }
@@ -58,6 +60,7 @@ impl GatewayError {
             Self::NoWorker(_) | Self::Metering => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -83,6 +86,10 @@ impl GatewayError {
             Self::UpstreamTimeout => ("server_error", None, Some("upstream_timeout")),
             Self::Upstream(_) => ("server_error", None, Some("upstream_error")),
             Self::Metering => ("server_error", None, Some("metering_unavailable")),
+            Self::Limited(r) if r.kind.is_quota() => {
+                ("insufficient_quota", None, Some("insufficient_quota"))
+            }
+            Self::Limited(_) => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             Self::Internal(_) => ("server_error", None, None),
         }
     }
@@ -100,6 +107,18 @@ impl IntoResponse for GatewayError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if let Self::Limited(refusal) = &self {
+            let headers = response.headers_mut();
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after_secs),
+            );
+            refusal.headers.apply(headers);
+            if refusal.kind.is_quota() {
+                // A quota does not come back in seconds: SDKs should not retry.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
         }
         response
     }

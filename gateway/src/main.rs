@@ -1,6 +1,7 @@
 //! `gateway`: serves the consumer API, or runs one-off operator commands.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use gateway::limits::Limits;
 use gateway::tenants::{NewKey, TenantStore};
 use gateway::{Gateway, GatewayConfig};
 
@@ -29,6 +30,48 @@ enum Command {
         /// Models the key may use (comma-separated); all if omitted.
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        /// Limits of this key alone, on top of its tenant's plan.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Create a plan: the limits tenants on it are held to.
+    CreatePlan {
+        #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+        database_url: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Put a tenant (created if missing) on a plan.
+    SetPlan {
+        #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+        database_url: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        plan: String,
+    },
+    /// Add a price version for a model (prices are never edited; a change is a new version).
+    AddPrice {
+        #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+        database_url: String,
+        #[arg(long)]
+        model: String,
+        /// Minor units (e.g. cents) per million prompt tokens.
+        #[arg(long)]
+        input_per_mtok: i64,
+        /// Minor units per million completion tokens.
+        #[arg(long)]
+        output_per_mtok: i64,
+        /// Minor units per million requests.
+        #[arg(long, default_value_t = 0)]
+        request_per_mreq: i64,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// Unix milliseconds from which this version applies; now if omitted.
+        #[arg(long)]
+        effective_from: Option<i64>,
     },
     /// Revoke a key by its public id.
     RevokeKey {
@@ -37,6 +80,36 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+}
+
+/// Limits; each left out is "no limit".
+#[derive(Args, Debug, Clone, Copy)]
+struct LimitArgs {
+    #[arg(long)]
+    rpm: Option<i64>,
+    #[arg(long)]
+    tpm: Option<i64>,
+    /// Concurrent requests.
+    #[arg(long)]
+    concurrency: Option<i64>,
+    /// Tokens per calendar month (UTC).
+    #[arg(long)]
+    monthly_tokens: Option<i64>,
+    /// Spend per calendar month, in minor units (e.g. cents).
+    #[arg(long)]
+    monthly_spend: Option<i64>,
+}
+
+impl From<LimitArgs> for Limits {
+    fn from(a: LimitArgs) -> Self {
+        Limits {
+            requests_per_minute: a.rpm,
+            tokens_per_minute: a.tpm,
+            max_concurrent: a.concurrency,
+            monthly_tokens: a.monthly_tokens,
+            monthly_spend_minor: a.monthly_spend,
+        }
+    }
 }
 
 #[tokio::main]
@@ -54,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             tenant,
             name,
             models,
+            limits,
         } => {
             let store = TenantStore::new(billing::Db::connect(&database_url).await?);
             let tenant = match store.tenant_by_name(&tenant).await? {
@@ -64,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 name,
                 allowed_models: models,
                 expires_at: None,
+                limits: limits.into(),
             };
             let (key, record) = store.create_key(&tenant.id, &new).await?;
             eprintln!(
@@ -71,6 +146,58 @@ async fn main() -> anyhow::Result<()> {
                 record.id, tenant.name
             );
             println!("{}", key.expose());
+            Ok(())
+        }
+        Command::CreatePlan {
+            database_url,
+            name,
+            limits,
+        } => {
+            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let plan = store.create_plan(&name, limits.into()).await?;
+            println!("{}", plan.id);
+            Ok(())
+        }
+        Command::SetPlan {
+            database_url,
+            tenant,
+            plan,
+        } => {
+            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let Some(plan) = store.plan_by_name(&plan).await? else {
+                anyhow::bail!("no plan named {plan}");
+            };
+            let tenant = match store.tenant_by_name(&tenant).await? {
+                Some(t) => t,
+                None => store.create_tenant(&tenant).await?,
+            };
+            store.set_plan(&tenant.id, Some(&plan.id)).await?;
+            eprintln!("tenant {} is on plan {}", tenant.name, plan.name);
+            Ok(())
+        }
+        Command::AddPrice {
+            database_url,
+            model,
+            input_per_mtok,
+            output_per_mtok,
+            request_per_mreq,
+            currency,
+            effective_from,
+        } => {
+            let db = billing::Db::connect(&database_url).await?;
+            let price = billing::Price {
+                model,
+                effective_from: effective_from.unwrap_or_else(billing::now_ms),
+                currency,
+                input_minor_per_mtok: input_per_mtok,
+                output_minor_per_mtok: output_per_mtok,
+                request_minor_per_mreq: request_per_mreq,
+            };
+            billing::prices::add_price(&db, &price).await?;
+            eprintln!(
+                "price of {} from {} recorded",
+                price.model, price.effective_from
+            );
             Ok(())
         }
         Command::RevokeKey { database_url, id } => {

@@ -17,6 +17,9 @@ pub struct GatewayMetrics {
     pub spool_backlog: IntGauge,
     pub usage_shipped: IntGauge,
     pub usage_ship_failures: IntGauge,
+    pub limit_rejections: IntCounterVec,
+    pub admission_fail_open: IntCounter,
+    pub admission_seconds: prometheus::Histogram,
 }
 
 impl GatewayMetrics {
@@ -75,6 +78,24 @@ impl GatewayMetrics {
             "gateway_usage_ship_failures",
             "Failed attempts to write usage to the store since start",
         )?;
+        let limit_rejections = IntCounterVec::new(
+            Opts::new(
+                "gateway_limit_rejections_total",
+                "Requests refused with 429, by tenant and the limit that refused them",
+            ),
+            &["tenant", "limit"],
+        )?;
+        let admission_fail_open = IntCounter::new(
+            "gateway_admission_fail_open_total",
+            "Requests admitted without checking limits because the store was unreachable",
+        )?;
+        let admission_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_admission_duration_seconds",
+                "Time to check and reserve a request's limits in the store",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 16)?),
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -86,6 +107,9 @@ impl GatewayMetrics {
             Box::new(spool_backlog.clone()),
             Box::new(usage_shipped.clone()),
             Box::new(usage_ship_failures.clone()),
+            Box::new(limit_rejections.clone()),
+            Box::new(admission_fail_open.clone()),
+            Box::new(admission_seconds.clone()),
         ] {
             registry.register(c)?;
         }
@@ -101,6 +125,9 @@ impl GatewayMetrics {
             spool_backlog,
             usage_shipped,
             usage_ship_failures,
+            limit_rejections,
+            admission_fail_open,
+            admission_seconds,
         })
     }
 

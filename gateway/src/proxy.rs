@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::Caller;
 use crate::error::GatewayError;
+use crate::limits::{Admission, Demand, Permit, PriceCache, RateHeaders, Scope};
 use crate::metrics::GatewayMetrics;
 use crate::pool::{Lease, WorkerPool};
 
@@ -76,6 +77,49 @@ impl ProxiedCall {
             .get("stream")
             .and_then(Value::as_bool)
             .unwrap_or(false)
+    }
+
+    /// An upper bound of the tokens this call can use, from its body alone:
+    /// `(prompt, completion)`. Byte-level tokenizers never make more tokens than bytes, and
+    /// the JSON of a message is longer than its text plus its role markers.
+    pub fn token_bound(&self, default_completion: i64) -> (i64, i64) {
+        const TEMPLATE_OVERHEAD: i64 = 64;
+        let len = |v: &Value| -> i64 {
+            match v {
+                Value::String(s) => s.len() as i64 + 2,
+                Value::Array(items) => items.len() as i64 + 2,
+                other => serde_json::to_vec(other).map_or(0, |b| b.len() as i64),
+            }
+        };
+        let inputs = |v: Option<&Value>| -> i64 {
+            match v {
+                Some(Value::Array(items)) if items.iter().all(|i| !i.is_number()) => {
+                    items.iter().map(len).sum()
+                }
+                Some(v) => len(v),
+                None => 0,
+            }
+        };
+        match self.endpoint {
+            "/v1/chat/completions" => {
+                let prompt = self
+                    .body
+                    .get("messages")
+                    .and_then(|m| serde_json::to_vec(m).ok())
+                    .map_or(0, |b| b.len() as i64)
+                    + TEMPLATE_OVERHEAD;
+                let completion = ["max_completion_tokens", "max_tokens"]
+                    .iter()
+                    .find_map(|k| self.body.get(*k).and_then(Value::as_i64))
+                    .unwrap_or(default_completion)
+                    .max(0);
+                (prompt, completion)
+            }
+            _ => (
+                inputs(self.body.get("input")) + inputs(self.body.get("labels")),
+                0,
+            ),
+        }
     }
 
     fn client_wants_usage(&self) -> bool {
@@ -140,6 +184,32 @@ pub struct Proxy {
     pub spool: Spool,
     pub limits: UpstreamLimits,
     pub metrics: Arc<GatewayMetrics>,
+    pub admission: Arc<Admission>,
+    pub prices: Arc<PriceCache>,
+    /// Completion tokens reserved for a chat call that sets no `max_tokens`.
+    pub default_completion_reserve: i64,
+}
+
+/// A request's reservation and the price it was made at; settled with the real usage.
+struct Reservation {
+    permit: Option<Permit>,
+    price: Option<billing::Price>,
+}
+
+impl Reservation {
+    fn settle(&mut self, (prompt, completion): (u64, u64)) {
+        if let Some(permit) = self.permit.take() {
+            let (prompt, completion) = (prompt as i64, completion as i64);
+            permit.settle(Demand {
+                tokens: prompt + completion,
+                spend: self
+                    .price
+                    .as_ref()
+                    .map(|p| p.cost(1, prompt, completion))
+                    .unwrap_or_default(),
+            });
+        }
+    }
 }
 
 impl Proxy {
@@ -147,7 +217,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         ctx: CallContext,
-        mut call: ProxiedCall,
+        call: ProxiedCall,
     ) -> Result<Response, GatewayError> {
         if !ctx.caller.key.allows_model(&call.model) {
             return Err(GatewayError::ModelNotAllowed(call.model));
@@ -155,62 +225,142 @@ impl Proxy {
         if !self.pool.knows(&call.model) {
             return Err(GatewayError::ModelNotFound(call.model));
         }
+        let (mut reservation, rate_headers) = self.admit(&ctx, &call).await?;
+        let mut response = match self.forward(ctx, call, &mut reservation).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        rate_headers.apply(response.headers_mut());
+        Ok(response)
+    }
+
+    /// Reserves the most this call can cost against every limit of its tenant and key.
+    async fn admit(
+        &self,
+        ctx: &CallContext,
+        call: &ProxiedCall,
+    ) -> Result<(Reservation, RateHeaders), GatewayError> {
+        let key = &ctx.caller.key;
+        let (prompt, completion) = call.token_bound(self.default_completion_reserve);
+        let price = self
+            .prices
+            .current()
+            .at(&call.model, ctx.started_at)
+            .cloned();
+        let demand = Demand {
+            tokens: prompt.saturating_add(completion),
+            spend: price
+                .as_ref()
+                .map(|p| p.cost(1, prompt, completion))
+                .unwrap_or_default(),
+        };
+        let scopes = vec![
+            Scope::tenant(&key.tenant_id, key.plan_limits),
+            Scope::key(&key.id, key.key_limits),
+        ];
+        let admitted = self
+            .admission
+            .admit(&ctx.request_id, &key.tenant_id, scopes, demand)
+            .await
+            .map_err(|r| GatewayError::Limited(Box::new(r)))?;
+        Ok((
+            Reservation {
+                permit: admitted.permit,
+                price,
+            },
+            admitted.headers,
+        ))
+    }
+
+    async fn forward(
+        &self,
+        ctx: CallContext,
+        mut call: ProxiedCall,
+        reservation: &mut Reservation,
+    ) -> Result<Response, GatewayError> {
         let stream = call.is_stream();
         let client_wants_usage = call.client_wants_usage();
         if stream {
             call.force_stream_usage();
         }
-        let (lease, upstream) = self.send(&call).await?;
-        let status = upstream.status();
-        if !status.is_success() {
-            // Worker-side errors are already in the OpenAI shape; pass them on as they are.
-            let bytes = upstream
-                .bytes()
-                .await
-                .map_err(|e| GatewayError::Upstream(e.to_string()))?;
-            return Ok(json_response(status, bytes));
-        }
-        if stream {
-            Ok(self.metered_stream(ctx, call, lease, upstream, client_wants_usage))
-        } else {
-            let bytes = tokio::time::timeout(self.limits.total_timeout, upstream.bytes())
-                .await
-                .map_err(|_| GatewayError::UpstreamTimeout)?
-                .map_err(|e| GatewayError::Upstream(e.to_string()))?;
-            drop(lease);
-            let counted = usage_of(&bytes).ok_or_else(|| {
-                GatewayError::Upstream("the worker's reply carried no usage".into())
-            })?;
-            let event = ctx.event(
-                call.endpoint,
-                &call.model,
-                counted,
-                UsageStatus::Success,
-                Delivery::Unknown,
-            );
-            count_tokens(&self.metrics, &event);
-            self.spool.append_usage(&event).await.map_err(|e| {
-                tracing::error!(error = %e, request_id = %ctx.request_id, "spooling usage failed");
-                GatewayError::Metering
-            })?;
-            let outcome = OutcomeOnEnd {
-                spool: self.spool.clone(),
-                request_id: ctx.request_id,
-                pending: true,
-            };
-            Ok(tracked_json(bytes, outcome))
-        }
+        let mut tried: Vec<String> = Vec::new();
+        let bytes = loop {
+            let (lease, upstream) = self.send(&call, &mut tried).await?;
+            let status = upstream.status();
+            if !status.is_success() {
+                // Worker-side errors are already in the OpenAI shape; pass them on as they are.
+                let bytes = upstream
+                    .bytes()
+                    .await
+                    .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+                return Ok(json_response(status, bytes));
+            }
+            if stream {
+                let reservation = Reservation {
+                    permit: reservation.permit.take(),
+                    price: reservation.price.take(),
+                };
+                return Ok(self.metered_stream(
+                    ctx,
+                    call,
+                    lease,
+                    upstream,
+                    client_wants_usage,
+                    reservation,
+                ));
+            }
+            match tokio::time::timeout(self.limits.total_timeout, upstream.bytes()).await {
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Ok(bytes)) => break bytes,
+                // The worker died while answering; nothing reached the client, so another
+                // worker may answer instead.
+                Ok(Err(e)) if tried.len() < self.limits.max_attempts => {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[&lease.node.base_url, "body"])
+                        .inc();
+                    lease.node.eject();
+                    tracing::warn!(worker = %lease.node.base_url, error = %e, "worker failed mid-reply; trying another");
+                }
+                Ok(Err(e)) => return Err(GatewayError::Upstream(e.to_string())),
+            }
+        };
+        let counted = usage_of(&bytes)
+            .ok_or_else(|| GatewayError::Upstream("the worker's reply carried no usage".into()))?;
+        let event = ctx.event(
+            call.endpoint,
+            &call.model,
+            counted,
+            UsageStatus::Success,
+            Delivery::Unknown,
+        );
+        count_tokens(&self.metrics, &event);
+        reservation.settle(counted);
+        self.spool.append_usage(&event).await.map_err(|e| {
+            tracing::error!(error = %e, request_id = %ctx.request_id, "spooling usage failed");
+            GatewayError::Metering
+        })?;
+        let outcome = OutcomeOnEnd {
+            spool: self.spool.clone(),
+            request_id: ctx.request_id,
+            pending: true,
+        };
+        Ok(tracked_json(bytes, outcome))
     }
 
-    /// Sends to a worker, trying another while nothing has reached the client and the
-    /// failure says the request was not taken (connection refused, 503).
-    async fn send(&self, call: &ProxiedCall) -> Result<(Lease, reqwest::Response), GatewayError> {
-        let mut tried: Vec<String> = Vec::new();
-        for attempt in 0..self.limits.max_attempts.max(1) {
-            let Some(lease) = self.pool.pick(&call.model, &tried) else {
+    /// Sends to a worker, trying another (up to `max_attempts` workers in all, counting
+    /// `tried`) while nothing has reached the client: on a refused or broken connection,
+    /// or a 503. A timeout is not retried: the worker may still be working on it.
+    async fn send(
+        &self,
+        call: &ProxiedCall,
+        tried: &mut Vec<String>,
+    ) -> Result<(Lease, reqwest::Response), GatewayError> {
+        while tried.len() < self.limits.max_attempts.max(1) {
+            let Some(lease) = self.pool.pick(&call.model, tried) else {
                 break;
             };
-            if attempt > 0 {
+            if !tried.is_empty() {
                 self.metrics.upstream_retries.inc();
             }
             let worker = lease.node.base_url.clone();
@@ -237,9 +387,12 @@ impl Proxy {
                     lease.node.eject();
                     tracing::warn!(%worker, error = %e, "worker unreachable; trying another");
                 }
+                // The connection broke before a response head: the worker died or
+                // restarted with the request; nothing reached the client yet.
                 Ok(Err(e)) => {
-                    failed("other");
-                    return Err(GatewayError::Upstream(e.to_string()));
+                    failed("reset");
+                    lease.node.eject();
+                    tracing::warn!(%worker, error = %e, "worker failed before answering; trying another");
                 }
                 // Overloaded: the worker did not take the request, so another may.
                 Ok(Ok(r)) if r.status() == StatusCode::SERVICE_UNAVAILABLE => failed("overloaded"),
@@ -256,8 +409,10 @@ impl Proxy {
         lease: Lease,
         upstream: reqwest::Response,
         client_wants_usage: bool,
+        reservation: Reservation,
     ) -> Response {
         let meter = StreamMeter {
+            reservation,
             spool: self.spool.clone(),
             metrics: self.metrics.clone(),
             ctx,
@@ -369,6 +524,7 @@ struct StreamMeter {
     /// Set once a success is spooled; reports the outcome when the stream ends, or
     /// "undelivered" if the meter is dropped first.
     outcome: Option<OutcomeOnEnd>,
+    reservation: Reservation,
     _lease: Lease,
 }
 
@@ -387,6 +543,7 @@ impl StreamMeter {
         self.recorded = true;
         let event = self.event(status);
         count_tokens(&self.metrics, &event);
+        self.reservation.settle(self.counted);
         match self.spool.append_usage(&event).await {
             Ok(()) => {
                 if status == UsageStatus::Success {
@@ -414,6 +571,7 @@ impl Drop for StreamMeter {
         }
         let event = self.event(UsageStatus::ClientCancelled);
         count_tokens(&self.metrics, &event);
+        self.reservation.settle(self.counted);
         // Queued now, synchronously, so a shutdown's final flush covers it.
         if !self.spool.append_usage_detached(&event) {
             tracing::error!(request_id = %event.request_id, "spooling a cancelled stream failed");

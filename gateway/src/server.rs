@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::limits::{Admission, PriceCache};
 use crate::listener::{self, ServeOptions};
 use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
@@ -77,6 +78,12 @@ impl Gateway {
         let shipper =
             Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
         let metrics = Arc::new(GatewayMetrics::new()?);
+        let admission = Admission::new(
+            db.clone(),
+            metrics.clone(),
+            Duration::from_secs(config.upstream_timeout_secs + 60),
+        );
+        let prices = PriceCache::load(&db).await?;
         let state = Arc::new(AppState {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
@@ -91,6 +98,9 @@ impl Gateway {
                     total_timeout: Duration::from_secs(config.upstream_timeout_secs),
                     max_attempts: 3,
                 },
+                admission,
+                prices,
+                default_completion_reserve: config.default_completion_reserve,
             },
             tenants,
             max_body_bytes: config.max_body_bytes,
@@ -146,6 +156,16 @@ impl Gateway {
             .proxy
             .pool
             .spawn_health_checks(self.health_interval);
+        let sweeper = self
+            .state
+            .proxy
+            .admission
+            .spawn_sweeper(Duration::from_secs(5));
+        let price_refresh = self
+            .state
+            .proxy
+            .prices
+            .spawn_refresh(self.db.clone(), Duration::from_secs(5));
         let metrics_app = Router::new()
             .route("/metrics", get(render_metrics))
             .with_state(self.state.clone());
@@ -164,6 +184,8 @@ impl Gateway {
         )
         .await;
         health.abort();
+        sweeper.abort();
+        price_refresh.abort();
         metrics_server.abort();
         // Streams whose clients left spool their usage from spawned tasks; let them run.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -4,6 +4,7 @@ use billing::{now_ms, Db, DbError};
 use sqlx::Row;
 
 use crate::keys::PlaintextKey;
+use crate::limits::Limits;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -22,6 +23,32 @@ pub struct KeyRecord {
     pub allowed_models: Option<Vec<String>>,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    /// The tenant's plan (unlimited without one).
+    pub plan_limits: Limits,
+    /// The key's own narrowing of the plan.
+    pub key_limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for TenantError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e.into())
+    }
+}
+
+/// A named set of limits that tenants are put on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub id: String,
+    pub name: String,
+    pub limits: Limits,
 }
 
 impl KeyRecord {
@@ -43,6 +70,37 @@ pub struct NewKey {
     pub name: String,
     pub allowed_models: Option<Vec<String>>,
     pub expires_at: Option<i64>,
+    pub limits: Limits,
+}
+
+const LIMIT_COLUMNS: &str =
+    "requests_per_minute, tokens_per_minute, max_concurrent, monthly_tokens, monthly_spend_minor";
+
+fn limits_from_row(r: &sqlx::any::AnyRow, prefix: &str) -> Result<Limits, sqlx::Error> {
+    let get = |name: &str| r.try_get::<Option<i64>, _>(format!("{prefix}{name}").as_str());
+    Ok(Limits {
+        requests_per_minute: get("requests_per_minute")?,
+        tokens_per_minute: get("tokens_per_minute")?,
+        max_concurrent: get("max_concurrent")?,
+        monthly_tokens: get("monthly_tokens")?,
+        monthly_spend_minor: get("monthly_spend_minor")?,
+    })
+}
+
+/// Rejects limits the schema would: rates and concurrency must be positive, quotas not negative.
+pub fn validate_limits(l: &Limits) -> Result<(), String> {
+    for (name, v, min) in [
+        ("requests_per_minute", l.requests_per_minute, 1),
+        ("tokens_per_minute", l.tokens_per_minute, 1),
+        ("max_concurrent", l.max_concurrent, 1),
+        ("monthly_tokens", l.monthly_tokens, 0),
+        ("monthly_spend_minor", l.monthly_spend_minor, 0),
+    ] {
+        if v.is_some_and(|v| v < min) {
+            return Err(format!("{name} must be at least {min}"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug)]
@@ -92,7 +150,7 @@ impl TenantStore {
         &self,
         tenant_id: &str,
         new: &NewKey,
-    ) -> Result<(PlaintextKey, KeyRecord), DbError> {
+    ) -> Result<(PlaintextKey, KeyRecord), TenantError> {
         let key = PlaintextKey::generate();
         let record = KeyRecord {
             id: key.public_id().to_owned(),
@@ -102,10 +160,14 @@ impl TenantStore {
             allowed_models: new.allowed_models.clone(),
             expires_at: new.expires_at,
             revoked_at: None,
+            plan_limits: Limits::default(),
+            key_limits: new.limits,
         };
+        validate_limits(&new.limits).map_err(TenantError::Invalid)?;
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant_id, name, secret_hash, allowed_models, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, tenant_id, name, secret_hash, allowed_models, created_at, expires_at, \
+             requests_per_minute, tokens_per_minute, max_concurrent, monthly_tokens, monthly_spend_minor) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&record.id)
         .bind(&record.tenant_id)
@@ -114,6 +176,11 @@ impl TenantStore {
         .bind(record.allowed_models.as_ref().map(|m| m.join(",")))
         .bind(now_ms())
         .bind(record.expires_at)
+        .bind(new.limits.requests_per_minute)
+        .bind(new.limits.tokens_per_minute)
+        .bind(new.limits.max_concurrent)
+        .bind(new.limits.monthly_tokens)
+        .bind(new.limits.monthly_spend_minor)
         .execute(self.db.pool())
         .await?;
         Ok((key, record))
@@ -121,8 +188,14 @@ impl TenantStore {
 
     pub async fn key(&self, public_id: &str) -> Result<Option<KeyRecord>, DbError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, secret_hash, allowed_models, expires_at, revoked_at \
-             FROM api_keys WHERE id = $1",
+            "SELECT k.id, k.tenant_id, k.name, k.secret_hash, k.allowed_models, k.expires_at, \
+             k.revoked_at, k.requests_per_minute, k.tokens_per_minute, k.max_concurrent, \
+             k.monthly_tokens, k.monthly_spend_minor, \
+             p.requests_per_minute AS p_requests_per_minute, \
+             p.tokens_per_minute AS p_tokens_per_minute, p.max_concurrent AS p_max_concurrent, \
+             p.monthly_tokens AS p_monthly_tokens, p.monthly_spend_minor AS p_monthly_spend_minor \
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             LEFT JOIN plans p ON p.id = t.plan_id WHERE k.id = $1",
         )
         .bind(public_id)
         .fetch_optional(self.db.pool())
@@ -142,7 +215,60 @@ impl TenantStore {
             }),
             expires_at: r.try_get("expires_at")?,
             revoked_at: r.try_get("revoked_at")?,
+            plan_limits: limits_from_row(&r, "p_")?,
+            key_limits: limits_from_row(&r, "")?,
         }))
+    }
+
+    /// Creates a plan. Names are unique.
+    pub async fn create_plan(&self, name: &str, limits: Limits) -> Result<Plan, TenantError> {
+        validate_limits(&limits).map_err(TenantError::Invalid)?;
+        let plan = Plan {
+            id: format!("pl_{}", uuid::Uuid::now_v7().simple()),
+            name: name.to_owned(),
+            limits,
+        };
+        sqlx::query(&format!(
+            "INSERT INTO plans (id, name, created_at, {LIMIT_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(&plan.id)
+        .bind(&plan.name)
+        .bind(now_ms())
+        .bind(limits.requests_per_minute)
+        .bind(limits.tokens_per_minute)
+        .bind(limits.max_concurrent)
+        .bind(limits.monthly_tokens)
+        .bind(limits.monthly_spend_minor)
+        .execute(self.db.pool())
+        .await?;
+        Ok(plan)
+    }
+
+    pub async fn plan_by_name(&self, name: &str) -> Result<Option<Plan>, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT id, name, {LIMIT_COLUMNS} FROM plans WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(Plan {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            limits: limits_from_row(&r, "")?,
+        }))
+    }
+
+    /// Puts a tenant on a plan (`None`: no plan, no limits). Replicas see it within the
+    /// key cache's time-to-live.
+    pub async fn set_plan(&self, tenant_id: &str, plan_id: Option<&str>) -> Result<bool, DbError> {
+        let result = sqlx::query("UPDATE tenants SET plan_id = $1 WHERE id = $2")
+            .bind(plan_id)
+            .bind(tenant_id)
+            .execute(self.db.pool())
+            .await?;
+        Ok(result.rows_affected() == 1)
     }
 
     /// Revokes a key; returns whether it was active.

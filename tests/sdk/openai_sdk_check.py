@@ -121,4 +121,23 @@ expect_error(
     lambda: client.embeddings.create(model=EMBED, input="x" * (2 * 1024 * 1024)),
 )
 
+# 429s: a key allowed one request a minute (no retries, to see the first refusal), and a
+# key with no quota left (the SDK's own retries are told not to retry: x-should-retry).
+limited = OpenAI(base_url=base_url, api_key=os.environ["GATEWAY_LIMITED_KEY"], max_retries=0)
+limited.embeddings.create(model=EMBED, input="one")
+try:
+    limited.embeddings.create(model=EMBED, input="two")
+    check("429 rate limit", False, "no exception")
+except openai.RateLimitError as e:
+    check("429 rate limit", e.status_code == 429 and e.code == "rate_limit_exceeded", repr(e))
+    retry_after = int(e.response.headers.get("retry-after", "0"))
+    check("429 retry-after", 1 <= retry_after <= 120, str(retry_after))
+    check("429 ratelimit headers", e.response.headers.get("x-ratelimit-limit-requests") == "1")
+no_quota = OpenAI(base_url=base_url, api_key=os.environ["GATEWAY_NO_QUOTA_KEY"])
+try:
+    no_quota.embeddings.create(model=EMBED, input="x")
+    check("429 insufficient quota", False, "no exception")
+except openai.RateLimitError as e:
+    check("429 insufficient quota", e.code == "insufficient_quota", repr(e))
+
 print(f"{checks} checks passed")

@@ -1,9 +1,12 @@
 //! Test support: starting real worker processes and gateways, and fresh databases.
 //!
-//! Nothing here is a stand-in: workers are the release or debug `inference-worker` binary
-//! with the real models, gateways bind real ports, databases are real SQLite files and
-//! real Postgres databases created for one test and dropped after.
+//! Workers are the release or debug `inference-worker` binary with the real models,
+//! gateways bind real ports, databases are real SQLite files and real Postgres databases
+//! created for one test and dropped after. The one stand-in, [`stub`], answers at once
+//! for tests of the gateway's own work (limits, overhead), never of the models.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod stub;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -554,6 +557,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         body_read_timeout_secs: 30,
         tls_cert: None,
         tls_key: None,
+        default_completion_reserve: 4096,
         demo_key_file: None,
     }
 }

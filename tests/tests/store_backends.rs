@@ -80,6 +80,7 @@ async fn keys_round_trip(db: Db) {
                 name: "ci".into(),
                 allowed_models: Some(vec!["a".into(), "b".into()]),
                 expires_at: Some(i64::MAX),
+                ..Default::default()
             },
         )
         .await

@@ -1,0 +1,911 @@
+//! Admission control: requests per minute, tokens per minute, concurrent requests, a
+//! monthly token quota and a monthly spend cap, shared by every replica through the store.
+//!
+//! Owns: the `limit_counters` and `reservations` tables and the arithmetic over them.
+//! Must never: decide what a request costs in the ledger (that is the usage record's job)
+//! or let a refused request reach a worker.
+//!
+//! How it holds under concurrency: admission is one transaction that locks the counter
+//! rows of the request's scopes (the tenant's plan, and the key when the key narrows it),
+//! checks every limit, and reserves an upper bound of the request's tokens and spend
+//! (prompt bound + max completion tokens, priced). Settlement, when the usage is known,
+//! swaps the reservation for the real figures. Because every admitted request holds its
+//! upper bound until it settles, concurrent requests on any number of replicas cannot
+//! together pass a quota or spend cap. The documented overshoot bound is:
+//!
+//! - zero while the store answers and usage stays within its reservation (it always does
+//!   for the prompt, whose bound is its byte length plus the template's overhead);
+//! - plus, for each gateway crash, nothing: its reservations stay counted until they
+//!   expire, and are then released (their usage is in the ledger, not in the counters);
+//! - plus what is admitted while the store is unreachable: admission then fails open
+//!   (counted by `gateway_admission_fail_open_total`) so an outage does not stop the API.
+//!
+//! Per-minute limits are leaky buckets, stored as levels in units x 60,000,000 so that
+//! the arithmetic is exact in integers and independent of the limit itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use billing::{period_of, Db, Micros, PriceBook};
+use sqlx::Row;
+
+use crate::metrics::GatewayMetrics;
+
+/// Microseconds in the per-minute limits' window.
+const WINDOW_US: i64 = 60_000_000;
+
+/// The most seconds a 429 tells a client to wait (SPEC §3).
+pub const MAX_RETRY_AFTER_SECS: u64 = 120;
+
+/// How long after a store error admission fails open without asking the store again.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Limits of a plan or a key; `None` is "no limit".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: Option<i64>,
+    pub tokens_per_minute: Option<i64>,
+    pub max_concurrent: Option<i64>,
+    pub monthly_tokens: Option<i64>,
+    /// In minor units of the price book's currency.
+    pub monthly_spend_minor: Option<i64>,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+    Concurrency,
+    MonthlyTokens,
+    MonthlySpend,
+}
+
+impl LimitKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Requests => "requests_per_minute",
+            Self::Tokens => "tokens_per_minute",
+            Self::Concurrency => "concurrent_requests",
+            Self::MonthlyTokens => "monthly_tokens",
+            Self::MonthlySpend => "monthly_spend",
+        }
+    }
+
+    /// Quotas answer `insufficient_quota`; rate limits `rate_limit_exceeded`.
+    pub fn is_quota(self) -> bool {
+        matches!(self, Self::MonthlyTokens | Self::MonthlySpend)
+    }
+}
+
+/// What a request may cost at most, reserved at admission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub tokens: i64,
+    pub spend: Micros,
+}
+
+/// A scope's counters as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Counter {
+    requests_level: i64,
+    tokens_level: i64,
+    levels_at_us: i64,
+    in_flight: i64,
+    period: String,
+    used_tokens: i64,
+    reserved_tokens: i64,
+    used_spend: i64,
+    reserved_spend: i64,
+}
+
+/// One per-minute limit's state for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub limit: i64,
+    pub remaining: i64,
+    /// Until the bucket is empty again (full allowance).
+    pub reset_us: i64,
+}
+
+/// The `x-ratelimit-*` headers of a response: the tightest scope per dimension.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<RateState>,
+    pub tokens: Option<RateState>,
+}
+
+impl RateHeaders {
+    fn tighten(&mut self, requests: Option<RateState>, tokens: Option<RateState>) {
+        let pick = |a: Option<RateState>, b: Option<RateState>| match (a, b) {
+            (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        self.requests = pick(self.requests, requests);
+        self.tokens = pick(self.tokens, tokens);
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (dimension, state) in [("requests", self.requests), ("tokens", self.tokens)] {
+            let Some(s) = state else { continue };
+            let values = [
+                ("limit", s.limit.to_string()),
+                ("remaining", s.remaining.max(0).to_string()),
+                ("reset", format_duration(s.reset_us)),
+            ];
+            for (what, value) in values {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::try_from(format!("x-ratelimit-{what}-{dimension}")),
+                    HeaderValue::try_from(value),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// `a / b` rounded up, for `a >= 0`, `b > 0`.
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+/// `6m0s`, `1.5s`, `120ms`: the duration style of OpenAI's reset headers.
+fn format_duration(us: i64) -> String {
+    let us = us.max(0);
+    if us < 1_000_000 {
+        return format!("{}ms", ceil_div(us, 1000));
+    }
+    let ms = ceil_div(us, 1000);
+    let minutes = ms / 60_000;
+    let rest_ms = ms % 60_000;
+    let secs = rest_ms / 1000;
+    let frac = rest_ms % 1000;
+    let secs = if frac == 0 {
+        format!("{secs}s")
+    } else {
+        let digits = format!("{frac:03}");
+        format!("{secs}.{}s", digits.trim_end_matches('0'))
+    };
+    if minutes > 0 {
+        format!("{minutes}m{secs}")
+    } else {
+        secs
+    }
+}
+
+/// Why a request was refused, with what the client is told.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub kind: LimitKind,
+    pub retry_after_secs: u64,
+    pub headers: RateHeaders,
+    pub message: String,
+}
+
+/// A limited scope of one request: its counter row and the limits that apply to it.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub id: String,
+    pub limits: Limits,
+}
+
+impl Scope {
+    pub fn tenant(tenant_id: &str, limits: Limits) -> Self {
+        Self {
+            id: format!("t:{tenant_id}"),
+            limits,
+        }
+    }
+
+    pub fn key(key_id: &str, limits: Limits) -> Self {
+        Self {
+            id: format!("k:{key_id}"),
+            limits,
+        }
+    }
+}
+
+/// Leaky-bucket level after draining from `at_us` to `now_us` at `limit` per window.
+fn drained(level: i64, at_us: i64, now_us: i64, limit: i64) -> i64 {
+    let elapsed = (now_us - at_us).max(0) as i128;
+    (level as i128 - elapsed * limit as i128).max(0) as i64
+}
+
+fn rate_state(level: i64, limit: i64) -> RateState {
+    let capacity = limit.saturating_mul(WINDOW_US);
+    RateState {
+        limit,
+        remaining: (capacity - level).max(0) / WINDOW_US,
+        reset_us: level / limit.max(1),
+    }
+}
+
+/// A scope that passed: its new counter and its request and token header states.
+type Checked = (Counter, Option<RateState>, Option<RateState>);
+/// A scope that refused: the limit, microseconds to wait, the message.
+type Denied = (LimitKind, i64, String);
+
+/// Checks one scope; on success returns the new counter and its header states.
+fn check(
+    counter: &Counter,
+    limits: &Limits,
+    demand: Demand,
+    now_us: i64,
+    period: &str,
+) -> Result<Checked, Denied> {
+    let mut next = counter.clone();
+    if next.period != period {
+        next.period = period.to_owned();
+        next.used_tokens = 0;
+        next.used_spend = 0;
+    }
+    if let Some(max) = limits.max_concurrent {
+        if next.in_flight >= max {
+            return Err((
+                LimitKind::Concurrency,
+                1_000_000,
+                format!("Too many concurrent requests: the limit is {max}."),
+            ));
+        }
+    }
+    let mut states = (None, None);
+    let buckets = [
+        (
+            limits.requests_per_minute,
+            &mut next.requests_level,
+            1,
+            LimitKind::Requests,
+        ),
+        (
+            limits.tokens_per_minute,
+            &mut next.tokens_level,
+            demand.tokens,
+            LimitKind::Tokens,
+        ),
+    ];
+    for (i, (limit, level, units, kind)) in buckets.into_iter().enumerate() {
+        let Some(limit) = limit else { continue };
+        let current = drained(*level, counter.levels_at_us, now_us, limit);
+        let wanted = current.saturating_add(units.saturating_mul(WINDOW_US));
+        let capacity = limit.saturating_mul(WINDOW_US);
+        if units > limit {
+            return Err((
+                kind,
+                WINDOW_US,
+                format!(
+                    "This request may use up to {units} tokens, more than the limit of {limit} tokens per minute; lower max_tokens or the input."
+                ),
+            ));
+        }
+        if wanted > capacity {
+            let wait_us = ceil_div(wanted - capacity, limit);
+            let what = if kind == LimitKind::Requests {
+                "requests"
+            } else {
+                "tokens"
+            };
+            return Err((
+                kind,
+                wait_us,
+                format!("Rate limit reached: {limit} {what} per minute."),
+            ));
+        }
+        *level = wanted;
+        let state = rate_state(wanted, limit);
+        if i == 0 {
+            states.0 = Some(state);
+        } else {
+            states.1 = Some(state);
+        }
+    }
+    // Levels of unlimited dimensions drain too, so a limit added later starts fresh.
+    if limits.requests_per_minute.is_none() {
+        next.requests_level = 0;
+    }
+    if limits.tokens_per_minute.is_none() {
+        next.tokens_level = 0;
+    }
+    next.levels_at_us = now_us;
+    if let Some(quota) = limits.monthly_tokens {
+        let committed = next.used_tokens.saturating_add(next.reserved_tokens);
+        if committed.saturating_add(demand.tokens) > quota {
+            return Err((
+                LimitKind::MonthlyTokens,
+                until_next_period_us(now_us),
+                format!(
+                    "Monthly token quota reached: {committed} of {quota} tokens used or reserved; this request may use up to {}.",
+                    demand.tokens
+                ),
+            ));
+        }
+    }
+    if let Some(cap) = limits.monthly_spend_minor {
+        let cap = Micros::from_minor(cap).0;
+        let committed = next.used_spend.saturating_add(next.reserved_spend);
+        if committed.saturating_add(demand.spend.0) > cap {
+            return Err((
+                LimitKind::MonthlySpend,
+                until_next_period_us(now_us),
+                "Monthly spend cap reached.".to_owned(),
+            ));
+        }
+    }
+    next.in_flight += 1;
+    next.reserved_tokens = next.reserved_tokens.saturating_add(demand.tokens);
+    next.reserved_spend = next.reserved_spend.saturating_add(demand.spend.0);
+    Ok((next, states.0, states.1))
+}
+
+fn until_next_period_us(now_us: i64) -> i64 {
+    let now = time::OffsetDateTime::from_unix_timestamp(now_us.div_euclid(1_000_000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let (year, month) = match now.month() {
+        time::Month::December => (now.year() + 1, time::Month::January),
+        m => (now.year(), m.next()),
+    };
+    time::Date::from_calendar_date(year, month, 1)
+        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1_000_000 - now_us)
+        .unwrap_or(WINDOW_US)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The price book as admission reads it, reloaded from the store in the background.
+pub struct PriceCache {
+    book: std::sync::RwLock<Arc<PriceBook>>,
+}
+
+impl PriceCache {
+    pub async fn load(db: &Db) -> Result<Arc<Self>, billing::PriceError> {
+        Ok(Arc::new(Self {
+            book: std::sync::RwLock::new(Arc::new(PriceBook::load(db).await?)),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<PriceBook> {
+        self.book
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Reloads every `every`; a failed reload keeps the last book.
+    pub fn spawn_refresh(self: &Arc<Self>, db: Db, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match PriceBook::load(&db).await {
+                    Ok(book) => {
+                        if let Ok(mut current) = this.book.write() {
+                            *current = Arc::new(book);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reloading prices failed"),
+                }
+            }
+        })
+    }
+}
+
+/// Admission against the shared counters.
+pub struct Admission {
+    db: Db,
+    metrics: Arc<GatewayMetrics>,
+    /// How long an unsettled reservation is kept before any replica releases it.
+    reservation_ttl: Duration,
+    store_failed_at: std::sync::Mutex<Option<Instant>>,
+}
+
+/// An admitted request: the headers to send and the reservation to settle.
+pub struct Admitted {
+    pub headers: RateHeaders,
+    pub permit: Option<Permit>,
+}
+
+impl Admission {
+    pub fn new(db: Db, metrics: Arc<GatewayMetrics>, reservation_ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            metrics,
+            reservation_ttl,
+            store_failed_at: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Checks and reserves `demand` in every scope, or refuses with the first limit hit.
+    pub async fn admit(
+        self: &Arc<Self>,
+        request_id: &str,
+        tenant_id: &str,
+        mut scopes: Vec<Scope>,
+        demand: Demand,
+    ) -> Result<Admitted, Refusal> {
+        scopes.retain(|s| !s.limits.is_unlimited());
+        if scopes.is_empty() {
+            return Ok(Admitted {
+                headers: RateHeaders::default(),
+                permit: None,
+            });
+        }
+        // Rows are always locked in the same order, so two admissions cannot deadlock.
+        scopes.sort_by(|a, b| a.id.cmp(&b.id));
+        let recently_failed = self
+            .store_failed_at
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER);
+        if recently_failed {
+            self.metrics.admission_fail_open.inc();
+            return Ok(Admitted {
+                headers: RateHeaders::default(),
+                permit: None,
+            });
+        }
+        let started = Instant::now();
+        let outcome = self.try_admit(request_id, &scopes, demand).await;
+        self.metrics
+            .admission_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(headers)) => Ok(Admitted {
+                headers,
+                permit: Some(Permit {
+                    admission: self.clone(),
+                    request_id: request_id.to_owned(),
+                    scopes,
+                    demand,
+                    settled: false,
+                }),
+            }),
+            Ok(Err(refusal)) => {
+                self.metrics
+                    .limit_rejections
+                    .with_label_values(&[tenant_id, refusal.kind.label()])
+                    .inc();
+                Err(refusal)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "limit store unreachable; admitting without limits");
+                if let Ok(mut t) = self.store_failed_at.lock() {
+                    *t = Some(Instant::now());
+                }
+                self.metrics.admission_fail_open.inc();
+                Ok(Admitted {
+                    headers: RateHeaders::default(),
+                    permit: None,
+                })
+            }
+        }
+    }
+
+    async fn try_admit(
+        &self,
+        request_id: &str,
+        scopes: &[Scope],
+        demand: Demand,
+    ) -> Result<Result<RateHeaders, Refusal>, sqlx::Error> {
+        let pg = self.db.is_postgres();
+        let mut tx = self.db.counters().begin().await?;
+        let mut counters = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            // On SQLite this first write also takes the database's write lock, so the
+            // read below cannot go stale; on Postgres `FOR UPDATE` locks the row.
+            if !pg {
+                ensure_row(&mut tx, &scope.id).await?;
+            }
+            let mut counter = read_counter(&mut tx, &scope.id, pg).await?;
+            if counter.is_none() {
+                ensure_row(&mut tx, &scope.id).await?;
+                counter = read_counter(&mut tx, &scope.id, pg).await?;
+            }
+            counters.push(counter.unwrap_or_default());
+        }
+        let now = now_us();
+        let period = period_of(now / 1000);
+        let mut headers = RateHeaders::default();
+        let mut updated = Vec::with_capacity(scopes.len());
+        for (scope, counter) in scopes.iter().zip(&counters) {
+            match check(counter, &scope.limits, demand, now, &period) {
+                Ok((next, requests, tokens)) => {
+                    headers.tighten(requests, tokens);
+                    updated.push(next);
+                }
+                Err((kind, wait_us, message)) => {
+                    // Headers of a refusal show the state without this request.
+                    let mut headers = RateHeaders::default();
+                    for (scope, counter) in scopes.iter().zip(&counters) {
+                        let state = |limit: Option<i64>, level: i64| {
+                            limit.map(|l| {
+                                rate_state(drained(level, counter.levels_at_us, now, l), l)
+                            })
+                        };
+                        headers.tighten(
+                            state(scope.limits.requests_per_minute, counter.requests_level),
+                            state(scope.limits.tokens_per_minute, counter.tokens_level),
+                        );
+                    }
+                    tx.rollback().await?;
+                    let retry_after_secs = (wait_us.max(1) as u64)
+                        .div_ceil(1_000_000)
+                        .clamp(1, MAX_RETRY_AFTER_SECS);
+                    return Ok(Err(Refusal {
+                        kind,
+                        retry_after_secs,
+                        headers,
+                        message,
+                    }));
+                }
+            }
+        }
+        for (scope, next) in scopes.iter().zip(&updated) {
+            sqlx::query(
+                "UPDATE limit_counters SET requests_level = $1, tokens_level = $2, \
+                 levels_at_us = $3, in_flight = $4, period = $5, used_tokens = $6, \
+                 reserved_tokens = $7, used_spend = $8, reserved_spend = $9 WHERE scope = $10",
+            )
+            .bind(next.requests_level)
+            .bind(next.tokens_level)
+            .bind(next.levels_at_us)
+            .bind(next.in_flight)
+            .bind(&next.period)
+            .bind(next.used_tokens)
+            .bind(next.reserved_tokens)
+            .bind(next.used_spend)
+            .bind(next.reserved_spend)
+            .bind(&scope.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let scope_ids: Vec<&str> = scopes.iter().map(|s| s.id.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO reservations (request_id, scopes, tokens, spend, period, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(request_id)
+        .bind(scope_ids.join(" "))
+        .bind(demand.tokens)
+        .bind(demand.spend.0)
+        .bind(&period)
+        .bind(now / 1000 + self.reservation_ttl.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(headers))
+    }
+
+    /// Swaps a reservation for the real usage. `refunds` gives, per scope, the tokens per
+    /// minute limit whose bucket gets back what was reserved and not used.
+    async fn settle(
+        &self,
+        request_id: &str,
+        used: Demand,
+        refunds: &[(String, i64)],
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.counters().begin().await?;
+        let row = sqlx::query(
+            "DELETE FROM reservations WHERE request_id = $1 \
+             RETURNING scopes, tokens, spend, period",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            // Already released (expired, or settled before).
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let scopes: String = row.try_get("scopes")?;
+        let reserved_tokens: i64 = row.try_get("tokens")?;
+        let reserved_spend: i64 = row.try_get("spend")?;
+        let period: String = row.try_get("period")?;
+        let unused = (reserved_tokens - used.tokens).max(0);
+        let mut ids: Vec<&str> = scopes.split(' ').filter(|s| !s.is_empty()).collect();
+        ids.sort_unstable();
+        for id in ids {
+            let refund = refunds
+                .iter()
+                .find(|(s, _)| s == id)
+                .map_or(0, |_| unused.saturating_mul(WINDOW_US));
+            sqlx::query(
+                "UPDATE limit_counters SET \
+                 in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, \
+                 reserved_tokens = CASE WHEN reserved_tokens > $1 THEN reserved_tokens - $1 ELSE 0 END, \
+                 reserved_spend = CASE WHEN reserved_spend > $2 THEN reserved_spend - $2 ELSE 0 END, \
+                 used_tokens = used_tokens + CASE WHEN period = $3 THEN $4 ELSE 0 END, \
+                 used_spend = used_spend + CASE WHEN period = $3 THEN $5 ELSE 0 END, \
+                 tokens_level = CASE WHEN tokens_level > $6 THEN tokens_level - $6 ELSE 0 END \
+                 WHERE scope = $7",
+            )
+            .bind(reserved_tokens)
+            .bind(reserved_spend)
+            .bind(&period)
+            .bind(used.tokens)
+            .bind(used.spend.0)
+            .bind(refund)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Releases reservations past their expiry: those of crashed replicas, or of requests
+    /// that outlived the timeout. Returns how many were released.
+    pub async fn release_expired(&self) -> Result<usize, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT request_id FROM reservations WHERE expires_at < $1 \
+             ORDER BY expires_at LIMIT 500",
+        )
+        .bind(billing::now_ms())
+        .fetch_all(self.db.counters())
+        .await?;
+        let mut released = 0;
+        for row in rows {
+            let id: String = row.try_get("request_id")?;
+            if self.settle(&id, Demand::default(), &[]).await? {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases expired reservations every `every` until the task is aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match this.release_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(released = n, "released expired reservations"),
+                    Err(e) => tracing::debug!(error = %e, "releasing reservations failed"),
+                }
+            }
+        })
+    }
+}
+
+async fn ensure_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    scope: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO limit_counters (scope) VALUES ($1) ON CONFLICT (scope) DO NOTHING")
+        .bind(scope)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn read_counter(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    scope: &str,
+    lock: bool,
+) -> Result<Option<Counter>, sqlx::Error> {
+    let sql = if lock {
+        "SELECT requests_level, tokens_level, levels_at_us, in_flight, period, used_tokens, \
+         reserved_tokens, used_spend, reserved_spend FROM limit_counters WHERE scope = $1 FOR UPDATE"
+    } else {
+        "SELECT requests_level, tokens_level, levels_at_us, in_flight, period, used_tokens, \
+         reserved_tokens, used_spend, reserved_spend FROM limit_counters WHERE scope = $1"
+    };
+    let Some(r) = sqlx::query(sql)
+        .bind(scope)
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Counter {
+        requests_level: r.try_get("requests_level")?,
+        tokens_level: r.try_get("tokens_level")?,
+        levels_at_us: r.try_get("levels_at_us")?,
+        in_flight: r.try_get("in_flight")?,
+        period: r.try_get("period")?,
+        used_tokens: r.try_get("used_tokens")?,
+        reserved_tokens: r.try_get("reserved_tokens")?,
+        used_spend: r.try_get("used_spend")?,
+        reserved_spend: r.try_get("reserved_spend")?,
+    }))
+}
+
+/// An admitted request's reservation. Settle it with the real usage; dropped unsettled,
+/// it settles as "nothing used" (the request failed before any usage was recorded).
+pub struct Permit {
+    admission: Arc<Admission>,
+    request_id: String,
+    scopes: Vec<Scope>,
+    demand: Demand,
+    settled: bool,
+}
+
+impl Permit {
+    pub fn reserved(&self) -> Demand {
+        self.demand
+    }
+
+    /// Settles in the background: the client does not wait for it.
+    pub fn settle(mut self, used: Demand) {
+        self.settle_inner(used);
+    }
+
+    fn settle_inner(&mut self, used: Demand) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let admission = self.admission.clone();
+        let request_id = std::mem::take(&mut self.request_id);
+        let refunds: Vec<(String, i64)> = self
+            .scopes
+            .iter()
+            .filter_map(|s| s.limits.tokens_per_minute.map(|l| (s.id.clone(), l)))
+            .collect();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(e) = admission.settle(&request_id, used, &refunds).await {
+                // The reservation stays counted until it expires; the ledger has the usage.
+                tracing::warn!(error = %e, %request_id, "settling a reservation failed");
+            }
+        });
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.settle_inner(Demand::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_796_000_000_000_000;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    fn demand(tokens: i64) -> Demand {
+        Demand {
+            tokens,
+            spend: Micros(0),
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_allow_a_full_burst_then_refuse() {
+        let l = Limits {
+            requests_per_minute: Some(7),
+            ..limits()
+        };
+        let mut c = Counter::default();
+        for i in 0..7 {
+            let (next, requests, _) = check(&c, &l, demand(1), NOW, "2026-11").unwrap();
+            assert_eq!(requests.unwrap().remaining, 6 - i);
+            c = next;
+            c.in_flight = 0;
+        }
+        let (kind, wait_us, _) = check(&c, &l, demand(1), NOW, "2026-11").unwrap_err();
+        assert_eq!(kind, LimitKind::Requests);
+        // One request drains in 60/7 s.
+        assert_eq!(wait_us, ceil_div(60_000_000, 7));
+        assert!(check(&c, &l, demand(1), NOW + wait_us, "2026-11").is_ok());
+        assert!(check(&c, &l, demand(1), NOW + wait_us - 1, "2026-11").is_err());
+    }
+
+    #[test]
+    fn tokens_per_minute_count_the_demand_and_refuse_oversized_requests() {
+        let l = Limits {
+            tokens_per_minute: Some(1000),
+            ..limits()
+        };
+        let c = Counter::default();
+        let (c, _, tokens) = check(&c, &l, demand(600), NOW, "p").unwrap();
+        assert_eq!(tokens.unwrap().remaining, 400);
+        assert_eq!(tokens.unwrap().reset_us, 36_000_000);
+        assert_eq!(
+            check(&c, &l, demand(500), NOW, "p").unwrap_err().0,
+            LimitKind::Tokens
+        );
+        assert!(check(&c, &l, demand(400), NOW, "p").is_ok());
+        assert_eq!(
+            check(&Counter::default(), &l, demand(1001), NOW, "p")
+                .unwrap_err()
+                .0,
+            LimitKind::Tokens
+        );
+    }
+
+    #[test]
+    fn concurrency_counts_in_flight_requests() {
+        let l = Limits {
+            max_concurrent: Some(2),
+            ..limits()
+        };
+        let c = Counter::default();
+        let (c, _, _) = check(&c, &l, demand(1), NOW, "p").unwrap();
+        let (c, _, _) = check(&c, &l, demand(1), NOW, "p").unwrap();
+        assert_eq!(c.in_flight, 2);
+        assert_eq!(
+            check(&c, &l, demand(1), NOW, "p").unwrap_err().0,
+            LimitKind::Concurrency
+        );
+    }
+
+    #[test]
+    fn the_monthly_quota_counts_reservations_and_resets_with_the_period() {
+        let l = Limits {
+            monthly_tokens: Some(100),
+            ..limits()
+        };
+        let c = Counter {
+            period: "2026-11".into(),
+            used_tokens: 50,
+            reserved_tokens: 30,
+            ..Counter::default()
+        };
+        assert!(check(&c, &l, demand(20), NOW, "2026-11").is_ok());
+        assert_eq!(
+            check(&c, &l, demand(21), NOW, "2026-11").unwrap_err().0,
+            LimitKind::MonthlyTokens
+        );
+        // A new month forgets what was used, not what is still reserved.
+        let (next, _, _) = check(&c, &l, demand(70), NOW, "2026-12").unwrap();
+        assert_eq!((next.used_tokens, next.reserved_tokens), (0, 100));
+    }
+
+    #[test]
+    fn the_spend_cap_is_in_exact_micros() {
+        let l = Limits {
+            monthly_spend_minor: Some(1),
+            ..limits()
+        };
+        let c = Counter {
+            period: "p".into(),
+            used_spend: 999_999,
+            ..Counter::default()
+        };
+        let one = Demand {
+            tokens: 1,
+            spend: Micros(1),
+        };
+        let (c, _, _) = check(&c, &l, one, NOW, "p").unwrap();
+        assert_eq!(
+            check(&c, &l, one, NOW, "p").unwrap_err().0,
+            LimitKind::MonthlySpend
+        );
+    }
+
+    #[test]
+    fn reset_durations_read_like_openai_headers() {
+        assert_eq!(format_duration(120_000), "120ms");
+        assert_eq!(format_duration(1_500_000), "1.5s");
+        assert_eq!(format_duration(360_000_000), "6m0s");
+        assert_eq!(format_duration(61_250_000), "1m1.25s");
+    }
+
+    #[test]
+    fn next_period_starts_on_the_first_of_the_month() {
+        // 2026-11-30T23:59:59Z → one second to December.
+        assert_eq!(until_next_period_us(1_796_083_199_000_000), 1_000_000);
+    }
+}

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Gateway overhead benchmark (not a test).
+
+Side by side, in one run, on the same stub upstream that answers at once:
+  direct   the stub itself
+  nginx    nginx proxying to the stub (keep-alive upstream, access log off)
+  gateway  our gateway with everything on: key auth, a plan with rate limits, concurrency,
+           monthly quota and spend cap (so every request is admitted and settled against
+           the store), a price, and metering (spool + shipper to the store)
+
+For each target: the most it serves (closed loop), then latency at fixed request rates
+(open loop; latency counts from when a request was due). Prints throughput, p50/p99, the
+latency each proxy adds over direct, and ratios to nginx.
+
+Usage: scripts/bench_gateway.py [--seconds 5] [--connections 32] [--database-url URL]
+Needs: nginx on PATH (Debian: apt-get install nginx); builds the release binaries.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+BODY = json.dumps(
+    {"model": "stub-chat", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+)
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def start(cmd, prefix, env=None):
+    """Starts a process that prints `prefix<url>` on its first stdout line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline().strip()
+    if not line.startswith(prefix):
+        proc.kill()
+        sys.exit(f"{cmd[0]} did not start: {line!r}")
+    return proc, line[len(prefix):]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadgen(url, rate, args, key=None):
+    cmd = [
+        os.path.join(BIN, "loadgen"),
+        "--url", url,
+        "--body", BODY,
+        "--rate", str(rate),
+        "--seconds", str(args.seconds),
+        "--connections", str(args.connections),
+    ]
+    if key:
+        cmd += ["--key", key]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def gateway_cli(db_url, *argv):
+    env = dict(os.environ, DATABASE_URL=db_url)
+    return subprocess.run(
+        [os.path.join(BIN, "gateway"), *argv], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    args = p.parse_args()
+
+    if not shutil.which("nginx"):
+        sys.exit("nginx is not installed (Debian: apt-get install nginx)")
+    log("building release binaries")
+    subprocess.run(
+        ["cargo", "build", "--release", "-p", "gateway", "-p", "e2e-tests", "--bins"],
+        cwd=ROOT, check=True,
+    )
+    work = tempfile.mkdtemp(prefix="gw-bench-")
+    procs = []
+    try:
+        stub, stub_url = start([os.path.join(BIN, "stub-upstream"), "127.0.0.1:0"], "stub-upstream listening on ")
+        procs.append(stub)
+
+        nginx_port = free_port()
+        stub_hostport = stub_url.removeprefix("http://")
+        conf = os.path.join(work, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+worker_processes auto;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    upstream stub {{ server {stub_hostport}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{nginx_port};
+        location / {{
+            proxy_pass http://stub;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+        nginx = subprocess.Popen(["nginx", "-p", work, "-c", conf], stderr=subprocess.DEVNULL)
+        procs.append(nginx)
+
+        db_url = args.database_url or f"sqlite://{work}/gateway.db"
+        gateway_cli(db_url, "create-plan", "--name", f"bench-{os.getpid()}",
+                    "--rpm", "1000000000", "--tpm", "100000000000", "--concurrency", "1000000",
+                    "--monthly-tokens", "1000000000000000", "--monthly-spend", "1000000000000")
+        tenant = f"bench-{os.getpid()}"
+        gateway_cli(db_url, "set-plan", "--tenant", tenant, "--plan", f"bench-{os.getpid()}")
+        gateway_cli(db_url, "add-price", "--model", "stub-chat", "--input-per-mtok", "15",
+                    "--output-per-mtok", "60", "--effective-from", "0")
+        key = gateway_cli(db_url, "create-key", "--tenant", tenant)
+
+        def serve(extra, name):
+            env = dict(os.environ, DATABASE_URL=db_url, RUST_LOG="warn")
+            proc, url = start(
+                [os.path.join(BIN, "gateway"), "serve", "--listen", "127.0.0.1:0",
+                 "--metrics-listen", "127.0.0.1:0", "--worker", stub_url,
+                 "--spool-dir", os.path.join(work, f"spool-{name}"), *extra],
+                "gateway listening on ", env=env)
+            procs.append(proc)
+            time.sleep(0.5)
+            return proc, url
+
+        targets = [("direct", stub_url, None), ("nginx", f"http://127.0.0.1:{nginx_port}", None)]
+        gw_proc, gw_url = serve([], "metered")
+        targets.append(("gateway", gw_url, key))
+        time.sleep(0.5)
+
+        path = "/v1/chat/completions"
+        results = {}
+        for name, url, k in targets:
+            log(f"{name}: maximum rate")
+            results[name] = {"max": loadgen(url + path, 0, args, k)}
+            if results[name]["max"]["errors"]:
+                sys.exit(f"{name} answered errors: {results[name]['max']}")
+        gw_max = results["gateway"]["max"]["rate"]
+        rates = sorted({max(100, int(gw_max * f) // 100 * 100) for f in (0.25, 0.5)})
+        for name, url, k in targets:
+            for rate in rates:
+                log(f"{name}: {rate} req/s")
+                results[name][rate] = loadgen(url + path, rate, args, k)
+        # The metered gateway wrote its usage; check it all reached the store.
+        gw_proc.terminate()
+        gw_proc.wait(timeout=60)
+
+        print()
+        print(f"Gateway overhead, {os.cpu_count()} CPUs, {args.connections} connections, "
+              f"{args.seconds} s per run, store {db_url.split(':')[0]}")
+        print(f"{'target':<10}{'max req/s':>12}{'vs nginx':>10}")
+        for name, _, _ in targets:
+            m = results[name]["max"]["rate"]
+            print(f"{name:<10}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}")
+        print()
+        print(f"{'target':<10}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
+        for rate in rates:
+            direct = results["direct"][rate]
+            for name, _, _ in targets:
+                r = results[name][rate]
+                added50 = (r["p50_us"] - direct["p50_us"]) / 1000
+                added99 = (r["p99_us"] - direct["p99_us"]) / 1000
+                print(f"{name:<10}{rate:>8}{r['p50_us'] / 1000:>9.3f}{r['p99_us'] / 1000:>9.3f}"
+                      f"{added50:>11.3f}{added99:>11.3f}{r['errors']:>8}")
+        half = rates[-1]
+        ratio = results["gateway"]["max"]["rate"] / results["nginx"]["max"]["rate"]
+        added99 = (results["gateway"][half]["p99_us"] - results["direct"][half]["p99_us"]) / 1000
+        print()
+        print(f"gateway/nginx throughput: {ratio:.2f} (target >= 0.80)")
+        print(f"gateway p99 added at {half} req/s (half its maximum): {added99:.3f} ms (target <= 0.5)")
+        with open(os.path.join(ROOT, "target", "bench-gateway.json"), "w") as f:
+            json.dump({str(k): v for k, v in results.items()}, f, indent=2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

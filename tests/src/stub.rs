@@ -1,0 +1,140 @@
+//! A stub upstream that answers at once, with usage it states exactly: for tests and
+//! benchmarks of the gateway's own work (limits, quotas, overhead), never of the models.
+//!
+//! Chat: `prompt_tokens` is 10; `completion_tokens` is `max_tokens` (default 16), so a
+//! call uses all of the completion it reserved. Embeddings: 2 tokens per input.
+//! A `stub_delay_ms` body field holds the reply back that long (the gateway forwards
+//! unknown fields), to keep requests in flight.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+pub const STUB_CHAT_MODEL: &str = "stub-chat";
+pub const STUB_EMBEDDING_MODEL: &str = "stub-embed";
+pub const STUB_PROMPT_TOKENS: u64 = 10;
+
+pub fn router() -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+}
+
+async fn models() -> Json<Value> {
+    let model = |id: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "stub"});
+    Json(json!({
+        "object": "list",
+        "data": [model(STUB_CHAT_MODEL), model(STUB_EMBEDDING_MODEL)],
+    }))
+}
+
+async fn hold(body: &Value) {
+    if let Some(ms) = body.get("stub_delay_ms").and_then(Value::as_u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+async fn chat(Json(body): Json<Value>) -> Response {
+    hold(&body).await;
+    let completion = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(16);
+    let usage = json!({
+        "prompt_tokens": STUB_PROMPT_TOKENS,
+        "completion_tokens": completion,
+        "total_tokens": STUB_PROMPT_TOKENS + completion,
+    });
+    let model = body.get("model").cloned().unwrap_or(Value::Null);
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut out = String::new();
+        out.push_str(&format!(
+            "data: {}\n\n",
+            chunk(json!({"role": "assistant", "content": "ok"}), Value::Null)
+        ));
+        out.push_str(&format!(": usage {STUB_PROMPT_TOKENS} {completion}\n\n"));
+        out.push_str(&format!(
+            "data: {}\n\n",
+            chunk(json!({}), Value::from("stop"))
+        ));
+        out.push_str(&format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
+                   "model": model, "choices": [], "usage": usage})
+        ));
+        out.push_str("data: [DONE]\n\n");
+        return (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            Body::from(out),
+        )
+            .into_response();
+    }
+    Json(json!({
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": usage,
+    }))
+    .into_response()
+}
+
+async fn embeddings(Json(body): Json<Value>) -> Response {
+    hold(&body).await;
+    let n = match body.get("input") {
+        Some(Value::Array(items)) => items.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.6, 0.8]}))
+        .collect();
+    let tokens = 2 * n as u64;
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": body.get("model").cloned().unwrap_or(Value::Null),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
+}
+
+/// A stub serving on a real port of this process until dropped.
+pub struct StubWorker {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StubWorker {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router()).await;
+        });
+        Self {
+            url: format!("http://{addr}"),
+            task,
+        }
+    }
+}
+
+impl Drop for StubWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,293 @@
+//! Invoices on both stores: exact money, lines that sum to the total, price versions,
+//! finalised invoices that never change and re-price byte for byte, late usage as an
+//! adjustment on the next invoice, records = billed + rejected.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use billing::invoices::period_bounds;
+use billing::{
+    Db, Delivery, InvoiceError, Invoices, Ledger, LineKind, Micros, Price, UsageEvent, UsageStatus,
+};
+use e2e_tests::{TempPostgres, TempSqlite};
+use rand::{Rng, SeedableRng};
+
+fn event(id: &str, tenant: &str, model: &str, at: i64, p: i64, c: i64, d: Delivery) -> UsageEvent {
+    UsageEvent {
+        request_id: id.into(),
+        tenant_id: tenant.into(),
+        key_id: "k".into(),
+        model: model.into(),
+        endpoint: "/v1/chat/completions".into(),
+        prompt_tokens: p,
+        completion_tokens: c,
+        started_at: at,
+        finished_at: at + 5,
+        status: UsageStatus::Success,
+        delivery: d,
+    }
+}
+
+fn price(model: &str, from: i64, input: i64, output: i64, request: i64) -> Price {
+    Price {
+        model: model.into(),
+        effective_from: from,
+        currency: "USD".into(),
+        input_minor_per_mtok: input,
+        output_minor_per_mtok: output,
+        request_minor_per_mreq: request,
+    }
+}
+
+async fn lifecycle(db: Db) {
+    let ledger = Ledger::new(db.clone());
+    let invoices = Invoices::new(db.clone());
+    let (sep, oct_start) = period_bounds("2026-09").unwrap();
+    let mid_sep = sep + 15 * 86_400_000;
+    // Price of `chat` changes mid-September; `embed` has no price.
+    billing::prices::add_price(&db, &price("chat", 0, 15, 60, 0))
+        .await
+        .unwrap();
+    billing::prices::add_price(&db, &price("chat", mid_sep, 30, 120, 1_000_000))
+        .await
+        .unwrap();
+    let t = "tn_a";
+    let records = [
+        event("r1", t, "chat", sep + 1000, 1000, 500, Delivery::Delivered),
+        event("r2", t, "chat", mid_sep - 1, 3, 1, Delivery::Delivered),
+        event("r3", t, "chat", mid_sep, 1000, 500, Delivery::Delivered),
+        event("r4", t, "embed", sep + 2000, 50, 0, Delivery::Delivered),
+        event("r5", t, "chat", sep + 3000, 10, 10, Delivery::Undelivered),
+        event("r6", t, "chat", sep + 4000, 10, 10, Delivery::Unknown),
+        // Another tenant and another month: not on this invoice.
+        event(
+            "r7",
+            "tn_b",
+            "chat",
+            sep + 1000,
+            1000,
+            500,
+            Delivery::Delivered,
+        ),
+        event("r8", t, "chat", oct_start, 1000, 500, Delivery::Delivered),
+    ];
+    ledger.record_batch(&records).await.unwrap();
+
+    let draft = invoices.preview(t, "2026-09").await.unwrap();
+    assert_eq!(draft.status, billing::InvoiceStatus::Draft);
+    assert_eq!(draft.records, 6);
+    assert_eq!(draft.rejected.len(), 2);
+    assert_eq!(
+        draft.lines.iter().map(|l| l.requests).sum::<i64>()
+            + draft.rejected.iter().map(|r| r.records).sum::<i64>(),
+        draft.records
+    );
+    // Old price: (1003 × 15 + 501 × 60) micros = 45,105 → 0 minor (0.045 rounds down).
+    // New price: 1000 × 30 + 500 × 120 + 1 × 1,000,000 = 1,090,000 micros → 1 minor.
+    let chat: Vec<_> = draft.lines.iter().filter(|l| l.model == "chat").collect();
+    assert_eq!(chat.len(), 2);
+    assert_eq!(
+        (
+            chat[0].requests,
+            chat[0].amount_micros,
+            chat[0].amount_minor
+        ),
+        (2, 45_105, 0)
+    );
+    assert_eq!(
+        (
+            chat[1].requests,
+            chat[1].amount_micros,
+            chat[1].amount_minor
+        ),
+        (1, 1_090_000, 1)
+    );
+    let embed = draft.lines.iter().find(|l| l.model == "embed").unwrap();
+    assert_eq!((embed.price_effective_from, embed.amount_minor), (None, 0));
+    assert_eq!(
+        draft.total_minor,
+        draft.lines.iter().map(|l| l.amount_minor).sum::<i64>()
+    );
+
+    let fin = invoices.finalise(t, "2026-09").await.unwrap();
+    let id = fin.id.clone().unwrap();
+    assert_eq!(fin.lines, draft.lines);
+    assert_eq!(fin.total_minor, draft.total_minor);
+    assert!(matches!(
+        invoices.finalise(t, "2026-09").await,
+        Err(InvoiceError::AlreadyFinal { .. })
+    ));
+    let this_month = billing::period_of(billing::now_ms());
+    assert!(matches!(
+        invoices.finalise(t, &this_month).await,
+        Err(InvoiceError::NotEnded(_))
+    ));
+    // The store refuses to change a finalised invoice or its records.
+    assert!(sqlx::query("UPDATE invoices SET total_minor = 0")
+        .execute(db.pool())
+        .await
+        .is_err());
+    assert!(sqlx::query("DELETE FROM invoices")
+        .execute(db.pool())
+        .await
+        .is_err());
+    assert!(
+        sqlx::query("UPDATE usage_records SET prompt_tokens = 0 WHERE request_id = 'r1'")
+            .execute(db.pool())
+            .await
+            .is_err()
+    );
+    // A replay of an invoiced record changes nothing and does not fail the batch.
+    let mut replay = records[5].clone();
+    replay.delivery = Delivery::Delivered;
+    assert_eq!(ledger.record_batch(&[replay]).await.unwrap(), 0);
+
+    // Prices may gain versions later; re-pricing the closed month is byte-identical.
+    billing::prices::add_price(&db, &price("chat", oct_start + 1, 1, 1, 1))
+        .await
+        .unwrap();
+    let stored = invoices.document(&id).await.unwrap().unwrap();
+    assert_eq!(invoices.reprice(&id).await.unwrap().unwrap(), stored);
+
+    // Late September usage arrives after finalising: an adjustment on October's invoice.
+    ledger
+        .record(&event(
+            "late",
+            t,
+            "chat",
+            mid_sep + 10,
+            100,
+            100,
+            Delivery::Delivered,
+        ))
+        .await
+        .unwrap();
+    let oct = invoices.finalise(t, "2026-10").await.unwrap();
+    let adjustment = oct
+        .lines
+        .iter()
+        .find(|l| l.kind == LineKind::Adjustment)
+        .unwrap();
+    assert_eq!(
+        (
+            adjustment.usage_period.as_str(),
+            adjustment.requests,
+            adjustment.input_tokens
+        ),
+        ("2026-09", 1, 100)
+    );
+    let usage = oct
+        .lines
+        .iter()
+        .find(|l| l.kind == LineKind::Usage)
+        .unwrap();
+    assert_eq!(
+        (usage.usage_period.as_str(), usage.requests),
+        ("2026-10", 1)
+    );
+    assert_eq!(invoices.list(t).await.unwrap().len(), 2);
+    // Every record of the tenant is on exactly one invoice.
+    let on_invoices: i64 = fin.records + oct.records;
+    assert_eq!(on_invoices, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_invoice_lifecycle() {
+    let store = TempSqlite::new();
+    lifecycle(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_invoice_lifecycle() {
+    let pg = TempPostgres::new().await;
+    lifecycle(Db::connect(&pg.url).await.unwrap()).await;
+}
+
+/// Random usage and prices: lines sum exactly to the total, the total equals an
+/// independent exact computation rounded per line, and re-pricing is byte-identical.
+async fn random_invoices(db: Db, cases: u64) {
+    let ledger = Ledger::new(db.clone());
+    let invoices = Invoices::new(db.clone());
+    let (start, end) = period_bounds("2026-08").unwrap();
+    let models = ["m0", "m1", "m2"];
+    for m in models {
+        // Up to three versions per model, some before and some inside the month.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(m.len() as u64 + m.as_bytes()[1] as u64);
+        let mut from = 0;
+        for _ in 0..rng.random_range(1..=3) {
+            billing::prices::add_price(
+                &db,
+                &price(
+                    m,
+                    from,
+                    rng.random_range(0..5_000),
+                    rng.random_range(0..20_000),
+                    rng.random_range(0..3_000_000),
+                ),
+            )
+            .await
+            .unwrap();
+            from = rng.random_range(start..end);
+        }
+    }
+    let book = billing::PriceBook::load(&db).await.unwrap();
+    for case in 0..cases {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(case);
+        let tenant = format!("tn_{case}");
+        let n = rng.random_range(1..200);
+        let events: Vec<UsageEvent> = (0..n)
+            .map(|i| {
+                let d = match rng.random_range(0..10) {
+                    0 => Delivery::Undelivered,
+                    1 => Delivery::Unknown,
+                    _ => Delivery::Delivered,
+                };
+                event(
+                    &format!("{tenant}-{i}"),
+                    &tenant,
+                    models[rng.random_range(0..models.len())],
+                    rng.random_range(start..end),
+                    rng.random_range(0..100_000),
+                    rng.random_range(0..10_000),
+                    d,
+                )
+            })
+            .collect();
+        ledger.record_batch(&events).await.unwrap();
+        let inv = invoices.finalise(&tenant, "2026-08").await.unwrap();
+        assert_eq!(
+            inv.total_minor,
+            inv.lines.iter().map(|l| l.amount_minor).sum::<i64>()
+        );
+        assert_eq!(inv.records, n);
+        // Independent: group delivered events by (model, price version), exact micros,
+        // round each group half to even.
+        let mut groups: std::collections::BTreeMap<(String, i64), Micros> = Default::default();
+        for e in events.iter().filter(|e| e.delivery == Delivery::Delivered) {
+            let p = book.at(&e.model, e.started_at).unwrap();
+            let cost = p.cost(1, e.prompt_tokens, e.completion_tokens);
+            let g = groups
+                .entry((e.model.clone(), p.effective_from))
+                .or_default();
+            g.0 += cost.0;
+        }
+        let expected: i64 = groups.values().map(|m| m.to_minor_half_even()).sum();
+        assert_eq!(inv.total_minor, expected, "case {case}");
+        let id = inv.id.unwrap();
+        assert_eq!(
+            invoices.reprice(&id).await.unwrap().unwrap(),
+            invoices.document(&id).await.unwrap().unwrap()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_random_invoices_are_exact() {
+    let store = TempSqlite::new();
+    random_invoices(Db::connect(&store.url).await.unwrap(), 40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_random_invoices_are_exact() {
+    let pg = TempPostgres::new().await;
+    random_invoices(Db::connect(&pg.url).await.unwrap(), 40).await;
+}

@@ -1,0 +1,119 @@
+//! A worker killed under load of non-streamed calls: nothing had reached any client, so
+//! every call is retried on the other worker and succeeds, and each is billed once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e_tests::{
+    gateway_config, metric, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
+};
+use gateway::tenants::NewKey;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_a_worker_under_load_fails_no_retryable_request() {
+    let mut doomed = WorkerProcess::start().await;
+    let survivor = WorkerProcess::start().await;
+    let store = TempSqlite::new();
+    let gateway = RunningGateway::start(gateway_config(
+        &store.url,
+        &[doomed.url.clone(), survivor.url.clone()],
+    ))
+    .await;
+    let (key, _) = gateway.tenant_with_key("failover", NewKey::default()).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..6 {
+        let (url, key, stop) = (gateway.url.clone(), key.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut outcomes: Vec<(u16, String, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (path, body) = if (c + i) % 3 != 0 {
+                    (
+                        "/v1/embeddings",
+                        json!({"model": EMBEDDING_MODEL, "input": format!("sentence {c} {i}")}),
+                    )
+                } else {
+                    (
+                        "/v1/chat/completions",
+                        json!({"model": CHAT_MODEL, "max_tokens": 6,
+                               "messages": [{"role": "user", "content": format!("Count to {i}.")}]}),
+                    )
+                };
+                let r = http
+                    .post(format!("{url}{path}"))
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let id = r
+                    .headers()
+                    .get("x-request-id")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let text = r.text().await.unwrap();
+                outcomes.push((status, id, text));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    doomed.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut outcomes = Vec::new();
+    for c in clients {
+        outcomes.extend(c.await.unwrap());
+    }
+    let failures: Vec<_> = outcomes.iter().filter(|(s, _, _)| *s != 200).collect();
+    let retries = metric(
+        &reqwest::Client::new(),
+        &gateway.metrics_url,
+        "gateway_upstream_retries_total",
+    )
+    .await;
+    println!(
+        "{} calls, {} failed; retries {retries}",
+        outcomes.len(),
+        failures.len(),
+    );
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    // The kill hit traffic: some calls had to go to the other worker.
+    assert!(retries >= 1.0, "no call was retried");
+
+    // Every success is billed once, for the usage its client saw.
+    for (_, id, text) in &outcomes {
+        let body: Value = serde_json::from_str(text).unwrap();
+        let record = gateway.usage_record(id).await.expect("usage recorded");
+        assert_eq!(
+            record.prompt_tokens,
+            body["usage"]["prompt_tokens"].as_i64().unwrap()
+        );
+    }
+    let records = billing::Ledger::new(gateway.db.clone())
+        .for_tenant(
+            &gateway
+                .tenants
+                .tenant_by_name("failover")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        )
+        .await
+        .unwrap();
+    assert_eq!(records.len(), outcomes.len());
+    gateway.stop().await;
+}
