@@ -7,6 +7,8 @@ Side by side, in one run, on the same stub upstream that answers at once:
   gateway  our gateway with everything on: key auth, a plan with rate limits, concurrency,
            monthly quota and spend cap (so every request is admitted and settled against
            the store), a price, and metering (spool + shipper to the store)
+  gw-nolimit  the same gateway process, with a key whose tenant has no plan: auth and
+           metering, no admission (what limits cost)
 
 For each target: the most it serves (closed loop), then latency at fixed request rates
 (open loop; latency counts from when a request was due). Prints throughput, p50/p99, the
@@ -131,6 +133,8 @@ http {{
         gateway_cli(db_url, "add-price", "--model", "stub-chat", "--input-per-mtok", "15",
                     "--output-per-mtok", "60", "--effective-from", "0")
         key = gateway_cli(db_url, "create-key", "--tenant", tenant)
+        # A tenant on no plan: the same gateway with admission skipped (metering still on).
+        open_key = gateway_cli(db_url, "create-key", "--tenant", f"{tenant}-unlimited")
 
         def serve(extra, name):
             env = dict(os.environ, DATABASE_URL=db_url, RUST_LOG="warn")
@@ -146,6 +150,7 @@ http {{
         targets = [("direct", stub_url, None), ("nginx", f"http://127.0.0.1:{nginx_port}", None)]
         gw_proc, gw_url = serve([], "metered")
         targets.append(("gateway", gw_url, key))
+        targets.append(("gw-nolimit", gw_url, open_key))
         time.sleep(0.5)
 
         path = "/v1/chat/completions"
@@ -173,6 +178,8 @@ http {{
             m = results[name]["max"]["rate"]
             print(f"{name:<10}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}")
         print()
+        print("Latency counts from when each request was due (open loop); it includes up to")
+        print("1 ms of timer granularity, the same for every target, so compare 'added'.")
         print(f"{'target':<10}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
         for rate in rates:
             direct = results["direct"][rate]

@@ -56,6 +56,8 @@ pub struct InvoiceLine {
 /// Records counted but not billed, by reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
+    /// The month the usage happened in.
+    pub usage_period: String,
     pub reason: String,
     pub records: i64,
     pub input_tokens: i64,
@@ -237,7 +239,7 @@ fn build(
 ) -> Result<Invoice, InvoiceError> {
     type LineKey = (LineKind, String, String, Option<i64>);
     let mut lines: BTreeMap<LineKey, InvoiceLine> = BTreeMap::new();
-    let mut rejected: BTreeMap<String, Rejected> = BTreeMap::new();
+    let mut rejected: BTreeMap<(String, String), Rejected> = BTreeMap::new();
     let mut currencies: std::collections::BTreeSet<String> = Default::default();
     let Segments {
         period_start,
@@ -259,12 +261,16 @@ fn build(
             } else {
                 "delivery_unknown".to_owned()
             };
-            let r = rejected.entry(reason.clone()).or_insert(Rejected {
-                reason,
-                records: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-            });
+            let usage_period = period_of(at);
+            let r = rejected
+                .entry((usage_period.clone(), reason.clone()))
+                .or_insert(Rejected {
+                    usage_period,
+                    reason,
+                    records: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                });
             r.records += a.requests;
             r.input_tokens += a.input;
             r.output_tokens += a.output;

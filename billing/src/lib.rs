@@ -6,8 +6,10 @@
 //! request id is the identity of a record, unique forever, enforced by the database.
 
 pub mod db;
+pub mod export;
 pub mod invoices;
 pub mod prices;
+pub mod reconcile;
 pub mod spool;
 pub mod usage;
 

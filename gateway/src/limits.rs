@@ -401,11 +401,14 @@ impl PriceCache {
 }
 
 /// Admission against the shared counters.
+///
+/// Admissions and settlements are applied in batches, like a group commit: one task takes
+/// every job waiting, and applies them all in one transaction that locks each counter row
+/// once. Under load a batch holds many requests, so the store sees one transaction per
+/// batch instead of two per request; alone, a request waits for one transaction.
 pub struct Admission {
-    db: Db,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
     metrics: Arc<GatewayMetrics>,
-    /// How long an unsettled reservation is kept before any replica releases it.
-    reservation_ttl: Duration,
     store_failed_at: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -415,12 +418,37 @@ pub struct Admitted {
     pub permit: Option<Permit>,
 }
 
+type AdmitReply = Result<Result<RateHeaders, Refusal>, sqlx::Error>;
+
+enum Job {
+    Admit {
+        request_id: String,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        reply: tokio::sync::oneshot::Sender<AdmitReply>,
+    },
+    Settle {
+        request_id: String,
+        used: Demand,
+        /// Scopes whose tokens-per-minute bucket gets back what was reserved and unused.
+        refund_scopes: Vec<String>,
+    },
+}
+
+/// Most jobs applied in one transaction.
+const MAX_BATCH: usize = 256;
+
 impl Admission {
     pub fn new(db: Db, metrics: Arc<GatewayMetrics>, reservation_ttl: Duration) -> Arc<Self> {
-        Arc::new(Self {
+        let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
+        let applier = Applier {
             db,
-            metrics,
             reservation_ttl,
+        };
+        tokio::spawn(applier.run(rx));
+        Arc::new(Self {
+            jobs,
+            metrics,
             store_failed_at: std::sync::Mutex::new(None),
         })
     }
@@ -434,14 +462,15 @@ impl Admission {
         demand: Demand,
     ) -> Result<Admitted, Refusal> {
         scopes.retain(|s| !s.limits.is_unlimited());
-        if scopes.is_empty() {
-            return Ok(Admitted {
+        let unchecked = || {
+            Ok(Admitted {
                 headers: RateHeaders::default(),
                 permit: None,
-            });
+            })
+        };
+        if scopes.is_empty() {
+            return unchecked();
         }
-        // Rows are always locked in the same order, so two admissions cannot deadlock.
-        scopes.sort_by(|a, b| a.id.cmp(&b.id));
         let recently_failed = self
             .store_failed_at
             .lock()
@@ -450,13 +479,20 @@ impl Admission {
             .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER);
         if recently_failed {
             self.metrics.admission_fail_open.inc();
-            return Ok(Admitted {
-                headers: RateHeaders::default(),
-                permit: None,
-            });
+            return unchecked();
         }
         let started = Instant::now();
-        let outcome = self.try_admit(request_id, &scopes, demand).await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self.jobs.send(Job::Admit {
+            request_id: request_id.to_owned(),
+            scopes: scopes.clone(),
+            demand,
+            reply,
+        });
+        let outcome = match sent {
+            Ok(()) => answer.await.unwrap_or(Err(sqlx::Error::PoolClosed)),
+            Err(_) => Err(sqlx::Error::PoolClosed),
+        };
         self.metrics
             .admission_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -464,10 +500,9 @@ impl Admission {
             Ok(Ok(headers)) => Ok(Admitted {
                 headers,
                 permit: Some(Permit {
-                    admission: self.clone(),
+                    jobs: self.jobs.clone(),
                     request_id: request_id.to_owned(),
                     scopes,
-                    demand,
                     settled: false,
                 }),
             }),
@@ -484,202 +519,307 @@ impl Admission {
                     *t = Some(Instant::now());
                 }
                 self.metrics.admission_fail_open.inc();
-                Ok(Admitted {
-                    headers: RateHeaders::default(),
-                    permit: None,
-                })
+                unchecked()
             }
         }
     }
 
-    async fn try_admit(
-        &self,
-        request_id: &str,
-        scopes: &[Scope],
-        demand: Demand,
-    ) -> Result<Result<RateHeaders, Refusal>, sqlx::Error> {
-        let pg = self.db.is_postgres();
-        let mut tx = self.db.counters().begin().await?;
-        let mut counters = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            // On SQLite this first write also takes the database's write lock, so the
-            // read below cannot go stale; on Postgres `FOR UPDATE` locks the row.
-            if !pg {
-                ensure_row(&mut tx, &scope.id).await?;
-            }
-            let mut counter = read_counter(&mut tx, &scope.id, pg).await?;
-            if counter.is_none() {
-                ensure_row(&mut tx, &scope.id).await?;
-                counter = read_counter(&mut tx, &scope.id, pg).await?;
-            }
-            counters.push(counter.unwrap_or_default());
-        }
-        let now = now_us();
-        let period = period_of(now / 1000);
-        let mut headers = RateHeaders::default();
-        let mut updated = Vec::with_capacity(scopes.len());
-        for (scope, counter) in scopes.iter().zip(&counters) {
-            match check(counter, &scope.limits, demand, now, &period) {
-                Ok((next, requests, tokens)) => {
-                    headers.tighten(requests, tokens);
-                    updated.push(next);
-                }
-                Err((kind, wait_us, message)) => {
-                    // Headers of a refusal show the state without this request.
-                    let mut headers = RateHeaders::default();
-                    for (scope, counter) in scopes.iter().zip(&counters) {
-                        let state = |limit: Option<i64>, level: i64| {
-                            limit.map(|l| {
-                                rate_state(drained(level, counter.levels_at_us, now, l), l)
-                            })
-                        };
-                        headers.tighten(
-                            state(scope.limits.requests_per_minute, counter.requests_level),
-                            state(scope.limits.tokens_per_minute, counter.tokens_level),
-                        );
-                    }
-                    tx.rollback().await?;
-                    let retry_after_secs = (wait_us.max(1) as u64)
-                        .div_ceil(1_000_000)
-                        .clamp(1, MAX_RETRY_AFTER_SECS);
-                    return Ok(Err(Refusal {
-                        kind,
-                        retry_after_secs,
-                        headers,
-                        message,
-                    }));
-                }
-            }
-        }
-        for (scope, next) in scopes.iter().zip(&updated) {
-            sqlx::query(
-                "UPDATE limit_counters SET requests_level = $1, tokens_level = $2, \
-                 levels_at_us = $3, in_flight = $4, period = $5, used_tokens = $6, \
-                 reserved_tokens = $7, used_spend = $8, reserved_spend = $9 WHERE scope = $10",
-            )
-            .bind(next.requests_level)
-            .bind(next.tokens_level)
-            .bind(next.levels_at_us)
-            .bind(next.in_flight)
-            .bind(&next.period)
-            .bind(next.used_tokens)
-            .bind(next.reserved_tokens)
-            .bind(next.used_spend)
-            .bind(next.reserved_spend)
-            .bind(&scope.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let scope_ids: Vec<&str> = scopes.iter().map(|s| s.id.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO reservations (request_id, scopes, tokens, spend, period, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(request_id)
-        .bind(scope_ids.join(" "))
-        .bind(demand.tokens)
-        .bind(demand.spend.0)
-        .bind(&period)
-        .bind(now / 1000 + self.reservation_ttl.as_millis() as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(headers))
-    }
-
-    /// Swaps a reservation for the real usage. `refunds` gives, per scope, the tokens per
-    /// minute limit whose bucket gets back what was reserved and not used.
-    async fn settle(
-        &self,
-        request_id: &str,
-        used: Demand,
-        refunds: &[(String, i64)],
-    ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.db.counters().begin().await?;
-        let row = sqlx::query(
-            "DELETE FROM reservations WHERE request_id = $1 \
-             RETURNING scopes, tokens, spend, period",
-        )
-        .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            // Already released (expired, or settled before).
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        let scopes: String = row.try_get("scopes")?;
-        let reserved_tokens: i64 = row.try_get("tokens")?;
-        let reserved_spend: i64 = row.try_get("spend")?;
-        let period: String = row.try_get("period")?;
-        let unused = (reserved_tokens - used.tokens).max(0);
-        let mut ids: Vec<&str> = scopes.split(' ').filter(|s| !s.is_empty()).collect();
-        ids.sort_unstable();
-        for id in ids {
-            let refund = refunds
-                .iter()
-                .find(|(s, _)| s == id)
-                .map_or(0, |_| unused.saturating_mul(WINDOW_US));
-            sqlx::query(
-                "UPDATE limit_counters SET \
-                 in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, \
-                 reserved_tokens = CASE WHEN reserved_tokens > $1 THEN reserved_tokens - $1 ELSE 0 END, \
-                 reserved_spend = CASE WHEN reserved_spend > $2 THEN reserved_spend - $2 ELSE 0 END, \
-                 used_tokens = used_tokens + CASE WHEN period = $3 THEN $4 ELSE 0 END, \
-                 used_spend = used_spend + CASE WHEN period = $3 THEN $5 ELSE 0 END, \
-                 tokens_level = CASE WHEN tokens_level > $6 THEN tokens_level - $6 ELSE 0 END \
-                 WHERE scope = $7",
-            )
-            .bind(reserved_tokens)
-            .bind(reserved_spend)
-            .bind(&period)
-            .bind(used.tokens)
-            .bind(used.spend.0)
-            .bind(refund)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    /// Releases reservations past their expiry: those of crashed replicas, or of requests
-    /// that outlived the timeout. Returns how many were released.
-    pub async fn release_expired(&self) -> Result<usize, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT request_id FROM reservations WHERE expires_at < $1 \
-             ORDER BY expires_at LIMIT 500",
-        )
-        .bind(billing::now_ms())
-        .fetch_all(self.db.counters())
-        .await?;
-        let mut released = 0;
-        for row in rows {
-            let id: String = row.try_get("request_id")?;
-            if self.settle(&id, Demand::default(), &[]).await? {
-                released += 1;
-            }
-        }
-        Ok(released)
-    }
-
-    /// Releases expired reservations every `every` until the task is aborted.
-    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
+    /// Releases expired reservations every `every`: those of crashed replicas, or of
+    /// requests that outlived the timeout.
+    pub fn spawn_sweeper(self: &Arc<Self>, db: Db, every: Duration) -> tokio::task::JoinHandle<()> {
+        let jobs = self.jobs.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match this.release_expired().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(released = n, "released expired reservations"),
-                    Err(e) => tracing::debug!(error = %e, "releasing reservations failed"),
+                let expired = sqlx::query(
+                    "SELECT request_id FROM reservations WHERE expires_at < $1 \
+                     ORDER BY expires_at LIMIT 500",
+                )
+                .bind(billing::now_ms())
+                .fetch_all(db.counters())
+                .await;
+                match expired {
+                    Ok(rows) => {
+                        if !rows.is_empty() {
+                            tracing::info!(count = rows.len(), "releasing expired reservations");
+                        }
+                        for row in rows {
+                            if let Ok(request_id) = row.try_get::<String, _>("request_id") {
+                                let _ = jobs.send(Job::Settle {
+                                    request_id,
+                                    used: Demand::default(),
+                                    refund_scopes: Vec::new(),
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "listing expired reservations failed"),
                 }
             }
         })
     }
+}
+
+/// The task that applies admission jobs in batches.
+struct Applier {
+    db: Db,
+    reservation_ttl: Duration,
+}
+
+/// A reservation being settled, as deleted from the store.
+struct Settling {
+    scopes: Vec<String>,
+    tokens: i64,
+    spend: i64,
+    period: String,
+    used: Demand,
+    refund_scopes: Vec<String>,
+}
+
+impl Applier {
+    async fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut admits = Vec::new();
+            let mut settles = Vec::new();
+            for job in batch {
+                match job {
+                    Job::Admit {
+                        request_id,
+                        scopes,
+                        demand,
+                        reply,
+                    } => admits.push((request_id, scopes, demand, reply)),
+                    Job::Settle {
+                        request_id,
+                        used,
+                        refund_scopes,
+                    } => settles.push((request_id, used, refund_scopes)),
+                }
+            }
+            let requests: Vec<(&str, &[Scope], Demand)> = admits
+                .iter()
+                .map(|(id, scopes, demand, _)| (id.as_str(), scopes.as_slice(), *demand))
+                .collect();
+            match self.apply(&requests, &settles).await {
+                Ok(answers) => {
+                    for ((_, _, _, reply), answer) in admits.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    if !settles.is_empty() {
+                        // Those reservations stay counted until they expire.
+                        tracing::warn!(error = %e, count = settles.len(), "settling reservations failed");
+                    }
+                    let message = e.to_string();
+                    for (_, _, _, reply) in admits {
+                        let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction: settle, then admit in order; answers per admission.
+    async fn apply(
+        &self,
+        admits: &[(&str, &[Scope], Demand)],
+        settles: &[(String, Demand, Vec<String>)],
+    ) -> Result<Vec<Result<RateHeaders, Refusal>>, sqlx::Error> {
+        let pg = self.db.is_postgres();
+        let mut tx = self.db.counters().begin().await?;
+        // Settlements first: their reservations say which scopes they hold.
+        let mut settling = Vec::new();
+        for (request_id, used, refund_scopes) in settles {
+            let row = sqlx::query(
+                "DELETE FROM reservations WHERE request_id = $1 \
+                 RETURNING scopes, tokens, spend, period",
+            )
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            // None: already released (expired, or settled before).
+            if let Some(row) = row {
+                let scopes: String = row.try_get("scopes")?;
+                settling.push(Settling {
+                    scopes: scopes
+                        .split(' ')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    tokens: row.try_get("tokens")?,
+                    spend: row.try_get("spend")?,
+                    period: row.try_get("period")?,
+                    used: *used,
+                    refund_scopes: refund_scopes.clone(),
+                });
+            }
+        }
+        // Every counter row this batch touches, locked once, always in the same order.
+        let mut ids: Vec<String> = admits
+            .iter()
+            .flat_map(|(_, scopes, _)| scopes.iter().map(|s| s.id.clone()))
+            .chain(settling.iter().flat_map(|s| s.scopes.iter().cloned()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut counters: std::collections::BTreeMap<String, Counter> = Default::default();
+        for id in &ids {
+            if !pg {
+                ensure_row(&mut tx, id).await?;
+            }
+            let mut counter = read_counter(&mut tx, id, pg).await?;
+            if counter.is_none() {
+                ensure_row(&mut tx, id).await?;
+                counter = read_counter(&mut tx, id, pg).await?;
+            }
+            counters.insert(id.clone(), counter.unwrap_or_default());
+        }
+        let original = counters.clone();
+        for s in &settling {
+            let unused = (s.tokens - s.used.tokens).max(0);
+            for id in &s.scopes {
+                let Some(c) = counters.get_mut(id) else {
+                    continue;
+                };
+                c.in_flight = (c.in_flight - 1).max(0);
+                c.reserved_tokens = (c.reserved_tokens - s.tokens).max(0);
+                c.reserved_spend = (c.reserved_spend - s.spend).max(0);
+                if c.period == s.period {
+                    c.used_tokens = c.used_tokens.saturating_add(s.used.tokens);
+                    c.used_spend = c.used_spend.saturating_add(s.used.spend.0);
+                }
+                if s.refund_scopes.contains(id) {
+                    c.tokens_level = (c.tokens_level - unused.saturating_mul(WINDOW_US)).max(0);
+                }
+            }
+        }
+        let now = now_us();
+        let period = period_of(now / 1000);
+        let expires_at = now / 1000 + self.reservation_ttl.as_millis() as i64;
+        let mut answers = Vec::with_capacity(admits.len());
+        let mut reserved: Vec<(&str, String, Demand)> = Vec::new();
+        for (request_id, scopes, demand) in admits {
+            let answer = admit_one(&mut counters, scopes, *demand, now, &period);
+            if answer.is_ok() {
+                let ids: Vec<&str> = scopes.iter().map(|s| s.id.as_str()).collect();
+                reserved.push((request_id, ids.join(" "), *demand));
+            }
+            answers.push(answer);
+        }
+        for (id, c) in &counters {
+            if original.get(id) == Some(c) {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE limit_counters SET requests_level = $1, tokens_level = $2, \
+                 levels_at_us = $3, in_flight = $4, period = $5, used_tokens = $6, \
+                 reserved_tokens = $7, used_spend = $8, reserved_spend = $9 WHERE scope = $10",
+            )
+            .bind(c.requests_level)
+            .bind(c.tokens_level)
+            .bind(c.levels_at_us)
+            .bind(c.in_flight)
+            .bind(&c.period)
+            .bind(c.used_tokens)
+            .bind(c.reserved_tokens)
+            .bind(c.used_spend)
+            .bind(c.reserved_spend)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for chunk in reserved.chunks(100) {
+            let mut sql = String::from(
+                "INSERT INTO reservations (request_id, scopes, tokens, spend, period, expires_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 6;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6
+                ));
+            }
+            let mut query = sqlx::query(&sql);
+            for (request_id, scopes, demand) in chunk {
+                query = query
+                    .bind(*request_id)
+                    .bind(scopes.as_str())
+                    .bind(demand.tokens)
+                    .bind(demand.spend.0)
+                    .bind(period.as_str())
+                    .bind(expires_at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+}
+
+/// Checks one request against its scopes' counters; on success updates them.
+fn admit_one(
+    counters: &mut std::collections::BTreeMap<String, Counter>,
+    scopes: &[Scope],
+    demand: Demand,
+    now: i64,
+    period: &str,
+) -> Result<RateHeaders, Refusal> {
+    let mut headers = RateHeaders::default();
+    let mut updated = Vec::with_capacity(scopes.len());
+    for scope in scopes {
+        let counter = counters.get(&scope.id).cloned().unwrap_or_default();
+        match check(&counter, &scope.limits, demand, now, period) {
+            Ok((next, requests, tokens)) => {
+                headers.tighten(requests, tokens);
+                updated.push((scope.id.clone(), next));
+            }
+            Err((kind, wait_us, message)) => {
+                // Headers of a refusal show the state without this request.
+                let mut headers = RateHeaders::default();
+                for scope in scopes {
+                    let counter = counters.get(&scope.id).cloned().unwrap_or_default();
+                    let state = |limit: Option<i64>, level: i64| {
+                        limit.map(|l| rate_state(drained(level, counter.levels_at_us, now, l), l))
+                    };
+                    headers.tighten(
+                        state(scope.limits.requests_per_minute, counter.requests_level),
+                        state(scope.limits.tokens_per_minute, counter.tokens_level),
+                    );
+                }
+                let retry_after_secs = (wait_us.max(1) as u64)
+                    .div_ceil(1_000_000)
+                    .clamp(1, MAX_RETRY_AFTER_SECS);
+                return Err(Refusal {
+                    kind,
+                    retry_after_secs,
+                    headers,
+                    message,
+                });
+            }
+        }
+    }
+    for (id, next) in updated {
+        counters.insert(id, next);
+    }
+    Ok(headers)
 }
 
 async fn ensure_row(
@@ -728,19 +868,14 @@ async fn read_counter(
 /// An admitted request's reservation. Settle it with the real usage; dropped unsettled,
 /// it settles as "nothing used" (the request failed before any usage was recorded).
 pub struct Permit {
-    admission: Arc<Admission>,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
     request_id: String,
     scopes: Vec<Scope>,
-    demand: Demand,
     settled: bool,
 }
 
 impl Permit {
-    pub fn reserved(&self) -> Demand {
-        self.demand
-    }
-
-    /// Settles in the background: the client does not wait for it.
+    /// Queues the settlement: the client does not wait for it.
     pub fn settle(mut self, used: Demand) {
         self.settle_inner(used);
     }
@@ -749,21 +884,16 @@ impl Permit {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let admission = self.admission.clone();
-        let request_id = std::mem::take(&mut self.request_id);
-        let refunds: Vec<(String, i64)> = self
+        let refund_scopes = self
             .scopes
             .iter()
-            .filter_map(|s| s.limits.tokens_per_minute.map(|l| (s.id.clone(), l)))
+            .filter(|s| s.limits.tokens_per_minute.is_some())
+            .map(|s| s.id.clone())
             .collect();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            if let Err(e) = admission.settle(&request_id, used, &refunds).await {
-                // The reservation stays counted until it expires; the ledger has the usage.
-                tracing::warn!(error = %e, %request_id, "settling a reservation failed");
-            }
+        let _ = self.jobs.send(Job::Settle {
+            request_id: std::mem::take(&mut self.request_id),
+            used,
+            refund_scopes,
         });
     }
 }

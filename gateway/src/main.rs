@@ -73,6 +73,40 @@ enum Command {
         #[arg(long)]
         effective_from: Option<i64>,
     },
+    /// Invoices: preview a draft, finalise a past month, list, show, trace lines to requests.
+    Invoice {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(subcommand)]
+        action: InvoiceAction,
+    },
+    /// Export per-call usage records (CSV or JSON), streamed; progress on stderr.
+    Export {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only this tenant (by name); every tenant if omitted.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Calendar month (UTC), YYYY-MM.
+        #[arg(long)]
+        period: String,
+        #[arg(long, default_value = "csv")]
+        format: billing::export::Format,
+        /// File to write; standard output if omitted.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Check that records, the usage API, the export and the invoices agree for a month;
+    /// exits 1 on any mismatch.
+    Reconcile {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        period: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a key by its public id.
     RevokeKey {
         #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
@@ -80,6 +114,133 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+struct StoreArg {
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+    database_url: String,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum InvoiceAction {
+    /// The draft for a tenant and month, as JSON, from usage not yet invoiced.
+    Preview {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        period: String,
+    },
+    /// Finalise a tenant's invoice for a past month; prints it as JSON.
+    Finalise {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        period: String,
+    },
+    /// A tenant's finalised invoices: id, period, total in minor units.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// A finalised invoice's stored document.
+    Show {
+        #[arg(long)]
+        id: String,
+    },
+    /// Every record a finalised invoice counted, with its line.
+    Trace {
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "csv")]
+        format: billing::export::Format,
+    },
+}
+
+async fn tenant_id(store: &TenantStore, name: &str) -> anyhow::Result<String> {
+    match store.tenant_by_name(name).await? {
+        Some(t) => Ok(t.id),
+        None => anyhow::bail!("no tenant named {name}"),
+    }
+}
+
+async fn invoice(db: billing::Db, action: InvoiceAction) -> anyhow::Result<()> {
+    let store = TenantStore::new(db.clone());
+    let invoices = billing::Invoices::new(db.clone());
+    match action {
+        InvoiceAction::Preview { tenant, period } => {
+            let draft = invoices
+                .preview(&tenant_id(&store, &tenant).await?, &period)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&draft)?);
+        }
+        InvoiceAction::Finalise { tenant, period } => {
+            let invoice = invoices
+                .finalise(&tenant_id(&store, &tenant).await?, &period)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&invoice)?);
+        }
+        InvoiceAction::List { tenant } => {
+            for (id, period, total) in invoices.list(&tenant_id(&store, &tenant).await?).await? {
+                println!("{id}\t{period}\t{total}");
+            }
+        }
+        InvoiceAction::Show { id } => match invoices.document(&id).await? {
+            Some(doc) => println!("{doc}"),
+            None => anyhow::bail!("no finalised invoice {id}"),
+        },
+        InvoiceAction::Trace { id, format } => {
+            let out = tokio::io::stdout();
+            if billing::export::export_invoice_trace(&db, &id, format, out)
+                .await?
+                .is_none()
+            {
+                anyhow::bail!("no finalised invoice {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn export(
+    db: billing::Db,
+    tenant: Option<String>,
+    period: &str,
+    format: billing::export::Format,
+    output: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let tenant_id = match tenant {
+        Some(name) => Some(tenant_id(&TenantStore::new(db.clone()), &name).await?),
+        None => None,
+    };
+    let (from_ms, to_ms) = billing::invoices::period_bounds(period)?;
+    let selection = billing::export::UsageSelection {
+        tenant_id,
+        from_ms,
+        to_ms,
+    };
+    let started = std::time::Instant::now();
+    let progress = |rows: u64| {
+        eprint!(
+            "\rexported {rows} records in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    let rows = match output {
+        Some(path) => {
+            let file = tokio::fs::File::create(&path).await?;
+            billing::export::export_usage(&db, &selection, format, file, progress).await?
+        }
+        None => {
+            billing::export::export_usage(&db, &selection, format, tokio::io::stdout(), progress)
+                .await?
+        }
+    };
+    eprintln!(
+        "\rexported {rows} records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Limits; each left out is "no limit".
@@ -113,7 +274,15 @@ impl From<LimitArgs> for Limits {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    if let Err(e) = run().await {
+        // One clear line for scripts and people; no backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -199,6 +368,46 @@ async fn main() -> anyhow::Result<()> {
                 price.model, price.effective_from
             );
             Ok(())
+        }
+        Command::Invoice { store, action } => {
+            invoice(billing::Db::connect(&store.database_url).await?, action).await
+        }
+        Command::Export {
+            store,
+            tenant,
+            period,
+            format,
+            output,
+        } => {
+            let db = billing::Db::connect(&store.database_url).await?;
+            export(db, tenant, &period, format, output).await
+        }
+        Command::Reconcile {
+            store,
+            period,
+            json,
+        } => {
+            let db = billing::Db::connect(&store.database_url).await?;
+            let report = billing::reconcile::reconcile(&db, &period).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for c in &report.checks {
+                    let mark = if c.ok { "ok  " } else { "FAIL" };
+                    println!("{mark} {} {} ({})", c.tenant_id, c.name, c.detail);
+                }
+                println!(
+                    "{}: {} checks, {} failed",
+                    report.period,
+                    report.checks.len(),
+                    report.checks.iter().filter(|c| !c.ok).count()
+                );
+            }
+            if report.ok() {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
         Command::RevokeKey { database_url, id } => {
             let store = TenantStore::new(billing::Db::connect(&database_url).await?);

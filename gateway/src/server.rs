@@ -160,7 +160,7 @@ impl Gateway {
             .state
             .proxy
             .admission
-            .spawn_sweeper(Duration::from_secs(5));
+            .spawn_sweeper(self.db.clone(), Duration::from_secs(5));
         let price_refresh = self
             .state
             .proxy

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
+use billing::export::{export_invoice_trace, export_usage, Format, UsageSelection};
 use billing::invoices::period_bounds;
 use billing::{
     Db, Delivery, InvoiceError, Invoices, Ledger, LineKind, Micros, Price, UsageEvent, UsageStatus,
@@ -188,6 +189,73 @@ async fn lifecycle(db: Db) {
     // Every record of the tenant is on exactly one invoice.
     let on_invoices: i64 = fin.records + oct.records;
     assert_eq!(on_invoices, 8);
+
+    // Records, usage API, export and invoices agree, for both months.
+    for period in ["2026-09", "2026-10"] {
+        let report = billing::reconcile::reconcile(&db, period).await.unwrap();
+        assert!(report.ok(), "{report:#?}");
+        assert!(report.checks.len() >= 10, "{report:#?}");
+    }
+    // Exports of a closed month are byte-identical, CSV and JSON, and trace every record.
+    let selection = UsageSelection {
+        tenant_id: Some(t.into()),
+        from_ms: sep,
+        to_ms: oct_start,
+    };
+    for format in [Format::Csv, Format::Json] {
+        let mut first = Vec::new();
+        let n = export_usage(&db, &selection, format, &mut first, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(n, 7); // six records of September plus the late one
+        let mut again = Vec::new();
+        export_usage(&db, &selection, format, &mut again, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(first, again);
+    }
+    let mut csv = Vec::new();
+    export_usage(&db, &selection, Format::Csv, &mut csv, |_| {})
+        .await
+        .unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.starts_with("request_id,tenant_id,key_id,model,"));
+    assert!(csv
+        .lines()
+        .any(|l| l.starts_with("r1,tn_a,k,chat,") && l.ends_with(&id)));
+    let mut trace = Vec::new();
+    let rows = export_invoice_trace(&db, &id, Format::Csv, &mut trace)
+        .await
+        .unwrap();
+    assert_eq!(rows, Some(6));
+    let trace = String::from_utf8(trace).unwrap();
+    assert!(
+        trace
+            .lines()
+            .any(|l| l.contains(",rejected:undelivered,r5,")),
+        "{trace}"
+    );
+
+    // A record slipped onto a finalised invoice behind the ledger's back is caught.
+    sqlx::query(
+        "INSERT INTO usage_records (request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
+         completion_tokens, started_at, finished_at, status, delivery, invoice_id) \
+         VALUES ('forged', 'tn_a', 'k', 'chat', '/v1/chat/completions', 1, 1, $1, $1, 'success', 'delivered', $2)",
+    )
+    .bind(sep + 10)
+    .bind(&id)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let report = billing::reconcile::reconcile(&db, "2026-09").await.unwrap();
+    assert!(!report.ok());
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(failed.contains(&"invoice_records_in_store"), "{failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
