@@ -27,7 +27,8 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_SPOOL_SEGMENT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub spool_segment_bytes: u64,
 
-    /// Inference worker base URLs, comma-separated.
+    /// Inference worker base URLs, comma-separated; `dns+http://name:port` stands for every
+    /// address `name` resolves to, re-resolved at each health check (headless services).
     #[arg(
         long = "worker",
         env = "GATEWAY_WORKERS",

@@ -3,6 +3,10 @@
 //!
 //! A background task polls every worker's `/health` and `/v1/models`; a request that fails
 //! to reach a worker marks it unhealthy at once (passive ejection) until the next good poll.
+//!
+//! Workers are listed as base URLs, or discovered by DNS: `dns+http://name:port` stands for
+//! every address `name` resolves to (a Kubernetes headless service), re-resolved before
+//! each round of health checks; workers that leave the answer leave the pool.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,34 +55,125 @@ impl Drop for Lease {
     }
 }
 
+/// Where workers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    Static(String),
+    /// Every address of `host`, as `scheme://addr:port`.
+    Dns {
+        scheme: String,
+        host: String,
+        port: u16,
+    },
+}
+
+impl Source {
+    fn parse(url: &str) -> Self {
+        let url = url.trim_end_matches('/');
+        if let Some(rest) = url.strip_prefix("dns+") {
+            if let Some((scheme, authority)) = rest.split_once("://") {
+                if let Some((host, port)) = authority.rsplit_once(':') {
+                    if let Ok(port) = port.parse() {
+                        return Self::Dns {
+                            scheme: scheme.to_owned(),
+                            host: host.to_owned(),
+                            port,
+                        };
+                    }
+                }
+            }
+        }
+        Self::Static(url.to_owned())
+    }
+}
+
 pub struct WorkerPool {
-    nodes: Vec<Arc<WorkerNode>>,
+    sources: Vec<Source>,
+    nodes: RwLock<Vec<Arc<WorkerNode>>>,
     client: reqwest::Client,
+}
+
+fn node(base_url: String) -> Arc<WorkerNode> {
+    Arc::new(WorkerNode {
+        base_url,
+        healthy: AtomicBool::new(false),
+        outstanding: AtomicUsize::new(0),
+        models: RwLock::new(BTreeSet::new()),
+    })
 }
 
 impl WorkerPool {
     pub fn new(urls: &[String], client: reqwest::Client) -> Arc<Self> {
-        let nodes = urls
+        let sources: Vec<Source> = urls.iter().map(|u| Source::parse(u)).collect();
+        let nodes = sources
             .iter()
-            .map(|u| {
-                Arc::new(WorkerNode {
-                    base_url: u.trim_end_matches('/').to_owned(),
-                    healthy: AtomicBool::new(false),
-                    outstanding: AtomicUsize::new(0),
-                    models: RwLock::new(BTreeSet::new()),
-                })
+            .filter_map(|s| match s {
+                Source::Static(url) => Some(node(url.clone())),
+                Source::Dns { .. } => None,
             })
             .collect();
-        Arc::new(Self { nodes, client })
+        Arc::new(Self {
+            sources,
+            nodes: RwLock::new(nodes),
+            client,
+        })
     }
 
-    pub fn nodes(&self) -> &[Arc<WorkerNode>] {
-        &self.nodes
+    pub fn nodes(&self) -> Vec<Arc<WorkerNode>> {
+        self.nodes.read().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Re-resolves DNS sources; keeps the state of workers still listed.
+    async fn discover(&self) {
+        let mut wanted: Vec<String> = Vec::new();
+        for source in &self.sources {
+            match source {
+                Source::Static(url) => wanted.push(url.clone()),
+                Source::Dns { scheme, host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => {
+                            for addr in addrs {
+                                wanted.push(format!("{scheme}://{addr}"));
+                            }
+                        }
+                        Err(e) => {
+                            // Keep what we had: a DNS hiccup should not empty the pool.
+                            tracing::warn!(%host, error = %e, "resolving workers failed");
+                            let prefix = format!("{scheme}://");
+                            for n in self.nodes() {
+                                if n.base_url.starts_with(&prefix) {
+                                    wanted.push(n.base_url.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        wanted.sort();
+        wanted.dedup();
+        let current = self.nodes();
+        let next: Vec<Arc<WorkerNode>> = wanted
+            .into_iter()
+            .map(|url| {
+                current
+                    .iter()
+                    .find(|n| n.base_url == url)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        tracing::info!(worker = %url, "worker discovered");
+                        node(url)
+                    })
+            })
+            .collect();
+        if let Ok(mut nodes) = self.nodes.write() {
+            *nodes = next;
+        }
     }
 
     /// Every model some healthy worker serves.
     pub fn models(&self) -> BTreeSet<String> {
-        self.nodes
+        self.nodes()
             .iter()
             .filter(|n| n.is_healthy())
             .filter_map(|n| n.models.read().ok().map(|m| m.clone()))
@@ -88,14 +183,14 @@ impl WorkerPool {
 
     /// Whether any worker, healthy or not, has ever reported `model`.
     pub fn knows(&self, model: &str) -> bool {
-        self.nodes.iter().any(|n| n.serves(model))
+        self.nodes().iter().any(|n| n.serves(model))
     }
 
     /// Picks a healthy worker for `model`, skipping `exclude`: two at random, the less
     /// loaded wins.
     pub fn pick(&self, model: &str, exclude: &[String]) -> Option<Lease> {
-        let candidates: Vec<&Arc<WorkerNode>> = self
-            .nodes
+        let nodes = self.nodes();
+        let candidates: Vec<&Arc<WorkerNode>> = nodes
             .iter()
             .filter(|n| n.is_healthy() && n.serves(model) && !exclude.contains(&n.base_url))
             .collect();
@@ -119,7 +214,11 @@ impl WorkerPool {
 
     /// Polls every worker once.
     pub async fn check_all(&self) {
-        let checks = self.nodes.iter().map(|n| self.check(n));
+        if self.sources.iter().any(|s| matches!(s, Source::Dns { .. })) {
+            self.discover().await;
+        }
+        let nodes = self.nodes();
+        let checks = nodes.iter().map(|n| self.check(n));
         futures::future::join_all(checks).await;
     }
 
@@ -173,5 +272,26 @@ impl WorkerPool {
                 pool.check_all().await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_urls_or_dns_names() {
+        assert_eq!(
+            Source::parse("http://10.0.0.1:8081/"),
+            Source::Static("http://10.0.0.1:8081".into())
+        );
+        assert_eq!(
+            Source::parse("dns+http://workers.ns.svc:8081"),
+            Source::Dns {
+                scheme: "http".into(),
+                host: "workers.ns.svc".into(),
+                port: 8081
+            }
+        );
     }
 }
