@@ -433,6 +433,8 @@ enum Job {
         /// Scopes whose tokens-per-minute bucket gets back what was reserved and unused.
         refund_scopes: Vec<String>,
     },
+    /// Answered once every job queued before it has been applied.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Most jobs applied in one transaction.
@@ -524,6 +526,15 @@ impl Admission {
         }
     }
 
+    /// Waits until every admission and settlement queued so far is in the store: at
+    /// shutdown, so this replica's reservations are not left to expire.
+    pub async fn flush(&self) {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Job::Flush(done)).is_ok() {
+            let _ = finished.await;
+        }
+    }
+
     /// Releases expired reservations every `every`: those of crashed replicas, or of
     /// requests that outlived the timeout.
     pub fn spawn_sweeper(self: &Arc<Self>, db: Db, every: Duration) -> tokio::task::JoinHandle<()> {
@@ -590,6 +601,7 @@ impl Applier {
             }
             let mut admits = Vec::new();
             let mut settles = Vec::new();
+            let mut flushes = Vec::new();
             for job in batch {
                 match job {
                     Job::Admit {
@@ -603,13 +615,19 @@ impl Applier {
                         used,
                         refund_scopes,
                     } => settles.push((request_id, used, refund_scopes)),
+                    Job::Flush(done) => flushes.push(done),
                 }
             }
             let requests: Vec<(&str, &[Scope], Demand)> = admits
                 .iter()
                 .map(|(id, scopes, demand, _)| (id.as_str(), scopes.as_slice(), *demand))
                 .collect();
-            match self.apply(&requests, &settles).await {
+            let outcome = if requests.is_empty() && settles.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.apply(&requests, &settles).await
+            };
+            match outcome {
                 Ok(answers) => {
                     for ((_, _, _, reply), answer) in admits.into_iter().zip(answers) {
                         let _ = reply.send(Ok(answer));
@@ -625,6 +643,9 @@ impl Applier {
                         let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
                     }
                 }
+            }
+            for done in flushes {
+                let _ = done.send(());
             }
         }
     }

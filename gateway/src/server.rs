@@ -192,6 +192,13 @@ impl Gateway {
         if let Err(e) = self.spool.flush().await {
             tracing::error!(error = %e, "flushing the usage spool failed");
         }
+        // Settle what finished, so this replica's reservations do not wait to expire.
+        if tokio::time::timeout(Duration::from_secs(5), self.state.proxy.admission.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("settling reservations at shutdown timed out; they will expire");
+        }
         self.shipper.stop().await;
         self.db.close().await;
         Ok(())

@@ -194,6 +194,19 @@ async fn rates_and_concurrency(url: &str) {
         "{scrape}"
     );
     gw.stop().await;
+    // A graceful stop settles everything: no reservation or concurrency slot is left held.
+    let db = billing::Db::connect(url).await.unwrap();
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(in_flight), 0) AS BIGINT) AS n, \
+         (SELECT COUNT(*) FROM reservations) AS r FROM limit_counters",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    use sqlx::Row;
+    assert_eq!(row.try_get::<i64, _>("n").unwrap(), 0);
+    assert_eq!(row.try_get::<i64, _>("r").unwrap(), 0);
+    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
