@@ -218,9 +218,7 @@ pub async fn export_usage<W: AsyncWrite + Unpin>(
             progress(writer.rows);
         }
     }
-    let n = writer.finish().await?;
-    progress(n);
-    Ok(n)
+    Ok(writer.finish().await?)
 }
 
 const TRACE_COLUMNS: [&str; 8] = [
