@@ -250,9 +250,7 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
     let period: String = row.try_get("period")?;
     let (period_start, _) = crate::invoices::period_bounds(&period)
         .map_err(|e| DbError::Sqlx(sqlx::Error::Protocol(e.to_string())))?;
-    let book = PriceBook::load(db)
-        .await
-        .map_err(|e| DbError::Sqlx(sqlx::Error::Protocol(e.to_string())))?;
+    let book = PriceBook::load(db).await?;
     let mut rows = sqlx::query(
         "SELECT request_id, model, started_at, delivery, prompt_tokens, completion_tokens \
          FROM usage_records WHERE invoice_id = $1 ORDER BY started_at, request_id",

@@ -309,6 +309,12 @@ fn build(
         line.requests += a.requests;
         line.input_tokens += a.input;
         line.output_tokens += a.output;
+        // Cost is linear in the quantities, so pricing each piece and adding is exact.
+        if let Some(p) = price {
+            line.amount_micros = line
+                .amount_micros
+                .saturating_add(p.cost(a.requests, a.input, a.output).0);
+        }
     }
     if currencies.len() > 1 {
         return Err(InvoiceError::MixedCurrency(
@@ -317,15 +323,6 @@ fn build(
     }
     let mut lines: Vec<InvoiceLine> = lines.into_values().collect();
     for l in &mut lines {
-        let price = crate::Price {
-            model: l.model.clone(),
-            effective_from: 0,
-            currency: String::new(),
-            input_minor_per_mtok: l.input_minor_per_mtok,
-            output_minor_per_mtok: l.output_minor_per_mtok,
-            request_minor_per_mreq: l.request_minor_per_mreq,
-        };
-        l.amount_micros = price.cost(l.requests, l.input_tokens, l.output_tokens).0;
         l.amount_minor = Micros(l.amount_micros).to_minor_half_even();
     }
     let total_minor = lines.iter().map(|l| l.amount_minor).sum();
@@ -411,7 +408,7 @@ impl Invoices {
     /// started before the period's end, priced with the current book.
     pub async fn preview(&self, tenant_id: &str, period: &str) -> Result<Invoice, InvoiceError> {
         let (_, end_ms) = period_bounds(period)?;
-        let book = load_book(&self.db).await?;
+        let book = PriceBook::load(&self.db).await?;
         let mut conn = self.db.pool().acquire().await.map_err(DbError::from)?;
         self.compute(
             &mut conn,
@@ -430,7 +427,7 @@ impl Invoices {
         if end_ms > crate::now_ms() {
             return Err(InvoiceError::NotEnded(period.to_owned()));
         }
-        let book = load_book(&self.db).await?;
+        let book = PriceBook::load(&self.db).await?;
         // One invoice per tenant and period, so the id is derived from both.
         let id = format!("inv_{}_{tenant_id}", period.replace('-', ""));
         let mut tx = self.db.pool().begin().await.map_err(DbError::from)?;
@@ -527,7 +524,7 @@ impl Invoices {
         let Some(stored) = self.get(id).await? else {
             return Ok(None);
         };
-        let book = load_book(&self.db).await?;
+        let book = PriceBook::load(&self.db).await?;
         let mut conn = self.db.pool().acquire().await.map_err(DbError::from)?;
         let mut invoice = self
             .compute(
@@ -542,13 +539,6 @@ impl Invoices {
         invoice.status = InvoiceStatus::Final;
         Ok(Some(invoice.document()))
     }
-}
-
-async fn load_book(db: &Db) -> Result<PriceBook, InvoiceError> {
-    PriceBook::load(db).await.map_err(|e| match e {
-        crate::PriceError::Db(d) => InvoiceError::Db(d),
-        other => InvoiceError::Db(DbError::Sqlx(sqlx::Error::Protocol(other.to_string()))),
-    })
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ impl PriceBook {
     }
 
     /// Every version in the store.
-    pub async fn load(db: &Db) -> Result<Self, PriceError> {
+    pub async fn load(db: &Db) -> Result<Self, DbError> {
         let rows = sqlx::query(
             "SELECT model, effective_from, currency, input_minor_per_mtok, \
              output_minor_per_mtok, request_minor_per_mreq FROM prices",

@@ -368,7 +368,7 @@ pub struct PriceCache {
 }
 
 impl PriceCache {
-    pub async fn load(db: &Db) -> Result<Arc<Self>, billing::PriceError> {
+    pub async fn load(db: &Db) -> Result<Arc<Self>, billing::DbError> {
         Ok(Arc::new(Self {
             book: std::sync::RwLock::new(Arc::new(PriceBook::load(db).await?)),
         }))
