@@ -4,6 +4,7 @@
 #
 #   GATEWAY_LISTEN  consumer API address (default 127.0.0.1:8080)
 #   WORKER_LISTEN   worker address (default 127.0.0.1:8081)
+#   ADMIN_LISTEN    admin API and dashboard (default 127.0.0.1:8090)
 #   DATA_DIR        store and demo key (default ./data)
 #   MODELS_DIR      models (default ./models)
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 GATEWAY_LISTEN=${GATEWAY_LISTEN:-127.0.0.1:8080}
 WORKER_LISTEN=${WORKER_LISTEN:-127.0.0.1:8081}
+ADMIN_LISTEN=${ADMIN_LISTEN:-127.0.0.1:8090}
 DATA_DIR=${DATA_DIR:-data}
 export MODELS_DIR=${MODELS_DIR:-models}
 
@@ -23,6 +25,10 @@ cargo build --release -p inference-worker -p gateway
 
 mkdir -p "$DATA_DIR"
 chmod 700 "$DATA_DIR"
+# The admin tokens' signing secret: made once, readable by this user only.
+if [ ! -s "$DATA_DIR/admin-secret" ]; then
+  (umask 077; head -c 48 /dev/urandom | base64 | tr -d '\n' > "$DATA_DIR/admin-secret")
+fi
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -59,7 +65,9 @@ target/release/gateway serve \
   --database-url "sqlite://$DATA_DIR/gateway.db" \
   --spool-dir "$DATA_DIR/spool" \
   --worker "http://$WORKER_LISTEN" \
-  --demo-key-file "$DATA_DIR/demo-key" &
+  --demo-key-file "$DATA_DIR/demo-key" \
+  --admin-listen "$ADMIN_LISTEN" \
+  --admin-jwt-secret-file "$DATA_DIR/admin-secret" &
 pids+=($!)
 
 for i in $(seq 1 100); do
@@ -68,10 +76,16 @@ for i in $(seq 1 100); do
   sleep 0.1
 done
 
+admin_token=$(target/release/gateway admin-token --role admin --subject make-run --ttl-secs 43200 \
+  --admin-jwt-secret-file "$DATA_DIR/admin-secret")
+
 cat >&2 <<BANNER
 
-  Gateway:   http://$GATEWAY_LISTEN/v1
-  Demo key:  $(cat "$DATA_DIR/demo-key")
+  Gateway:     http://$GATEWAY_LISTEN/v1
+  Demo key:    $(cat "$DATA_DIR/demo-key")
+  Dashboard:   http://$ADMIN_LISTEN/   (sign in with the admin token below; valid 12 h)
+  Admin token: $admin_token
+  OpenAPI:     http://$ADMIN_LISTEN/openapi.json
 
   curl http://$GATEWAY_LISTEN/v1/chat/completions \\
     -H "Authorization: Bearer \$(cat $DATA_DIR/demo-key)" -H 'Content-Type: application/json' \\

@@ -61,12 +61,19 @@ fi
 say "Postgres for tests: ${TEST_DATABASE_URL}"
 
 # The official openai SDK, for the compatibility test.
-if ! target/sdk-venv/bin/python -c 'import openai' 2>/dev/null; then
+if ! target/sdk-venv/bin/python -c 'import openai, openapi_spec_validator, jsonschema' 2>/dev/null; then
   say "creating target/sdk-venv with the openai SDK"
   mkdir -p target
   python3 -m venv target/sdk-venv
   target/sdk-venv/bin/pip install -q -r tests/sdk/requirements.txt
 fi
+
+# Playwright's driver for the dashboard test (it drives the system's Chromium).
+if [ ! -d tests/dashboard/node_modules/playwright-core ]; then
+  say "installing the dashboard test's browser driver (npm ci)"
+  (cd tests/dashboard && npm ci --no-audit --no-fund --silent)
+fi
+command -v chromium >/dev/null || { say "chromium is missing (Debian: apt-get install chromium)"; exit 1; }
 
 say "cargo fmt --check"
 cargo fmt --all --check

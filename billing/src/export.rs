@@ -12,7 +12,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::prices::{period_of, PriceBook};
 use crate::{Db, DbError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Csv,
     Json,
@@ -294,6 +295,54 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
             .await?;
     }
     Ok(Some(writer.finish().await?))
+}
+
+const LINE_COLUMNS: [&str; 13] = [
+    "invoice_id",
+    "kind",
+    "usage_period",
+    "model",
+    "price_effective_from",
+    "input_minor_per_mtok",
+    "output_minor_per_mtok",
+    "request_minor_per_mreq",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "amount_micros",
+    "amount_minor",
+];
+
+/// An invoice's lines as CSV, one row per line, for spreadsheets; the JSON form is the
+/// invoice's stored document.
+pub fn invoice_lines_csv(invoice: &crate::Invoice) -> String {
+    let mut out = LINE_COLUMNS.join(",");
+    out.push('\n');
+    for l in &invoice.lines {
+        let kind = match l.kind {
+            crate::LineKind::Usage => "usage",
+            crate::LineKind::Adjustment => "adjustment",
+        };
+        let fields = [
+            csv_field(invoice.id.as_deref().unwrap_or("")),
+            kind.to_owned(),
+            csv_field(&l.usage_period),
+            csv_field(&l.model),
+            l.price_effective_from
+                .map_or(String::new(), |t| t.to_string()),
+            l.input_minor_per_mtok.to_string(),
+            l.output_minor_per_mtok.to_string(),
+            l.request_minor_per_mreq.to_string(),
+            l.requests.to_string(),
+            l.input_tokens.to_string(),
+            l.output_tokens.to_string(),
+            l.amount_micros.to_string(),
+            l.amount_minor.to_string(),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

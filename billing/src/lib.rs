@@ -10,6 +10,7 @@ pub mod export;
 pub mod invoices;
 pub mod prices;
 pub mod reconcile;
+pub mod series;
 pub mod spool;
 pub mod usage;
 

@@ -34,7 +34,7 @@ impl Micros {
 }
 
 /// One version of a model's price.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Price {
     pub model: String,
     /// Unix ms from which this version applies (inclusive).

@@ -90,7 +90,42 @@ pub struct GatewayConfig {
     )]
     pub default_completion_reserve: i64,
 
+    /// Address for the admin API and the operator dashboard (served only when a signing
+    /// secret is set).
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:8090")]
+    pub admin_listen: SocketAddr,
+
+    /// HS256 secret (at least 32 bytes) that admin tokens are signed with. Prefer
+    /// --admin-jwt-secret-file: a flag shows in the process list.
+    #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET", hide_env_values = true)]
+    pub admin_jwt_secret: Option<crate::admin::Secret>,
+
+    /// File holding the admin signing secret.
+    #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET_FILE")]
+    pub admin_jwt_secret_file: Option<PathBuf>,
+
     /// Create a demo tenant and key on first start and keep the key in this file (mode 0600).
     #[arg(long, env = "GATEWAY_DEMO_KEY_FILE")]
     pub demo_key_file: Option<PathBuf>,
+}
+
+impl GatewayConfig {
+    /// The admin signing secret from the flag or the file; `None`: the admin API is off.
+    pub fn admin_secret(&self) -> anyhow::Result<Option<crate::admin::Secret>> {
+        match (&self.admin_jwt_secret, &self.admin_jwt_secret_file) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give --admin-jwt-secret or --admin-jwt-secret-file, not both")
+            }
+            (Some(s), None) => Ok(Some(s.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("reading the admin secret {}: {e}", path.display())
+                })?;
+                Ok(Some(
+                    crate::admin::Secret::new(text).map_err(anyhow::Error::msg)?,
+                ))
+            }
+            (None, None) => Ok(None),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! model, set prices (the billing price book does; admission only reads it), or let a
 //! response end successfully at the client before its usage is recorded.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod demo;

@@ -42,7 +42,8 @@ pub const MAX_RETRY_AFTER_SECS: u64 = 120;
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Limits of a plan or a key; `None` is "no limit".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     pub requests_per_minute: Option<i64>,
     pub tokens_per_minute: Option<i64>,

@@ -11,6 +11,9 @@ use gateway::{Gateway, GatewayConfig};
     about = "Metering API gateway for self-hosted models"
 )]
 struct Cli {
+    /// Print results as JSON (one document on stdout) for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,6 +110,77 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List tenants with their plans.
+    ListTenants {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List plans and their limits.
+    ListPlans {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List every price version.
+    ListPrices {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List a tenant's keys (never secrets).
+    ListKeys {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Replace a key with a new one of the same settings; prints the new key once.
+    RotateKey {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The key's public id.
+        #[arg(long)]
+        id: String,
+        /// Seconds the old key keeps working (0: revoked now).
+        #[arg(long, default_value_t = 0)]
+        grace_secs: i64,
+    },
+    /// Usage and spend per hour or day (UTC).
+    Usage {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        filter: UsageArgs,
+        #[arg(long, default_value = "day")]
+        bucket: BucketArg,
+        /// Break down by tenant, key or model.
+        #[arg(long)]
+        group_by: Option<DimensionArg>,
+    },
+    /// The biggest tenants, keys or models by spend, then tokens.
+    Top {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        filter: UsageArgs,
+        #[arg(long)]
+        by: DimensionArg,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Print an admin API token (JWT) signed with the gateway's admin secret.
+    AdminToken {
+        #[arg(long)]
+        role: gateway::admin::Role,
+        /// Who the token is for (shown in audit logs).
+        #[arg(long, default_value = "cli")]
+        subject: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET", hide_env_values = true)]
+        admin_jwt_secret: Option<gateway::admin::Secret>,
+        #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET_FILE")]
+        admin_jwt_secret_file: Option<std::path::PathBuf>,
+    },
     /// Revoke a key by its public id.
     RevokeKey {
         #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
@@ -114,6 +188,48 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+struct UsageArgs {
+    /// Only this tenant (by name).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this key (public id).
+    #[arg(long)]
+    key: Option<String>,
+    /// Only this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Unix seconds, inclusive; default 30 days before --to.
+    #[arg(long)]
+    from: Option<i64>,
+    /// Unix seconds, exclusive; default now.
+    #[arg(long)]
+    to: Option<i64>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum BucketArg {
+    Hour,
+    Day,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum DimensionArg {
+    Tenant,
+    Key,
+    Model,
+}
+
+impl From<DimensionArg> for billing::series::Dimension {
+    fn from(d: DimensionArg) -> Self {
+        match d {
+            DimensionArg::Tenant => Self::Tenant,
+            DimensionArg::Key => Self::Key,
+            DimensionArg::Model => Self::Model,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -164,7 +280,7 @@ async fn tenant_id(store: &TenantStore, name: &str) -> anyhow::Result<String> {
     }
 }
 
-async fn invoice(db: billing::Db, action: InvoiceAction) -> anyhow::Result<()> {
+async fn invoice(db: billing::Db, action: InvoiceAction, json: bool) -> anyhow::Result<()> {
     let store = TenantStore::new(db.clone());
     let invoices = billing::Invoices::new(db.clone());
     match action {
@@ -181,7 +297,17 @@ async fn invoice(db: billing::Db, action: InvoiceAction) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&invoice)?);
         }
         InvoiceAction::List { tenant } => {
-            for (id, period, total) in invoices.list(&tenant_id(&store, &tenant).await?).await? {
+            let list = invoices.list(&tenant_id(&store, &tenant).await?).await?;
+            if json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|(id, period, total)| {
+                        serde_json::json!({"id": id, "period": period, "total_minor": total})
+                    })
+                    .collect();
+                return print_json(&rows);
+            }
+            for (id, period, total) in list {
                 println!("{id}\t{period}\t{total}");
             }
         }
@@ -289,7 +415,13 @@ async fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let connect = |url: &str| {
+        let url = url.to_owned();
+        async move { billing::Db::connect(&url).await }
+    };
+    match cli.command {
         Command::Serve(config) => serve(config).await,
         Command::CreateKey {
             database_url,
@@ -298,7 +430,7 @@ async fn run() -> anyhow::Result<()> {
             models,
             limits,
         } => {
-            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let store = TenantStore::new(connect(&database_url).await?);
             let tenant = match store.tenant_by_name(&tenant).await? {
                 Some(t) => t,
                 None => store.create_tenant(&tenant).await?,
@@ -310,11 +442,17 @@ async fn run() -> anyhow::Result<()> {
                 limits: limits.into(),
             };
             let (key, record) = store.create_key(&tenant.id, &new).await?;
-            eprintln!(
-                "created key {} for tenant {} (shown once):",
-                record.id, tenant.name
-            );
-            println!("{}", key.expose());
+            if json {
+                print_json(&serde_json::json!({
+                    "key": key.expose(), "id": record.id, "tenant_id": tenant.id, "tenant": tenant.name,
+                }))?;
+            } else {
+                eprintln!(
+                    "created key {} for tenant {} (shown once):",
+                    record.id, tenant.name
+                );
+                println!("{}", key.expose());
+            }
             Ok(())
         }
         Command::CreatePlan {
@@ -322,9 +460,16 @@ async fn run() -> anyhow::Result<()> {
             name,
             limits,
         } => {
-            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let store = TenantStore::new(connect(&database_url).await?);
+            if store.plan_by_name(&name).await?.is_some() {
+                anyhow::bail!("a plan named {name} exists");
+            }
             let plan = store.create_plan(&name, limits.into()).await?;
-            println!("{}", plan.id);
+            if json {
+                print_json(&plan)?;
+            } else {
+                println!("{}", plan.id);
+            }
             Ok(())
         }
         Command::SetPlan {
@@ -332,7 +477,7 @@ async fn run() -> anyhow::Result<()> {
             tenant,
             plan,
         } => {
-            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let store = TenantStore::new(connect(&database_url).await?);
             let Some(plan) = store.plan_by_name(&plan).await? else {
                 anyhow::bail!("no plan named {plan}");
             };
@@ -341,7 +486,11 @@ async fn run() -> anyhow::Result<()> {
                 None => store.create_tenant(&tenant).await?,
             };
             store.set_plan(&tenant.id, Some(&plan.id)).await?;
-            eprintln!("tenant {} is on plan {}", tenant.name, plan.name);
+            if json {
+                print_json(&store.tenant(&tenant.id).await?)?;
+            } else {
+                eprintln!("tenant {} is on plan {}", tenant.name, plan.name);
+            }
             Ok(())
         }
         Command::AddPrice {
@@ -353,7 +502,7 @@ async fn run() -> anyhow::Result<()> {
             currency,
             effective_from,
         } => {
-            let db = billing::Db::connect(&database_url).await?;
+            let db = connect(&database_url).await?;
             let price = billing::Price {
                 model,
                 effective_from: effective_from.unwrap_or_else(billing::now_ms),
@@ -363,14 +512,18 @@ async fn run() -> anyhow::Result<()> {
                 request_minor_per_mreq: request_per_mreq,
             };
             billing::prices::add_price(&db, &price).await?;
-            eprintln!(
-                "price of {} from {} recorded",
-                price.model, price.effective_from
-            );
+            if json {
+                print_json(&price)?;
+            } else {
+                eprintln!(
+                    "price of {} from {} recorded",
+                    price.model, price.effective_from
+                );
+            }
             Ok(())
         }
         Command::Invoice { store, action } => {
-            invoice(billing::Db::connect(&store.database_url).await?, action).await
+            invoice(connect(&store.database_url).await?, action, json).await
         }
         Command::Export {
             store,
@@ -379,18 +532,18 @@ async fn run() -> anyhow::Result<()> {
             format,
             output,
         } => {
-            let db = billing::Db::connect(&store.database_url).await?;
+            let db = connect(&store.database_url).await?;
             export(db, tenant, &period, format, output).await
         }
         Command::Reconcile {
             store,
             period,
-            json,
+            json: own_json,
         } => {
-            let db = billing::Db::connect(&store.database_url).await?;
+            let db = connect(&store.database_url).await?;
             let report = billing::reconcile::reconcile(&db, &period).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+            if json || own_json {
+                print_json(&report)?;
             } else {
                 for c in &report.checks {
                     let mark = if c.ok { "ok  " } else { "FAIL" };
@@ -409,16 +562,247 @@ async fn run() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
+        Command::ListTenants { store } => {
+            let tenants = TenantStore::new(connect(&store.database_url).await?)
+                .list_tenants()
+                .await?;
+            if json {
+                return print_json(&tenants);
+            }
+            for t in tenants {
+                println!(
+                    "{}\t{}\t{}",
+                    t.id,
+                    t.name,
+                    t.plan_name.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        Command::ListPlans { store } => {
+            let plans = TenantStore::new(connect(&store.database_url).await?)
+                .list_plans()
+                .await?;
+            if json {
+                return print_json(&plans);
+            }
+            for p in plans {
+                println!(
+                    "{}\t{}\t{}",
+                    p.id,
+                    p.name,
+                    serde_json::to_string(&p.limits)?
+                );
+            }
+            Ok(())
+        }
+        Command::ListPrices { store } => {
+            let book = billing::PriceBook::load(&connect(&store.database_url).await?).await?;
+            let mut prices: Vec<&billing::Price> = book.all().collect();
+            prices.sort_by(|a, b| (&a.model, a.effective_from).cmp(&(&b.model, b.effective_from)));
+            if json {
+                return print_json(&prices);
+            }
+            for p in prices {
+                println!(
+                    "{}\t{}\t{} {}/Mtok in\t{} {}/Mtok out\t{} {}/Mreq",
+                    p.model,
+                    p.effective_from,
+                    p.input_minor_per_mtok,
+                    p.currency,
+                    p.output_minor_per_mtok,
+                    p.currency,
+                    p.request_minor_per_mreq,
+                    p.currency
+                );
+            }
+            Ok(())
+        }
+        Command::ListKeys { store, tenant } => {
+            let store = TenantStore::new(connect(&store.database_url).await?);
+            let keys = store.list_keys(&tenant_id(&store, &tenant).await?).await?;
+            if json {
+                return print_json(&keys);
+            }
+            let now = billing::now_ms();
+            for k in keys {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.expires_at.is_some_and(|e| e <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!("{}\t{}\t{}", k.id, k.name, state);
+            }
+            Ok(())
+        }
+        Command::RotateKey {
+            store,
+            id,
+            grace_secs,
+        } => {
+            let store = TenantStore::new(connect(&store.database_url).await?);
+            let Some(old) = store.key(&id).await? else {
+                anyhow::bail!("no key with id {id}");
+            };
+            let (key, record) = store
+                .rotate_key(&old.tenant_id, &id, grace_secs.saturating_mul(1000))
+                .await?;
+            if json {
+                print_json(
+                    &serde_json::json!({"key": key.expose(), "id": record.id, "replaced": id}),
+                )?;
+            } else {
+                eprintln!("key {id} replaced by {} (shown once):", record.id);
+                println!("{}", key.expose());
+            }
+            Ok(())
+        }
+        Command::Usage {
+            store,
+            filter,
+            bucket,
+            group_by,
+        } => {
+            let db = connect(&store.database_url).await?;
+            let f = usage_filter(&db, filter).await?;
+            let bucket = match bucket {
+                BucketArg::Hour => billing::series::Bucket::Hour,
+                BucketArg::Day => billing::series::Bucket::Day,
+            };
+            let points =
+                billing::series::usage_series(&db, &f, bucket, group_by.map(Into::into)).await?;
+            if json {
+                return print_json(&points);
+            }
+            println!("start\tgroup\trequests\tprompt_tokens\tcompletion_tokens\tspend_micros");
+            for p in points {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    bucket_start(p.start_ms),
+                    p.group.as_deref().unwrap_or("-"),
+                    p.requests,
+                    p.prompt_tokens,
+                    p.completion_tokens,
+                    p.spend_micros
+                );
+            }
+            Ok(())
+        }
+        Command::Top {
+            store,
+            filter,
+            by,
+            limit,
+        } => {
+            let db = connect(&store.database_url).await?;
+            let f = usage_filter(&db, filter).await?;
+            let top = billing::series::top(&db, &f, by.into(), limit).await?;
+            if json {
+                return print_json(&top);
+            }
+            for e in top {
+                println!(
+                    "{}\t{} requests\t{} tokens\t{} micros",
+                    e.id,
+                    e.requests,
+                    e.prompt_tokens + e.completion_tokens,
+                    e.spend_micros
+                );
+            }
+            Ok(())
+        }
+        Command::AdminToken {
+            role,
+            subject,
+            ttl_secs,
+            admin_jwt_secret,
+            admin_jwt_secret_file,
+        } => {
+            let secret = match (admin_jwt_secret, admin_jwt_secret_file) {
+                (Some(s), None) => s,
+                (None, Some(path)) => gateway::admin::Secret::new(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
+                )
+                .map_err(anyhow::Error::msg)?,
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("give --admin-jwt-secret or --admin-jwt-secret-file, not both")
+                }
+                (None, None) => anyhow::bail!(
+                    "no admin secret: set GATEWAY_ADMIN_JWT_SECRET_FILE or --admin-jwt-secret-file"
+                ),
+            };
+            let token = gateway::admin::TokenAuthority::new(&secret)
+                .issue(&subject, role, ttl_secs)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                print_json(
+                    &serde_json::json!({"token": token, "role": role, "expires_in": ttl_secs}),
+                )?;
+            } else {
+                println!("{token}");
+            }
+            Ok(())
+        }
         Command::RevokeKey { database_url, id } => {
-            let store = TenantStore::new(billing::Db::connect(&database_url).await?);
+            let store = TenantStore::new(connect(&database_url).await?);
             if store.revoke_key(&id).await? {
-                eprintln!("revoked {id}");
+                if json {
+                    print_json(&store.key(&id).await?.map(|k| {
+                        serde_json::json!({"id": k.id, "tenant_id": k.tenant_id, "revoked_at": k.revoked_at})
+                    }))?;
+                } else {
+                    eprintln!("revoked {id}");
+                }
                 Ok(())
             } else {
                 anyhow::bail!("no active key with id {id}")
             }
         }
     }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+
+/// A bucket start as `YYYY-MM-DDTHH:00Z`.
+fn bucket_start(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:00Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour()
+    )
+}
+
+async fn usage_filter(
+    db: &billing::Db,
+    a: UsageArgs,
+) -> anyhow::Result<billing::series::UsageFilter> {
+    let tenant_id = match a.tenant {
+        Some(name) => Some(tenant_id(&TenantStore::new(db.clone()), &name).await?),
+        None => None,
+    };
+    let to = a.to.unwrap_or(gateway::unix_now() as i64 + 1);
+    let from = a.from.unwrap_or(to - 30 * 86_400);
+    if to <= from || from < 0 {
+        anyhow::bail!("--from must be before --to (Unix seconds)");
+    }
+    Ok(billing::series::UsageFilter {
+        tenant_id,
+        key_id: a.key,
+        model: a.model,
+        from_ms: from * 1000,
+        to_ms: to * 1000,
+    })
 }
 
 async fn serve(config: GatewayConfig) -> anyhow::Result<()> {

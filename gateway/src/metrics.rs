@@ -136,4 +136,83 @@ impl GatewayMetrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
     }
+
+    /// Per route: requests, client and server errors, and latency percentiles estimated from
+    /// the histogram (each the upper bound of the bucket holding it), since this process
+    /// started.
+    pub fn traffic(&self) -> Vec<RouteTraffic> {
+        use std::collections::BTreeMap;
+        let mut routes: BTreeMap<String, (RouteTraffic, Vec<(f64, u64)>)> = BTreeMap::new();
+        for family in self.registry.gather() {
+            if family.name() != "gateway_http_request_duration_seconds" {
+                continue;
+            }
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map_or(String::new(), |l| l.value().to_owned())
+                };
+                let route = label("route");
+                let status: u16 = label("status").parse().unwrap_or(0);
+                let h = m.get_histogram();
+                let entry = routes.entry(route.clone()).or_insert_with(|| {
+                    (
+                        RouteTraffic {
+                            route,
+                            ..RouteTraffic::default()
+                        },
+                        Vec::new(),
+                    )
+                });
+                let count = h.get_sample_count();
+                entry.0.requests += count;
+                match status {
+                    400..=499 => entry.0.client_errors += count,
+                    500..=599 => entry.0.server_errors += count,
+                    _ => {}
+                }
+                let buckets = h.get_bucket();
+                if entry.1.is_empty() {
+                    entry.1 = buckets.iter().map(|b| (b.upper_bound(), 0)).collect();
+                }
+                for (acc, b) in entry.1.iter_mut().zip(buckets) {
+                    acc.1 += b.cumulative_count();
+                }
+            }
+        }
+        routes
+            .into_values()
+            .map(|(mut t, cumulative)| {
+                let q = |p: f64| -> Option<f64> {
+                    if t.requests == 0 {
+                        return None;
+                    }
+                    let rank = (p * t.requests as f64).ceil() as u64;
+                    cumulative
+                        .iter()
+                        .find(|(_, c)| *c >= rank)
+                        .map(|(le, _)| *le)
+                };
+                t.p50_seconds = q(0.5);
+                t.p90_seconds = q(0.9);
+                t.p99_seconds = q(0.99);
+                t
+            })
+            .collect()
+    }
+}
+
+/// One route's traffic since start (see [`GatewayMetrics::traffic`]). A percentile is
+/// `None` when there were no requests or it lies beyond the last bucket.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RouteTraffic {
+    pub route: String,
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub p50_seconds: Option<f64>,
+    pub p90_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
 }

@@ -42,6 +42,14 @@ impl WorkerNode {
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
+
+    /// The models it reported at its last health check.
+    pub fn served_models(&self) -> Vec<String> {
+        self.models
+            .read()
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// A claim on a worker for one request; releases its slot when dropped.

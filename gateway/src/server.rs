@@ -19,6 +19,7 @@ use openai_types::{Model, ModelList};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::{AdminState, TokenAuthority};
 use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -51,6 +52,8 @@ pub struct AppState {
 pub struct Gateway {
     listener: TcpListener,
     metrics_listener: TcpListener,
+    /// The admin API and dashboard, when a signing secret is configured.
+    admin: Option<(TcpListener, Arc<AdminState>)>,
     state: Arc<AppState>,
     db: Db,
     spool: Spool,
@@ -121,9 +124,26 @@ impl Gateway {
         };
         let listener = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
+        let admin = match config.admin_secret()? {
+            Some(secret) => {
+                let admin_state = Arc::new(AdminState {
+                    tokens: TokenAuthority::new(&secret),
+                    db: db.clone(),
+                    tenants: state.tenants.clone(),
+                    pool: state.proxy.pool.clone(),
+                    metrics: state.metrics.clone(),
+                });
+                Some((TcpListener::bind(config.admin_listen).await?, admin_state))
+            }
+            None => {
+                tracing::info!("no admin signing secret: the admin API and dashboard are off");
+                None
+            }
+        };
         Ok(Self {
             listener,
             metrics_listener,
+            admin,
             state,
             db,
             spool,
@@ -139,6 +159,16 @@ impl Gateway {
 
     pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
         self.metrics_listener.local_addr()
+    }
+
+    /// The admin listener's address, when the admin API is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Issues admin tokens with this gateway's secret (for launchers and tests).
+    pub fn admin_tokens(&self) -> Option<TokenAuthority> {
+        self.admin.as_ref().map(|(_, s)| s.tokens.clone())
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -176,6 +206,14 @@ impl Gateway {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        let admin_server = self.admin.map(|(admin_listener, admin_state)| {
+            tokio::spawn(listener::serve(
+                admin_listener,
+                crate::admin::router(admin_state),
+                self.serve_options.clone(),
+                stop_rx.clone(),
+            ))
+        });
         listener::serve(
             self.listener,
             router(self.state.clone()),
@@ -183,6 +221,9 @@ impl Gateway {
             stop_rx,
         )
         .await;
+        if let Some(admin_server) = admin_server {
+            let _ = admin_server.await;
+        }
         health.abort();
         sweeper.abort();
         price_refresh.abort();
@@ -204,6 +245,16 @@ impl Gateway {
         Ok(())
     }
 }
+
+/// Every path of the consumer API (the OpenAPI document must list exactly these).
+pub const PUBLIC_PATHS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/classify",
+    "/v1/models",
+    "/v1/usage",
+    "/health",
+];
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()

@@ -6,10 +6,33 @@ use sqlx::Row;
 use crate::keys::PlaintextKey;
 use crate::limits::Limits;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Tenant {
     pub id: String,
     pub name: String,
+}
+
+/// A tenant as the directory lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantSummary {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub plan_id: Option<String>,
+    pub plan_name: Option<String>,
+}
+
+/// A key as the directory shows it: never the secret, never its hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeySummary {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub allowed_models: Option<Vec<String>>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub limits: Limits,
 }
 
 /// A key as stored: everything but the secret.
@@ -33,6 +56,10 @@ pub struct KeyRecord {
 pub enum TenantError {
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -43,8 +70,30 @@ impl From<sqlx::Error> for TenantError {
     }
 }
 
+fn split_models(s: Option<String>) -> Option<Vec<String>> {
+    s.map(|s| {
+        s.split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+fn key_summary(r: &sqlx::any::AnyRow) -> Result<KeySummary, sqlx::Error> {
+    Ok(KeySummary {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        name: r.try_get("name")?,
+        allowed_models: split_models(r.try_get("allowed_models")?),
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+        limits: limits_from_row(r, "")?,
+    })
+}
+
 /// A named set of limits that tenants are put on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     pub id: String,
     pub name: String,
@@ -202,17 +251,13 @@ impl TenantStore {
         .await?;
         let Some(r) = row else { return Ok(None) };
         let allowed: Option<String> = r.try_get("allowed_models")?;
+        let allowed = split_models(allowed);
         Ok(Some(KeyRecord {
             id: r.try_get("id")?,
             tenant_id: r.try_get("tenant_id")?,
             name: r.try_get("name")?,
             secret_hash: r.try_get("secret_hash")?,
-            allowed_models: allowed.map(|s| {
-                s.split(',')
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            }),
+            allowed_models: allowed,
             expires_at: r.try_get("expires_at")?,
             revoked_at: r.try_get("revoked_at")?,
             plan_limits: limits_from_row(&r, "p_")?,
@@ -279,6 +324,164 @@ impl TenantStore {
                 .bind(public_id)
                 .execute(self.db.pool())
                 .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Every tenant with its plan, by name.
+    pub async fn list_tenants(&self) -> Result<Vec<TenantSummary>, DbError> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.name, t.created_at, t.plan_id, p.name AS plan_name \
+             FROM tenants t LEFT JOIN plans p ON p.id = t.plan_id ORDER BY t.name",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TenantSummary {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    plan_id: r.try_get("plan_id")?,
+                    plan_name: r.try_get("plan_name")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// One tenant by id.
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantSummary>, DbError> {
+        Ok(self.list_tenants().await?.into_iter().find(|t| t.id == id))
+    }
+
+    /// Creates a tenant, refusing a name already taken.
+    pub async fn create_tenant_unique(&self, name: &str) -> Result<Tenant, TenantError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(TenantError::Invalid(
+                "a tenant name is 1 to 200 characters".into(),
+            ));
+        }
+        if self.tenant_by_name(name).await?.is_some() {
+            return Err(TenantError::Conflict(format!(
+                "a tenant named {name} exists"
+            )));
+        }
+        Ok(self.create_tenant(name).await?)
+    }
+
+    /// Every plan, by name.
+    pub async fn list_plans(&self) -> Result<Vec<Plan>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, name, {LIMIT_COLUMNS} FROM plans ORDER BY name"
+        ))
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Plan {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    limits: limits_from_row(r, "")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// A tenant's keys, newest first; never secrets.
+    pub async fn list_keys(&self, tenant_id: &str) -> Result<Vec<KeySummary>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, tenant_id, name, allowed_models, created_at, expires_at, revoked_at, \
+             {LIMIT_COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at DESC, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(key_summary)
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// One key of one tenant: `None` if it does not exist or belongs to another tenant.
+    pub async fn tenant_key(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<Option<KeySummary>, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT id, tenant_id, name, allowed_models, created_at, expires_at, revoked_at, \
+             {LIMIT_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant_id)
+        .bind(key_id)
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.as_ref()
+            .map(key_summary)
+            .transpose()
+            .map_err(DbError::from)
+    }
+
+    /// Replaces a key with a new one of the same name, models, expiry and limits. The old
+    /// key stops working now, or after `grace_ms` (its expiry is brought forward), so
+    /// clients can switch without downtime. Returns the new key, shown once.
+    pub async fn rotate_key(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+        grace_ms: i64,
+    ) -> Result<(PlaintextKey, KeyRecord), TenantError> {
+        let Some(old) = self.tenant_key(tenant_id, key_id).await? else {
+            return Err(TenantError::NotFound(format!(
+                "no key {key_id} in this tenant"
+            )));
+        };
+        let now = now_ms();
+        if !(old.revoked_at.is_none() && old.expires_at.is_none_or(|e| e > now)) {
+            return Err(TenantError::Conflict(format!(
+                "key {key_id} is revoked or expired; create a new key instead"
+            )));
+        }
+        if grace_ms < 0 {
+            return Err(TenantError::Invalid("grace must not be negative".into()));
+        }
+        let new = NewKey {
+            name: old.name.clone(),
+            allowed_models: old.allowed_models.clone(),
+            expires_at: old.expires_at,
+            limits: old.limits,
+        };
+        let created = self.create_key(tenant_id, &new).await?;
+        if grace_ms == 0 {
+            self.revoke_key(key_id).await?;
+        } else {
+            let until = now + grace_ms;
+            sqlx::query(
+                "UPDATE api_keys SET expires_at = $1 WHERE id = $2 AND tenant_id = $3 \
+                 AND (expires_at IS NULL OR expires_at > $1)",
+            )
+            .bind(until)
+            .bind(key_id)
+            .bind(tenant_id)
+            .execute(self.db.pool())
+            .await?;
+        }
+        Ok(created)
+    }
+
+    /// Revokes a key of one tenant; `Ok(false)` if no such active key in that tenant.
+    pub async fn revoke_tenant_key(&self, tenant_id: &str, key_id: &str) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 \
+             AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(key_id)
+        .bind(tenant_id)
+        .execute(self.db.pool())
+        .await?;
         Ok(result.rows_affected() == 1)
     }
 }

@@ -559,6 +559,9 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         tls_key: None,
         default_completion_reserve: 4096,
         demo_key_file: None,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_jwt_secret: None,
+        admin_jwt_secret_file: None,
     }
 }
 
@@ -566,6 +569,9 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
 pub struct RunningGateway {
     pub url: String,
     pub metrics_url: String,
+    /// The admin listener, when the config has a signing secret.
+    pub admin_url: Option<String>,
+    pub admin_tokens: Option<gateway::admin::TokenAuthority>,
     pub db: billing::Db,
     pub tenants: TenantStore,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -588,6 +594,8 @@ impl RunningGateway {
             .unwrap();
         let url = format!("http://{}", gateway.local_addr().unwrap());
         let metrics_url = format!("http://{}/metrics", gateway.metrics_addr().unwrap());
+        let admin_url = gateway.admin_addr().map(|a| format!("http://{a}"));
+        let admin_tokens = gateway.admin_tokens();
         let tenants = gateway.state().tenants.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(gateway.run(async move {
@@ -596,6 +604,8 @@ impl RunningGateway {
         Self {
             url,
             metrics_url,
+            admin_url,
+            admin_tokens,
             db,
             tenants,
             stop: Some(stop),

@@ -1,0 +1,295 @@
+//! Usage over time and leader boards, for the operator dashboard and the admin API.
+//!
+//! Owns: aggregating usage records into hour or day buckets (UTC) and into top-N lists by
+//! tenant, key or model, each with what it cost. Spend follows the invoices' rules: only
+//! delivered records are billed, each piece is priced with the version in force when its
+//! calls started, exactly, in millionths of a minor unit. Rounding to minor units happens
+//! once, on an invoice line; these figures stay exact so they add up to the invoices.
+//! Must never: write anything.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::prices::PriceBook;
+use crate::{Db, DbError};
+
+/// Width of a time bucket. Buckets start at UTC hour or midnight boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bucket {
+    Hour,
+    Day,
+}
+
+impl Bucket {
+    pub fn millis(self) -> i64 {
+        match self {
+            Self::Hour => 3_600_000,
+            Self::Day => 86_400_000,
+        }
+    }
+}
+
+/// A dimension usage can be broken down by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    Tenant,
+    Key,
+    Model,
+}
+
+impl Dimension {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant_id",
+            Self::Key => "key_id",
+            Self::Model => "model",
+        }
+    }
+}
+
+/// Which records to count: started in `[from_ms, to_ms)`, optionally one tenant, key, model.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub tenant_id: Option<String>,
+    pub key_id: Option<String>,
+    pub model: Option<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// Usage in one bucket (and one group, when broken down).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    /// Bucket start, Unix ms.
+    pub start_ms: i64,
+    /// The tenant, key or model id when broken down by one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Every record, billed or not.
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Records not billed (undelivered or delivery unknown).
+    pub unbilled_requests: i64,
+    /// Exact cost of the billed records, millionths of a minor unit.
+    pub spend_micros: i64,
+}
+
+/// One entry of a leader board.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopEntry {
+    pub id: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub spend_micros: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeriesError {
+    #[error("`from` must be before `to`")]
+    EmptyRange,
+    #[error(
+        "{0} buckets is too many (at most {MAX_BUCKETS}); use a wider bucket or a shorter range"
+    )]
+    TooManyBuckets(i64),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for SeriesError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e.into())
+    }
+}
+
+/// The most buckets one series may have (a year of hours fits).
+pub const MAX_BUCKETS: i64 = 9_000;
+
+/// Usage per bucket, oldest first, optionally broken down by a dimension. Buckets with no
+/// usage are left out.
+pub async fn usage_series(
+    db: &Db,
+    filter: &UsageFilter,
+    bucket: Bucket,
+    group_by: Option<Dimension>,
+) -> Result<Vec<Point>, SeriesError> {
+    if filter.to_ms <= filter.from_ms {
+        return Err(SeriesError::EmptyRange);
+    }
+    let width = bucket.millis();
+    let buckets = (filter.to_ms - filter.from_ms + width - 1) / width;
+    if buckets > MAX_BUCKETS {
+        return Err(SeriesError::TooManyBuckets(buckets));
+    }
+    let rows = aggregate(db, filter, Some(width), group_by).await?;
+    let mut points: BTreeMap<(i64, Option<String>), Point> = BTreeMap::new();
+    for r in rows {
+        let p = points
+            .entry((r.bucket, r.group.clone()))
+            .or_insert_with(|| Point {
+                start_ms: r.bucket,
+                group: r.group.clone(),
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                unbilled_requests: 0,
+                spend_micros: 0,
+            });
+        p.requests += r.requests;
+        p.prompt_tokens += r.prompt_tokens;
+        p.completion_tokens += r.completion_tokens;
+        p.unbilled_requests += r.unbilled_requests;
+        p.spend_micros = p.spend_micros.saturating_add(r.spend_micros);
+    }
+    Ok(points.into_values().collect())
+}
+
+/// The `limit` biggest tenants, keys or models by spend, then tokens.
+pub async fn top(
+    db: &Db,
+    filter: &UsageFilter,
+    by: Dimension,
+    limit: usize,
+) -> Result<Vec<TopEntry>, SeriesError> {
+    if filter.to_ms <= filter.from_ms {
+        return Err(SeriesError::EmptyRange);
+    }
+    let rows = aggregate(db, filter, None, Some(by)).await?;
+    let mut entries: BTreeMap<String, TopEntry> = BTreeMap::new();
+    for r in rows {
+        let id = r.group.unwrap_or_default();
+        let e = entries.entry(id.clone()).or_insert_with(|| TopEntry {
+            id,
+            requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            spend_micros: 0,
+        });
+        e.requests += r.requests;
+        e.prompt_tokens += r.prompt_tokens;
+        e.completion_tokens += r.completion_tokens;
+        e.spend_micros = e.spend_micros.saturating_add(r.spend_micros);
+    }
+    let mut entries: Vec<TopEntry> = entries.into_values().collect();
+    entries.sort_by(|a, b| {
+        (b.spend_micros, b.prompt_tokens + b.completion_tokens, &a.id).cmp(&(
+            a.spend_micros,
+            a.prompt_tokens + a.completion_tokens,
+            &b.id,
+        ))
+    });
+    entries.truncate(limit);
+    Ok(entries)
+}
+
+/// One priced piece: a bucket × group, summed over models and price versions.
+struct Piece {
+    bucket: i64,
+    group: Option<String>,
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    unbilled_requests: i64,
+    spend_micros: i64,
+}
+
+/// Groups records by bucket, group, model, price segment and delivery in SQL, then prices
+/// each group with the one price version in force throughout it.
+async fn aggregate(
+    db: &Db,
+    filter: &UsageFilter,
+    bucket_ms: Option<i64>,
+    group_by: Option<Dimension>,
+) -> Result<Vec<Piece>, SeriesError> {
+    let book = PriceBook::load(db).await?;
+    let mut cuts: Vec<i64> = book
+        .all()
+        .map(|p| p.effective_from)
+        .filter(|t| *t > filter.from_ms && *t < filter.to_ms)
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+
+    // Parameters: $1 from, $2 to, then the optional filters, then the cuts.
+    let mut conditions = vec!["started_at >= $1".to_owned(), "started_at < $2".to_owned()];
+    let mut next = 3;
+    let mut texts: Vec<&str> = Vec::new();
+    for (column, value) in [
+        ("tenant_id", &filter.tenant_id),
+        ("key_id", &filter.key_id),
+        ("model", &filter.model),
+    ] {
+        if let Some(v) = value {
+            conditions.push(format!("{column} = ${next}"));
+            texts.push(v);
+            next += 1;
+        }
+    }
+    let mut segment = String::from("0");
+    for i in 0..cuts.len() {
+        segment.push_str(&format!(
+            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
+            next + i
+        ));
+    }
+    // Bucket widths are our constants, never input.
+    let bucket = bucket_ms.map_or_else(|| "0".to_owned(), |w| format!("(started_at / {w}) * {w}"));
+    let group = group_by.map_or("''", Dimension::column);
+    let sql = format!(
+        "SELECT CAST({bucket} AS BIGINT) AS bucket, {group} AS grp, model, \
+         CAST({segment} AS BIGINT) AS segment, \
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, \
+         COUNT(*) AS requests, \
+         CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
+         FROM usage_records WHERE {} GROUP BY 1, 2, 3, 4, 5",
+        conditions.join(" AND ")
+    );
+    let mut query = sqlx::query(&sql).bind(filter.from_ms).bind(filter.to_ms);
+    for t in texts {
+        query = query.bind(t);
+    }
+    for c in &cuts {
+        query = query.bind(*c);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    let mut pieces = Vec::with_capacity(rows.len());
+    for r in rows {
+        let bucket: i64 = r.try_get("bucket")?;
+        let model: String = r.try_get("model")?;
+        let segment = r.try_get::<i64, _>("segment")? as usize;
+        let billed = r.try_get::<i64, _>("billed")? != 0;
+        let requests: i64 = r.try_get("requests")?;
+        let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
+        let completion_tokens: i64 = r.try_get("completion_tokens")?;
+        // Any instant inside both the bucket and the segment has the group's price.
+        let segment_start = if segment == 0 {
+            filter.from_ms
+        } else {
+            cuts[segment - 1]
+        };
+        let at = segment_start.max(bucket).max(filter.from_ms);
+        let spend_micros = if billed {
+            book.at(&model, at)
+                .map_or(0, |p| p.cost(requests, prompt_tokens, completion_tokens).0)
+        } else {
+            0
+        };
+        let group: String = r.try_get("grp")?;
+        pieces.push(Piece {
+            bucket: if bucket_ms.is_some() { bucket } else { 0 },
+            group: group_by.map(|_| group),
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            unbilled_requests: if billed { 0 } else { requests },
+            spend_micros,
+        });
+    }
+    Ok(pieces)
+}
