@@ -122,12 +122,30 @@ impl Db {
             ),
             Backend::Sqlite => None,
         };
-        Ok(Self {
+        let db = Self {
             pool,
             pg,
             counters,
             backend,
-        })
+        };
+        db.ensure_partitions().await?;
+        Ok(db)
+    }
+
+    /// Postgres: makes the usage table's monthly partitions from last month to three months
+    /// ahead (rows outside them go to a default partition, so this is about speed, never
+    /// about accepting a record). Gateways call it at start and every hour. SQLite: nothing.
+    pub async fn ensure_partitions(&self) -> Result<(), DbError> {
+        if let Some(pg) = &self.pg {
+            let now = crate::now_ms();
+            let day = 86_400_000;
+            sqlx::query("SELECT ensure_usage_partitions($1, $2)")
+                .bind(now - 31 * day)
+                .bind(now + 100 * day)
+                .execute(pg)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn pool(&self) -> &AnyPool {

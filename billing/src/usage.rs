@@ -225,15 +225,32 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
             .collect::<Vec<String>>()
     };
     let int = |f: fn(&UsageEvent) -> i64| events.iter().map(|e| f(e)).collect::<Vec<i64>>();
-    let sql = format!(
-        "INSERT INTO usage_records ({COLUMNS}) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                              $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
-         ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
-         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
-         AND usage_records.invoice_id IS NULL"
-    );
-    let result = sqlx::query(&sql)
+    // Request ids are unique forever through `usage_request_ids` (the records' table is
+    // partitioned by time, so it cannot hold that constraint itself). New ids get their
+    // record; a replayed id may only resolve an `unknown` delivery of a record not yet
+    // invoiced, found through its partition key.
+    let sql = "WITH input AS ( \
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
+           AS t(request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, \
+                started_at, finished_at, status, delivery)), \
+         new_ids AS ( \
+           INSERT INTO usage_request_ids (request_id, started_at) \
+           SELECT request_id, started_at FROM input ON CONFLICT (request_id) DO NOTHING \
+           RETURNING request_id), \
+         inserted AS ( \
+           INSERT INTO usage_records (request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
+                                      completion_tokens, started_at, finished_at, status, delivery) \
+           SELECT i.* FROM input i JOIN new_ids n USING (request_id) RETURNING 1), \
+         resolved AS ( \
+           UPDATE usage_records u SET delivery = i.delivery \
+           FROM input i JOIN usage_request_ids r USING (request_id) \
+           WHERE u.request_id = i.request_id AND u.started_at = r.started_at \
+             AND u.delivery = 'unknown' AND i.delivery <> 'unknown' AND u.invoice_id IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM new_ids n WHERE n.request_id = i.request_id) \
+           RETURNING 1) \
+         SELECT (SELECT COUNT(*) FROM inserted) + (SELECT COUNT(*) FROM resolved) AS affected";
+    let affected: i64 = sqlx::query_scalar(sql)
         .bind(text(|e| &e.request_id))
         .bind(text(|e| &e.tenant_id))
         .bind(text(|e| &e.key_id))
@@ -245,9 +262,9 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
         .bind(int(|e| e.finished_at))
         .bind(text(|e| e.status.as_str()))
         .bind(text(|e| e.delivery.as_str()))
-        .execute(pg)
+        .fetch_one(pg)
         .await?;
-    Ok(result.rows_affected())
+    Ok(affected as u64)
 }
 
 /// `INSERT` of `rows` records with numbered placeholders; a replay may only resolve an

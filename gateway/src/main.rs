@@ -769,7 +769,6 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 /// A bucket start as `YYYY-MM-DDTHH:00Z`.
 fn bucket_start(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))

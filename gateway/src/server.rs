@@ -196,6 +196,19 @@ impl Gateway {
             .proxy
             .prices
             .spawn_refresh(self.db.clone(), Duration::from_secs(5));
+        let partitions = {
+            let db = self.db.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(3600));
+                every.tick().await; // the store made them at connect
+                loop {
+                    every.tick().await;
+                    if let Err(e) = db.ensure_partitions().await {
+                        tracing::warn!(error = %e, "making the usage table's next partitions failed");
+                    }
+                }
+            })
+        };
         let metrics_app = Router::new()
             .route("/metrics", get(render_metrics))
             .with_state(self.state.clone());
@@ -227,6 +240,7 @@ impl Gateway {
         health.abort();
         sweeper.abort();
         price_refresh.abort();
+        partitions.abort();
         metrics_server.abort();
         // Streams whose clients left spool their usage from spawned tasks; let them run.
         tokio::time::sleep(Duration::from_millis(100)).await;

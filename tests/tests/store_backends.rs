@@ -123,3 +123,84 @@ async fn postgres_keys_round_trip() {
     let pg = TempPostgres::new().await;
     keys_round_trip(Db::connect(&pg.url).await.unwrap()).await;
 }
+
+/// Postgres keeps usage in monthly partitions; the request id stays unique across them,
+/// a replay in another month is refused, an `unknown` delivery is still resolved, and a
+/// period's query reads only its month.
+#[tokio::test]
+async fn postgres_usage_is_partitioned_by_month_and_ids_stay_unique() {
+    let pg = TempPostgres::new().await;
+    let db = Db::connect(&pg.url).await.unwrap();
+    let ledger = Ledger::new(db.clone());
+    let now = billing::now_ms();
+    let (this_month, next_month) =
+        billing::invoices::period_bounds(&billing::period_of(now)).unwrap();
+    let mut a = event("req_month_a", "t1");
+    a.started_at = this_month + 1_000;
+    let mut b = event("req_month_b", "t1");
+    b.started_at = next_month + 1_000;
+    b.delivery = Delivery::Unknown;
+    assert_eq!(
+        ledger.record_batch(&[a.clone(), b.clone()]).await.unwrap(),
+        2
+    );
+    let pool = db.postgres().unwrap();
+    let partition = |id: &'static str| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT tableoid::regclass::text FROM usage_records WHERE request_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let month = |ms: i64| billing::period_of(ms).replace('-', "");
+    assert_eq!(
+        partition("req_month_a").await,
+        format!("usage_records_p{}", month(this_month))
+    );
+    assert_eq!(
+        partition("req_month_b").await,
+        format!("usage_records_p{}", month(next_month))
+    );
+
+    // The same id replayed with another start (another partition): refused, one record.
+    let mut moved = a.clone();
+    moved.started_at = next_month + 5_000;
+    moved.prompt_tokens = 1;
+    assert_eq!(ledger.record_batch(&[moved]).await.unwrap(), 0);
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE request_id = $1")
+        .bind("req_month_a")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    assert_eq!(ledger.get("req_month_a").await.unwrap(), Some(a));
+
+    // The outcome of an in-flight record still resolves its delivery, once.
+    let mut outcome = b.clone();
+    outcome.delivery = Delivery::Delivered;
+    assert_eq!(ledger.record_batch(&[outcome.clone()]).await.unwrap(), 1);
+    assert_eq!(ledger.record_batch(&[outcome.clone()]).await.unwrap(), 0);
+    assert_eq!(ledger.get("req_month_b").await.unwrap(), Some(outcome));
+
+    // A month's query is pruned to that month's partition.
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT COUNT(*) FROM usage_records WHERE started_at >= $1 AND started_at < $2",
+    )
+    .bind(this_month)
+    .bind(next_month)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains(&format!("usage_records_p{}", month(this_month))),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains(&format!("usage_records_p{}", month(next_month))),
+        "{plan}"
+    );
+    assert!(!plan.contains("usage_records_default"), "{plan}");
+}

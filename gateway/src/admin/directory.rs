@@ -174,7 +174,6 @@ async fn create_plan(
     Ok((StatusCode::CREATED, Json(plan)).into_response())
 }
 
-
 async fn list_prices(
     caller: Caller,
     State(state): State<Arc<AdminState>>,
