@@ -9,6 +9,8 @@ Side by side, in one run, on the same stub upstream that answers at once:
            the store), a price, and metering (spool + shipper to the store)
   gw-nolimit  the same gateway process, with a key whose tenant has no plan: auth and
            metering, no admission (what limits cost)
+  gw-unmetered  a second gateway started with the benchmark-only switch that discards
+           usage, same no-plan key: auth and forwarding only (what metering costs)
 
 For each target: the most it serves (closed loop), then latency at fixed request rates
 (open loop; latency counts from when a request was due). Prints throughput, p50/p99, the
@@ -151,6 +153,8 @@ http {{
         gw_proc, gw_url = serve([], "metered")
         targets.append(("gateway", gw_url, key))
         targets.append(("gw-nolimit", gw_url, open_key))
+        _, unmetered_url = serve(["--benchmark-unmetered"], "unmetered")
+        targets.append(("gw-unmetered", unmetered_url, open_key))
         time.sleep(0.5)
 
         path = "/v1/chat/completions"
@@ -173,21 +177,25 @@ http {{
         print()
         print(f"Gateway overhead, {os.cpu_count()} CPUs, {args.connections} connections, "
               f"{args.seconds} s per run, store {db_url.split(':')[0]}")
-        print(f"{'target':<10}{'max req/s':>12}{'vs nginx':>10}")
+        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}")
         for name, _, _ in targets:
             m = results[name]["max"]["rate"]
-            print(f"{name:<10}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}")
+            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}")
+        metered = results["gw-nolimit"]["max"]["rate"]
+        unmetered = results["gw-unmetered"]["max"]["rate"]
+        print(f"metering cost: {1 - metered / unmetered:.1%} of throughput "
+              f"({metered:.0f} metered vs {unmetered:.0f} unmetered req/s; target <= 5%)")
         print()
         print("Latency counts from when each request was due (open loop); it includes up to")
         print("1 ms of timer granularity, the same for every target, so compare 'added'.")
-        print(f"{'target':<10}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
+        print(f"{'target':<13}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
         for rate in rates:
             direct = results["direct"][rate]
             for name, _, _ in targets:
                 r = results[name][rate]
                 added50 = (r["p50_us"] - direct["p50_us"]) / 1000
                 added99 = (r["p99_us"] - direct["p99_us"]) / 1000
-                print(f"{name:<10}{rate:>8}{r['p50_us'] / 1000:>9.3f}{r['p99_us'] / 1000:>9.3f}"
+                print(f"{name:<13}{rate:>8}{r['p50_us'] / 1000:>9.3f}{r['p99_us'] / 1000:>9.3f}"
                       f"{added50:>11.3f}{added99:>11.3f}{r['errors']:>8}")
         half = rates[-1]
         ratio = results["gateway"]["max"]["rate"] / results["nginx"]["max"]["rate"]

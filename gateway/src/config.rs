@@ -104,6 +104,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET_FILE")]
     pub admin_jwt_secret_file: Option<PathBuf>,
 
+    /// Benchmarks only: serve without recording usage, to measure what metering costs.
+    /// Nothing served this way is ever billed.
+    #[arg(long, hide = true, env = "GATEWAY_BENCHMARK_UNMETERED")]
+    pub benchmark_unmetered: bool,
+
     /// Create a demo tenant and key on first start and keep the key in this file (mode 0600).
     #[arg(long, env = "GATEWAY_DEMO_KEY_FILE")]
     pub demo_key_file: Option<PathBuf>,

@@ -77,7 +77,15 @@ impl Gateway {
         let pool = WorkerPool::new(&config.workers, client.clone());
         pool.check_all().await;
         let tenants = TenantStore::new(db.clone());
-        let spool = Spool::open(&config.spool_dir, config.spool_segment_bytes)?;
+        let spool = if config.benchmark_unmetered {
+            tracing::warn!(
+                "benchmark mode: usage is NOT recorded; never serve customers like this"
+            );
+            std::fs::create_dir_all(&config.spool_dir)?;
+            Spool::discarding(&config.spool_dir)
+        } else {
+            Spool::open(&config.spool_dir, config.spool_segment_bytes)?
+        };
         let shipper =
             Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
         let metrics = Arc::new(GatewayMetrics::new()?);

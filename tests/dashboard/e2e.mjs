@@ -40,10 +40,18 @@ try {
   await page.waitForFunction(() => document.querySelector("#sign-in-error").textContent.length > 0);
   result.bad_token_message = await page.textContent("#sign-in-error");
 
-  // Sign in.
+  // Sign in; time from a fresh page load to every panel drawn (printed, not asserted).
   await page.fill("#token", env("TOKEN"));
   await page.click("#sign-in-form button[type=submit]");
   await page.waitForSelector("body[data-loaded=true]", { timeout: 15000 });
+  const started = Date.now();
+  await page.reload();
+  await page.waitForSelector("body[data-loaded=true]", { timeout: 15000 });
+  result.load_ms = Date.now() - started;
+  const transferred = await page.evaluate(() =>
+    performance.getEntriesByType("resource").concat(performance.getEntriesByType("navigation"))
+      .reduce((a, e) => a + (e.transferSize || 0), 0));
+  result.page_bytes = transferred;
   await page.selectOption("#range", "90");
   await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Updated"));
 

@@ -562,6 +562,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         admin_jwt_secret: None,
         admin_jwt_secret_file: None,
+        benchmark_unmetered: false,
     }
 }
 

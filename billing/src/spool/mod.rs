@@ -51,6 +51,8 @@ enum Command {
 pub struct Spool {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    /// Benchmarks only: accept every append and write nothing (see [`Spool::discarding`]).
+    discard: bool,
 }
 
 pub(crate) struct Shared {
@@ -87,11 +89,35 @@ impl Spool {
         std::thread::Builder::new()
             .name("usage-spool".into())
             .spawn(move || writer.run(queue))?;
-        Ok(Self { commands, shared })
+        Ok(Self {
+            commands,
+            shared,
+            discard: false,
+        })
+    }
+
+    /// A spool that accepts every event and keeps none, so a benchmark can measure what
+    /// metering costs. Never for serving: usage written to it is lost by design.
+    pub fn discarding(dir: &Path) -> Self {
+        let (commands, _queue) = mpsc::channel(1);
+        Self {
+            commands,
+            shared: Arc::new(Shared {
+                dir: dir.to_owned(),
+                first_live_segment: 0,
+                written: Notify::new(),
+                settling: std::sync::atomic::AtomicUsize::new(0),
+                settled: Notify::new(),
+            }),
+            discard: true,
+        }
     }
 
     /// Appends a usage event and returns once it is on disk (fsynced).
     pub async fn append_usage(&self, event: &UsageEvent) -> Result<(), SpoolError> {
+        if self.discard {
+            return Ok(());
+        }
         let mut bytes = Vec::with_capacity(256);
         segment::encode(
             &SpoolEntry::Usage {
@@ -117,6 +143,9 @@ impl Spool {
     /// (destructors). The next group commit or [`Spool::flush`] makes it durable. Returns
     /// whether it was queued.
     pub fn append_usage_detached(&self, event: &UsageEvent) -> bool {
+        if self.discard {
+            return true;
+        }
         let mut bytes = Vec::with_capacity(256);
         if segment::encode(
             &SpoolEntry::Usage {
@@ -157,6 +186,9 @@ impl Spool {
     /// Records whether a response reached its client. Does not wait for the disk: a lost
     /// outcome only makes the record's delivery `unknown`.
     pub fn record_outcome(&self, request_id: &str, delivered: bool) {
+        if self.discard {
+            return;
+        }
         let mut bytes = Vec::with_capacity(96);
         let entry = SpoolEntry::Outcome {
             request_id: request_id.to_owned(),
@@ -174,6 +206,9 @@ impl Spool {
     /// Records that a response was delivered, once [`DELIVERY_SETTLE`] has passed.
     pub fn record_delivered(&self, request_id: &str) {
         use std::sync::atomic::Ordering;
+        if self.discard {
+            return;
+        }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             self.record_outcome(request_id, true);
             return;
@@ -194,6 +229,9 @@ impl Spool {
     /// settling).
     pub async fn flush(&self) -> Result<(), SpoolError> {
         use std::sync::atomic::Ordering;
+        if self.discard {
+            return Ok(());
+        }
         loop {
             let settled = self.shared.settled.notified();
             if self.shared.settling.load(Ordering::SeqCst) == 0 {
