@@ -117,20 +117,10 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// The admin signing secret from the flag or the file; `None`: the admin API is off.
     pub fn admin_secret(&self) -> anyhow::Result<Option<crate::admin::Secret>> {
-        match (&self.admin_jwt_secret, &self.admin_jwt_secret_file) {
-            (Some(_), Some(_)) => {
-                anyhow::bail!("give --admin-jwt-secret or --admin-jwt-secret-file, not both")
-            }
-            (Some(s), None) => Ok(Some(s.clone())),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!("reading the admin secret {}: {e}", path.display())
-                })?;
-                Ok(Some(
-                    crate::admin::Secret::new(text).map_err(anyhow::Error::msg)?,
-                ))
-            }
-            (None, None) => Ok(None),
-        }
+        crate::admin::token::resolve_secret(
+            self.admin_jwt_secret.as_ref(),
+            self.admin_jwt_secret_file.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
     }
 }

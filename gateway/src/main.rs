@@ -720,19 +720,15 @@ async fn run() -> anyhow::Result<()> {
             admin_jwt_secret,
             admin_jwt_secret_file,
         } => {
-            let secret = match (admin_jwt_secret, admin_jwt_secret_file) {
-                (Some(s), None) => s,
-                (None, Some(path)) => gateway::admin::Secret::new(
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
-                )
-                .map_err(anyhow::Error::msg)?,
-                (Some(_), Some(_)) => {
-                    anyhow::bail!("give --admin-jwt-secret or --admin-jwt-secret-file, not both")
-                }
-                (None, None) => anyhow::bail!(
+            let Some(secret) = gateway::admin::token::resolve_secret(
+                admin_jwt_secret.as_ref(),
+                admin_jwt_secret_file.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?
+            else {
+                anyhow::bail!(
                     "no admin secret: set GATEWAY_ADMIN_JWT_SECRET_FILE or --admin-jwt-secret-file"
-                ),
+                );
             };
             let token = gateway::admin::TokenAuthority::new(&secret)
                 .issue(&subject, role, ttl_secs)

@@ -188,12 +188,12 @@ where
             let _ = fail_tx.send(());
         }
     });
-    let data = tokio_util_stream(reader, fail_rx);
+    let data = pipe_stream(reader, fail_rx);
     attachment(content, filename, Body::from_stream(data))
 }
 
 /// The pipe's bytes, ending in an error if the writer failed.
-fn tokio_util_stream(
+fn pipe_stream(
     reader: tokio::io::DuplexStream,
     failed: tokio::sync::oneshot::Receiver<()>,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {

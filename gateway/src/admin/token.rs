@@ -48,6 +48,26 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The signing secret from a flag's value or a file, whichever is given (not both);
+/// `None` when neither is.
+pub fn resolve_secret(
+    flag: Option<&Secret>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<Secret>, String> {
+    match (flag, file) {
+        (Some(_), Some(_)) => {
+            Err("give --admin-jwt-secret or --admin-jwt-secret-file, not both".into())
+        }
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading the admin secret {}: {e}", path.display()))?;
+            Secret::new(text).map(Some)
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Who may do what on the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
