@@ -44,6 +44,9 @@ pub struct InvoiceLine {
     pub input_minor_per_mtok: i64,
     pub output_minor_per_mtok: i64,
     pub request_minor_per_mreq: i64,
+    /// The version's volume tiers, graduated over this line's tokens; absent: flat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<crate::prices::Tier>,
     pub requests: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -300,6 +303,7 @@ fn build(
             input_minor_per_mtok: price.map_or(0, |p| p.input_minor_per_mtok),
             output_minor_per_mtok: price.map_or(0, |p| p.output_minor_per_mtok),
             request_minor_per_mreq: price.map_or(0, |p| p.request_minor_per_mreq),
+            tiers: price.map_or_else(Vec::new, |p| p.tiers.clone()),
             requests: 0,
             input_tokens: 0,
             output_tokens: 0,
@@ -309,12 +313,6 @@ fn build(
         line.requests += a.requests;
         line.input_tokens += a.input;
         line.output_tokens += a.output;
-        // Cost is linear in the quantities, so pricing each piece and adding is exact.
-        if let Some(p) = price {
-            line.amount_micros = line
-                .amount_micros
-                .saturating_add(p.cost(a.requests, a.input, a.output).0);
-        }
     }
     if currencies.len() > 1 {
         return Err(InvoiceError::MixedCurrency(
@@ -323,6 +321,10 @@ fn build(
     }
     let mut lines: Vec<InvoiceLine> = lines.into_values().collect();
     for l in &mut lines {
+        // Priced once per line, on its whole volume: tiers are graduated over the line.
+        if let Some(p) = l.price_effective_from.and_then(|t| book.at(&l.model, t)) {
+            l.amount_micros = p.cost(l.requests, l.input_tokens, l.output_tokens).0;
+        }
         l.amount_minor = Micros(l.amount_micros).to_minor_half_even();
     }
     let total_minor = lines.iter().map(|l| l.amount_minor).sum();

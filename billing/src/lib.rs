@@ -16,7 +16,7 @@ pub mod usage;
 
 pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
-pub use prices::{period_of, Micros, Price, PriceBook, PriceError};
+pub use prices::{period_of, Micros, Price, PriceBook, PriceError, Tier};
 pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
 pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
 

@@ -5,6 +5,12 @@
 //! integer in millionths of a minor unit ([`Micros`]); nothing is rounded until an amount
 //! is shown or invoiced, and then only by [`Micros::to_minor_half_even`], the one rounding
 //! step of the ledger.
+//!
+//! A version may have volume tiers: from `from_tokens` on, tokens cost the tier's rates
+//! instead of the base ones (graduated: each token at the rate of the tier its position
+//! falls in). Input and output tokens climb the tiers separately. The volume is that of one
+//! invoice line: a tenant's delivered usage of the model in one month under one version
+//! (late usage, billed as an adjustment line, climbs from zero on its own line).
 
 use sqlx::Row;
 
@@ -34,7 +40,7 @@ impl Micros {
 }
 
 /// One version of a model's price.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Price {
     pub model: String,
     /// Unix ms from which this version applies (inclusive).
@@ -43,17 +49,110 @@ pub struct Price {
     pub input_minor_per_mtok: i64,
     pub output_minor_per_mtok: i64,
     pub request_minor_per_mreq: i64,
+    /// Volume tiers above the base rates, by increasing `from_tokens`; empty: flat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<Tier>,
+}
+
+/// Rates that apply from a token volume on (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub from_tokens: i64,
+    pub input_minor_per_mtok: i64,
+    pub output_minor_per_mtok: i64,
 }
 
 impl Price {
-    /// The exact cost of `requests` calls using `input` and `output` tokens.
+    /// The exact cost of `requests` calls using `input` and `output` tokens, the tokens
+    /// counted from the start of the volume (the first tokens of an invoice line).
     pub fn cost(&self, requests: i64, input: i64, output: i64) -> Micros {
+        self.cost_from(0, 0, requests, input, output)
+    }
+
+    /// As [`Price::cost`], for tokens that come after `input_before` and `output_before`
+    /// tokens of the same volume: each token costs the rate of the tier its position is in.
+    pub fn cost_from(
+        &self,
+        input_before: i64,
+        output_before: i64,
+        requests: i64,
+        input: i64,
+        output: i64,
+    ) -> Micros {
+        let inputs = self.graduated(input_before, input, |t| t.input_minor_per_mtok);
+        let outputs = self.graduated(output_before, output, |t| t.output_minor_per_mtok);
         Micros(
-            input
-                .saturating_mul(self.input_minor_per_mtok)
-                .saturating_add(output.saturating_mul(self.output_minor_per_mtok))
+            inputs
+                .saturating_add(outputs)
                 .saturating_add(requests.saturating_mul(self.request_minor_per_mreq)),
         )
+    }
+
+    /// The highest rates of any tier: what admission reserves, so a spend cap is never
+    /// under-counted whatever volume a tenant is at.
+    pub fn ceiling(&self) -> Price {
+        let mut top = self.clone();
+        for t in &self.tiers {
+            top.input_minor_per_mtok = top.input_minor_per_mtok.max(t.input_minor_per_mtok);
+            top.output_minor_per_mtok = top.output_minor_per_mtok.max(t.output_minor_per_mtok);
+        }
+        top.tiers.clear();
+        top
+    }
+
+    /// Sum over the tokens in `[before, before + quantity)` of the rate in force at each
+    /// position (micros: tokens × minor per million).
+    fn graduated(&self, before: i64, quantity: i64, rate: impl Fn(&Tier) -> i64) -> i64 {
+        let base = Tier {
+            from_tokens: 0,
+            input_minor_per_mtok: self.input_minor_per_mtok,
+            output_minor_per_mtok: self.output_minor_per_mtok,
+        };
+        let (start, end) = (before, before.saturating_add(quantity));
+        let mut total = 0i64;
+        let bands = std::iter::once(&base).chain(self.tiers.iter());
+        let mut bands = bands.peekable();
+        while let Some(t) = bands.next() {
+            let band_end = bands.peek().map_or(i64::MAX, |n| n.from_tokens);
+            let lo = start.max(t.from_tokens);
+            let hi = end.min(band_end);
+            if hi > lo {
+                total = total.saturating_add((hi - lo).saturating_mul(rate(t)));
+            }
+        }
+        total
+    }
+
+    /// Checks the price as [`add_price`] stores it.
+    pub fn validate(&self) -> Result<(), PriceError> {
+        if self.model.is_empty() {
+            return Err(PriceError::Model);
+        }
+        let rates = [
+            self.input_minor_per_mtok,
+            self.output_minor_per_mtok,
+            self.request_minor_per_mreq,
+        ];
+        if rates.iter().any(|r| *r < 0)
+            || self
+                .tiers
+                .iter()
+                .any(|t| t.input_minor_per_mtok < 0 || t.output_minor_per_mtok < 0)
+        {
+            return Err(PriceError::Negative);
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(PriceError::Currency);
+        }
+        let mut last = 0;
+        for t in &self.tiers {
+            if t.from_tokens <= last {
+                return Err(PriceError::Tiers);
+            }
+            last = t.from_tokens;
+        }
+        Ok(())
     }
 }
 
@@ -65,6 +164,10 @@ pub enum PriceError {
     Currency,
     #[error("the model name must not be empty")]
     Model,
+    #[error("tiers must start above zero tokens, in increasing order")]
+    Tiers,
+    #[error("stored tiers of {0} are not readable")]
+    StoredTiers(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -98,7 +201,7 @@ impl PriceBook {
     pub async fn load(db: &Db) -> Result<Self, DbError> {
         let rows = sqlx::query(
             "SELECT model, effective_from, currency, input_minor_per_mtok, \
-             output_minor_per_mtok, request_minor_per_mreq FROM prices",
+             output_minor_per_mtok, request_minor_per_mreq, tiers FROM prices",
         )
         .fetch_all(db.pool())
         .await?;
@@ -111,6 +214,14 @@ impl PriceBook {
                 input_minor_per_mtok: r.try_get("input_minor_per_mtok")?,
                 output_minor_per_mtok: r.try_get("output_minor_per_mtok")?,
                 request_minor_per_mreq: r.try_get("request_minor_per_mreq")?,
+                tiers: match r.try_get::<Option<String>, _>("tiers")? {
+                    Some(json) => serde_json::from_str(&json).map_err(|e| {
+                        DbError::Sqlx(sqlx::Error::Decode(
+                            format!("tiers of a price version: {e}").into(),
+                        ))
+                    })?,
+                    None => Vec::new(),
+                },
             });
         }
         Ok(Self::new(prices))
@@ -130,22 +241,16 @@ impl PriceBook {
 
 /// Adds a price version. Versions are never edited: a change is a new version.
 pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
-    if price.model.is_empty() {
-        return Err(PriceError::Model);
-    }
-    if price.input_minor_per_mtok < 0
-        || price.output_minor_per_mtok < 0
-        || price.request_minor_per_mreq < 0
-    {
-        return Err(PriceError::Negative);
-    }
-    if price.currency.len() != 3 || !price.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(PriceError::Currency);
-    }
+    price.validate()?;
+    let tiers = if price.tiers.is_empty() {
+        None
+    } else {
+        serde_json::to_string(&price.tiers).ok()
+    };
     sqlx::query(
         "INSERT INTO prices (model, effective_from, currency, input_minor_per_mtok, \
-         output_minor_per_mtok, request_minor_per_mreq, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         output_minor_per_mtok, request_minor_per_mreq, created_at, tiers) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&price.model)
     .bind(price.effective_from)
@@ -154,6 +259,7 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     .bind(price.output_minor_per_mtok)
     .bind(price.request_minor_per_mreq)
     .bind(crate::now_ms())
+    .bind(tiers)
     .execute(db.pool())
     .await?;
     Ok(())
@@ -178,7 +284,49 @@ mod tests {
             input_minor_per_mtok: input,
             output_minor_per_mtok: 2 * input,
             request_minor_per_mreq: 0,
+            tiers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn tiers_are_graduated_and_additive() {
+        // 100 per Mtok up to 1000 tokens, 60 from 1000, 10 from 5000; output flat 200.
+        let p = Price {
+            tiers: vec![
+                Tier {
+                    from_tokens: 1000,
+                    input_minor_per_mtok: 60,
+                    output_minor_per_mtok: 200,
+                },
+                Tier {
+                    from_tokens: 5000,
+                    input_minor_per_mtok: 10,
+                    output_minor_per_mtok: 200,
+                },
+            ],
+            output_minor_per_mtok: 200,
+            ..price(0, 100)
+        };
+        assert_eq!(p.cost(0, 999, 0), Micros(999 * 100));
+        assert_eq!(
+            p.cost(0, 6000, 7),
+            Micros(1000 * 100 + 4000 * 60 + 1000 * 10 + 7 * 200)
+        );
+        // Pricing in pieces equals pricing at once, wherever the cuts fall.
+        for cut in [0, 1, 999, 1000, 1001, 4999, 5000, 5999, 6000] {
+            let a = p.cost_from(0, 0, 0, cut, 0).0 + p.cost_from(cut, 0, 0, 6000 - cut, 0).0;
+            assert_eq!(a, p.cost(0, 6000, 0).0, "cut at {cut}");
+        }
+        assert_eq!(p.ceiling().input_minor_per_mtok, 100);
+        let bad = Price {
+            tiers: vec![Tier {
+                from_tokens: 0,
+                input_minor_per_mtok: 1,
+                output_minor_per_mtok: 1,
+            }],
+            ..price(0, 1)
+        };
+        assert!(matches!(bad.validate(), Err(PriceError::Tiers)));
     }
 
     #[test]

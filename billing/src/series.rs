@@ -5,6 +5,9 @@
 //! delivered records are billed, each piece is priced with the version in force when its
 //! calls started, exactly, in millionths of a minor unit. Rounding to minor units happens
 //! once, on an invoice line; these figures stay exact so they add up to the invoices.
+//! Tiered prices are graduated over a tenant's month under one version, as on an invoice
+//! line: each bucket's tokens cost the rates of the tiers their positions fall in, in time
+//! order (a bucket shared by several keys of one tenant takes them in key order).
 //! Must never: write anything.
 
 use std::collections::BTreeMap;
@@ -12,7 +15,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::prices::PriceBook;
+use crate::invoices::period_bounds;
+use crate::prices::{period_of, PriceBook};
 use crate::{Db, DbError};
 
 /// Width of a time bucket. Buckets start at UTC hour or midnight boundaries.
@@ -198,6 +202,20 @@ struct Piece {
     spend_micros: i64,
 }
 
+impl Piece {
+    fn counted(requests: i64, prompt_tokens: i64, completion_tokens: i64, spend: i64) -> Self {
+        Self {
+            bucket: 0,
+            group: None,
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            unbilled_requests: 0,
+            spend_micros: spend,
+        }
+    }
+}
+
 /// Groups records by bucket, group, model, price segment and delivery in SQL, then prices
 /// each group with the one price version in force throughout it.
 async fn aggregate(
@@ -207,6 +225,9 @@ async fn aggregate(
     group_by: Option<Dimension>,
 ) -> Result<Vec<Piece>, SeriesError> {
     let book = PriceBook::load(db).await?;
+    if book.all().any(|p| !p.tiers.is_empty()) {
+        return aggregate_tiered(db, filter, bucket_ms, group_by, &book).await;
+    }
     let mut cuts: Vec<i64> = book
         .all()
         .map(|p| p.effective_from)
@@ -280,15 +301,129 @@ async fn aggregate(
         } else {
             0
         };
-        let group: String = r.try_get("grp")?;
         pieces.push(Piece {
             bucket: if bucket_ms.is_some() { bucket } else { 0 },
-            group: group_by.map(|_| group),
-            requests,
-            prompt_tokens,
-            completion_tokens,
+            group: group_by.map(|_| r.try_get("grp")).transpose()?,
             unbilled_requests: if billed { 0 } else { requests },
-            spend_micros,
+            ..Piece::counted(requests, prompt_tokens, completion_tokens, spend_micros)
+        });
+    }
+    Ok(pieces)
+}
+
+/// The tiered form of [`aggregate`]: reads the tenant's whole volume from the start of the
+/// month of `from` (tiers depend on it, whatever the filters), prices each piece after the
+/// volume before it in its (tenant, model, month, version), then applies the filters.
+async fn aggregate_tiered(
+    db: &Db,
+    filter: &UsageFilter,
+    bucket_ms: Option<i64>,
+    group_by: Option<Dimension>,
+    book: &PriceBook,
+) -> Result<Vec<Piece>, SeriesError> {
+    let month_start = period_bounds(&period_of(filter.from_ms))
+        .map_err(|e| SeriesError::Db(DbError::Sqlx(sqlx::Error::Protocol(e.to_string()))))?
+        .0;
+    let scan_from = month_start.min(filter.from_ms);
+    // Segments never cross a price version's start or a month's start.
+    let mut cuts: Vec<i64> = book
+        .all()
+        .map(|p| p.effective_from)
+        .filter(|t| *t > scan_from && *t < filter.to_ms)
+        .collect();
+    let mut t = scan_from;
+    while let Ok((_, end)) = period_bounds(&period_of(t)) {
+        if end >= filter.to_ms {
+            break;
+        }
+        cuts.push(end);
+        t = end;
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    // Hour buckets order the volume when the caller wants no buckets.
+    let width = bucket_ms.unwrap_or(3_600_000);
+    let tenant_filter = if filter.tenant_id.is_some() {
+        "AND tenant_id = $4 "
+    } else {
+        ""
+    };
+    let first_cut = if filter.tenant_id.is_some() { 5 } else { 4 };
+    let mut segment = String::from("0");
+    for i in 0..cuts.len() {
+        segment.push_str(&format!(
+            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
+            first_cut + i
+        ));
+    }
+    let group = group_by.map_or("''", Dimension::column);
+    let sql = format!(
+        "SELECT CAST((started_at / {width}) * {width} AS BIGINT) AS bucket, \
+         CAST(CASE WHEN started_at < $3 THEN 1 ELSE 0 END AS BIGINT) AS before, \
+         tenant_id, key_id, {group} AS grp, model, CAST({segment} AS BIGINT) AS segment, \
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, \
+         COUNT(*) AS requests, \
+         CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
+         FROM usage_records WHERE started_at >= $1 AND started_at < $2 {tenant_filter}\
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2 DESC, 3, 4, 6, 7"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(scan_from)
+        .bind(filter.to_ms)
+        .bind(filter.from_ms);
+    if let Some(t) = &filter.tenant_id {
+        query = query.bind(t);
+    }
+    for c in &cuts {
+        query = query.bind(*c);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    // Billed tokens so far per (tenant, model, segment): where the next piece starts.
+    let mut volume: std::collections::HashMap<(String, String, i64), (i64, i64)> =
+        Default::default();
+    let mut pieces = Vec::new();
+    for r in rows {
+        let bucket: i64 = r.try_get("bucket")?;
+        let before = r.try_get::<i64, _>("before")? != 0;
+        let tenant: String = r.try_get("tenant_id")?;
+        let key: String = r.try_get("key_id")?;
+        let model: String = r.try_get("model")?;
+        let segment: i64 = r.try_get("segment")?;
+        let billed = r.try_get::<i64, _>("billed")? != 0;
+        let requests: i64 = r.try_get("requests")?;
+        let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
+        let completion_tokens: i64 = r.try_get("completion_tokens")?;
+        let segment_start = if segment == 0 {
+            scan_from
+        } else {
+            cuts[segment as usize - 1]
+        };
+        let mut spend_micros = 0;
+        if billed {
+            let at = segment_start.max(bucket);
+            let done = volume
+                .entry((tenant.clone(), model.clone(), segment))
+                .or_default();
+            if let Some(p) = book.at(&model, at) {
+                spend_micros = p
+                    .cost_from(done.0, done.1, requests, prompt_tokens, completion_tokens)
+                    .0;
+            }
+            done.0 += prompt_tokens;
+            done.1 += completion_tokens;
+        }
+        let wanted = !before
+            && filter.key_id.as_ref().is_none_or(|k| *k == key)
+            && filter.model.as_ref().is_none_or(|m| *m == model);
+        if !wanted {
+            continue;
+        }
+        pieces.push(Piece {
+            bucket: if bucket_ms.is_some() { bucket } else { 0 },
+            group: group_by.map(|_| r.try_get("grp")).transpose()?,
+            unbilled_requests: if billed { 0 } else { requests },
+            ..Piece::counted(requests, prompt_tokens, completion_tokens, spend_micros)
         });
     }
     Ok(pieces)

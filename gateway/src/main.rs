@@ -75,6 +75,10 @@ enum Command {
         /// Unix milliseconds from which this version applies; now if omitted.
         #[arg(long)]
         effective_from: Option<i64>,
+        /// A volume tier, `FROM_TOKENS:INPUT_PER_MTOK:OUTPUT_PER_MTOK` (repeatable): from that
+        /// many tokens of a month's volume on, these rates apply.
+        #[arg(long = "tier", value_parser = parse_tier)]
+        tiers: Vec<billing::Tier>,
     },
     /// Invoices: preview a draft, finalise a past month, list, show, trace lines to requests.
     Invoice {
@@ -501,6 +505,7 @@ async fn run() -> anyhow::Result<()> {
             request_per_mreq,
             currency,
             effective_from,
+            tiers,
         } => {
             let db = connect(&database_url).await?;
             let price = billing::Price {
@@ -510,6 +515,7 @@ async fn run() -> anyhow::Result<()> {
                 input_minor_per_mtok: input_per_mtok,
                 output_minor_per_mtok: output_per_mtok,
                 request_minor_per_mreq: request_per_mreq,
+                tiers,
             };
             billing::prices::add_price(&db, &price).await?;
             if json {
@@ -758,6 +764,22 @@ async fn run() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn parse_tier(s: &str) -> Result<billing::Tier, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [from, input, output] = parts.as_slice() else {
+        return Err("a tier is FROM_TOKENS:INPUT_PER_MTOK:OUTPUT_PER_MTOK".into());
+    };
+    let num = |v: &str| {
+        v.parse::<i64>()
+            .map_err(|_| format!("`{v}` is not a whole number"))
+    };
+    Ok(billing::Tier {
+        from_tokens: num(from)?,
+        input_minor_per_mtok: num(input)?,
+        output_minor_per_mtok: num(output)?,
+    })
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

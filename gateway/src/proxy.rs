@@ -242,11 +242,12 @@ impl Proxy {
     ) -> Result<(Reservation, RateHeaders), GatewayError> {
         let key = &ctx.caller.key;
         let (prompt, completion) = call.token_bound(self.default_completion_reserve);
+        // Tiered prices count at their highest rates: spend caps are never under-counted.
         let price = self
             .prices
             .current()
             .at(&call.model, ctx.started_at)
-            .cloned();
+            .map(billing::Price::ceiling);
         let demand = Demand {
             tokens: prompt.saturating_add(completion),
             spend: price

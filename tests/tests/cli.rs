@@ -72,8 +72,25 @@ fn cli_json_and_errors() {
             "0",
         ],
     );
+    json(
+        db,
+        &[
+            "add-price",
+            "--model",
+            "t",
+            "--input-per-mtok",
+            "10",
+            "--output-per-mtok",
+            "20",
+            "--tier",
+            "1000:5:10",
+            "--tier",
+            "5000:1:2",
+        ],
+    );
     let prices = json(db, &["list-prices"]);
     assert_eq!(prices[0]["output_minor_per_mtok"], 20);
+    assert_eq!(prices[1]["tiers"][1]["from_tokens"], 5000);
 
     // Keys: listed without secrets, rotated (new key shown once), old one revoked.
     let keys = json(db, &["list-keys", "--tenant", "acme"]);

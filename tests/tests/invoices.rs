@@ -36,7 +36,169 @@ fn price(model: &str, from: i64, input: i64, output: i64, request: i64) -> Price
         input_minor_per_mtok: input,
         output_minor_per_mtok: output,
         request_minor_per_mreq: request,
+        tiers: Vec::new(),
     }
+}
+
+/// Graduated cost of the first `quantity` tokens: each band `[from_i, from_i+1)` at its
+/// rate (`rate` picks input or output from `(input, output)` rates).
+fn banded(p: &Price, quantity: i64, rate: fn((i64, i64)) -> i64) -> i64 {
+    let mut bands = vec![(0, (p.input_minor_per_mtok, p.output_minor_per_mtok))];
+    bands.extend(p.tiers.iter().map(|t| {
+        (
+            t.from_tokens,
+            (t.input_minor_per_mtok, t.output_minor_per_mtok),
+        )
+    }));
+    let mut total = 0;
+    for (i, (from, rates)) in bands.iter().enumerate() {
+        let to = bands.get(i + 1).map_or(i64::MAX, |b| b.0);
+        let inside = quantity.min(to) - from;
+        if inside > 0 {
+            total += inside * rate(*rates);
+        }
+    }
+    total
+}
+
+/// Tiered prices: invoice lines are graduated over their volume, and the usage series and
+/// leader boards, bucket by bucket and key by key, add up to the same exact amount.
+async fn tiers_agree_everywhere(db: Db) {
+    let ledger = Ledger::new(db.clone());
+    let (start, end) = period_bounds("2026-07").unwrap();
+    let mut p = price("tiered", 0, 1_000, 4_000, 50_000);
+    p.tiers = vec![
+        billing::Tier {
+            from_tokens: 10_000,
+            input_minor_per_mtok: 600,
+            output_minor_per_mtok: 3_000,
+        },
+        billing::Tier {
+            from_tokens: 50_000,
+            input_minor_per_mtok: 200,
+            output_minor_per_mtok: 1_000,
+        },
+    ];
+    billing::prices::add_price(&db, &p).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let events: Vec<UsageEvent> = (0..300)
+        .map(|i| {
+            let mut e = event(
+                &format!("tier-{i}"),
+                "tn_tiers",
+                "tiered",
+                rng.random_range(start..end),
+                rng.random_range(0..900),
+                rng.random_range(0..300),
+                if i % 17 == 0 {
+                    Delivery::Undelivered
+                } else {
+                    Delivery::Delivered
+                },
+            );
+            e.key_id = format!("key_{}", i % 3);
+            e
+        })
+        .collect();
+    ledger.record_batch(&events).await.unwrap();
+    let inv = Invoices::new(db.clone())
+        .finalise("tn_tiers", "2026-07")
+        .await
+        .unwrap();
+    assert_eq!(inv.lines.len(), 1);
+    let line = &inv.lines[0];
+    assert_eq!(line.tiers, p.tiers);
+    let (input, output): (i64, i64) = events
+        .iter()
+        .filter(|e| e.delivery == Delivery::Delivered)
+        .fold((0, 0), |(a, b), e| {
+            (a + e.prompt_tokens, b + e.completion_tokens)
+        });
+    assert!(input > 50_000, "the volume reaches the last tier");
+    let exact = banded(&p, input, |t| t.0) + banded(&p, output, |t| t.1) + line.requests * 50_000;
+    assert_eq!(line.amount_micros, exact);
+    assert_eq!(inv.total_minor, Micros(exact).to_minor_half_even());
+
+    use billing::series::{top, usage_series, Bucket, Dimension, UsageFilter};
+    let month = UsageFilter {
+        tenant_id: Some("tn_tiers".into()),
+        from_ms: start,
+        to_ms: end,
+        ..Default::default()
+    };
+    for bucket in [Bucket::Hour, Bucket::Day] {
+        let points = usage_series(&db, &month, bucket, None).await.unwrap();
+        assert_eq!(
+            points.iter().map(|p| p.spend_micros).sum::<i64>(),
+            exact,
+            "{bucket:?}"
+        );
+        let by_key = usage_series(&db, &month, bucket, Some(Dimension::Key))
+            .await
+            .unwrap();
+        assert_eq!(
+            by_key.iter().map(|p| p.spend_micros).sum::<i64>(),
+            exact,
+            "{bucket:?}"
+        );
+    }
+    let keys = top(&db, &month, Dimension::Key, 10).await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys.iter().map(|k| k.spend_micros).sum::<i64>(), exact);
+    // One key alone, and the month split at a random instant: the parts add up.
+    let mut per_key = 0;
+    for k in 0..3 {
+        let f = UsageFilter {
+            key_id: Some(format!("key_{k}")),
+            ..month.clone()
+        };
+        per_key += usage_series(&db, &f, Bucket::Day, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.spend_micros)
+            .sum::<i64>();
+    }
+    assert_eq!(per_key, exact);
+    let cut = start + (end - start) / 3 + 12_345;
+    let first = UsageFilter {
+        to_ms: cut,
+        ..month.clone()
+    };
+    let second = UsageFilter {
+        from_ms: cut,
+        ..month.clone()
+    };
+    let part = |f: UsageFilter| {
+        let db = db.clone();
+        async move {
+            usage_series(&db, &f, Bucket::Hour, None)
+                .await
+                .unwrap()
+                .iter()
+                .map(|p| p.spend_micros)
+                .sum::<i64>()
+        }
+    };
+    assert_eq!(part(first).await + part(second).await, exact);
+    let invoice_id = inv.id.unwrap();
+    let invoices = Invoices::new(db.clone());
+    assert_eq!(
+        invoices.reprice(&invoice_id).await.unwrap().unwrap(),
+        invoices.document(&invoice_id).await.unwrap().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_tiers_agree_everywhere() {
+    let store = TempSqlite::new();
+    tiers_agree_everywhere(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tiers_agree_everywhere() {
+    let pg = TempPostgres::new().await;
+    tiers_agree_everywhere(Db::connect(&pg.url).await.unwrap()).await;
 }
 
 async fn lifecycle(db: Db) {
@@ -282,18 +444,26 @@ async fn random_invoices(db: Db, cases: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(m.len() as u64 + m.as_bytes()[1] as u64);
         let mut from = 0;
         for _ in 0..rng.random_range(1..=3) {
-            billing::prices::add_price(
-                &db,
-                &price(
-                    m,
-                    from,
-                    rng.random_range(0..5_000),
-                    rng.random_range(0..20_000),
-                    rng.random_range(0..3_000_000),
-                ),
-            )
-            .await
-            .unwrap();
+            let mut p = price(
+                m,
+                from,
+                rng.random_range(0..5_000),
+                rng.random_range(0..20_000),
+                rng.random_range(0..3_000_000),
+            );
+            // Half the versions have up to three volume tiers, cheaper or dearer.
+            if rng.random_bool(0.5) {
+                let mut at = 0;
+                for _ in 0..rng.random_range(1..=3) {
+                    at += rng.random_range(1..2_000_000);
+                    p.tiers.push(billing::Tier {
+                        from_tokens: at,
+                        input_minor_per_mtok: rng.random_range(0..5_000),
+                        output_minor_per_mtok: rng.random_range(0..20_000),
+                    });
+                }
+            }
+            billing::prices::add_price(&db, &p).await.unwrap();
             from = rng.random_range(start..end);
         }
     }
@@ -327,18 +497,31 @@ async fn random_invoices(db: Db, cases: u64) {
             inv.lines.iter().map(|l| l.amount_minor).sum::<i64>()
         );
         assert_eq!(inv.records, n);
-        // Independent: group delivered events by (model, price version), exact micros,
-        // round each group half to even.
-        let mut groups: std::collections::BTreeMap<(String, i64), Micros> = Default::default();
+        // Independent: group delivered events by (model, price version), sum the
+        // quantities, price each group's volume band by band, round half to even.
+        let mut groups: std::collections::BTreeMap<(String, i64), (i64, i64, i64)> =
+            Default::default();
         for e in events.iter().filter(|e| e.delivery == Delivery::Delivered) {
             let p = book.at(&e.model, e.started_at).unwrap();
-            let cost = p.cost(1, e.prompt_tokens, e.completion_tokens);
             let g = groups
                 .entry((e.model.clone(), p.effective_from))
                 .or_default();
-            g.0 += cost.0;
+            g.0 += 1;
+            g.1 += e.prompt_tokens;
+            g.2 += e.completion_tokens;
         }
-        let expected: i64 = groups.values().map(|m| m.to_minor_half_even()).sum();
+        let expected: i64 = groups
+            .iter()
+            .map(|((model, from), (requests, input, output))| {
+                let p = book.at(model, *from).unwrap();
+                Micros(
+                    banded(p, *input, |t| t.0)
+                        + banded(p, *output, |t| t.1)
+                        + requests * p.request_minor_per_mreq,
+                )
+                .to_minor_half_even()
+            })
+            .sum();
         assert_eq!(inv.total_minor, expected, "case {case}");
         let id = inv.id.unwrap();
         assert_eq!(

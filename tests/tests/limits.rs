@@ -314,6 +314,7 @@ async fn quota_holds_across_replicas(url: &str) {
         input_minor_per_mtok: 1_000,
         output_minor_per_mtok: 1_000,
         request_minor_per_mreq: 0,
+        tiers: Vec::new(),
     };
     billing::prices::add_price(&a.db, &price).await.unwrap();
     // Both replicas reload prices every 5 s.

@@ -197,6 +197,9 @@ struct NewPrice {
     currency: String,
     /// Unix ms; now if omitted.
     effective_from: Option<i64>,
+    /// Volume tiers above the base rates.
+    #[serde(default)]
+    tiers: Vec<billing::Tier>,
 }
 
 fn usd() -> String {
@@ -217,6 +220,7 @@ async fn add_price(
         input_minor_per_mtok: new.input_minor_per_mtok,
         output_minor_per_mtok: new.output_minor_per_mtok,
         request_minor_per_mreq: new.request_minor_per_mreq,
+        tiers: new.tiers,
     };
     let book = billing::PriceBook::load(&state.db).await?;
     if book
