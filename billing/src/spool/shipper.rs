@@ -23,6 +23,8 @@ use crate::usage::{Delivery, Ledger, UsageEvent};
 /// Most events written to the store in one transaction.
 const BATCH: usize = 5_000;
 const CURSOR_FILE: &str = "cursor";
+/// How long the shipper lets events gather after being woken.
+const COALESCE: Duration = Duration::from_millis(50);
 
 /// A position in the spool: segment number and byte offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -217,8 +219,14 @@ impl Shipper {
             if stopping && waiting.is_empty() {
                 return;
             }
+            // New events wake the shipper, which then lets more gather: one store
+            // transaction (one fsync on SQLite) and one pass over the waiting events per
+            // round instead of per group commit of the spool.
             tokio::select! {
-                _ = self.shared.written.notified() => {}
+                _ = async {
+                    self.shared.written.notified().await;
+                    tokio::time::sleep(COALESCE).await;
+                } => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = stopped.changed() => {}
             }
