@@ -145,28 +145,19 @@ const PRICE_IN: i64 = 150; // minor units per million prompt tokens
 const PRICE_OUT: i64 = 600;
 
 async fn seed(admin: &Admin) -> Seeded {
-    let a = admin
-        .ok(
-            Role::Operator,
-            "post",
-            "/admin/v1/tenants",
-            Some(json!({"name": "acme"})),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = admin
-        .ok(
-            Role::Operator,
-            "post",
-            "/admin/v1/tenants",
-            Some(json!({"name": "globex"})),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mut ids = Vec::new();
+    for name in ["acme", "globex"] {
+        let made = admin
+            .ok(
+                Role::Operator,
+                "post",
+                "/admin/v1/tenants",
+                Some(json!({ "name": name })),
+            )
+            .await;
+        ids.push(made["id"].as_str().unwrap().to_owned());
+    }
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     let made = admin
         .ok(
             Role::Operator,
