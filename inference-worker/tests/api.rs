@@ -330,3 +330,44 @@ async fn a_full_queue_is_503_and_a_disconnect_stops_generation() {
     );
     assert_eq!(w.metric("worker_active_sequences").await, 0.0);
 }
+
+/// Zero-shot classification on a small labelled set (`tests/fixtures/classify_labelled.json`,
+/// four topics): prints the accuracy and the confusions, and requires better than chance
+/// by a wide margin, so a broken embedding or scoring cannot pass.
+#[tokio::test]
+async fn classify_accuracy_on_a_labelled_set() {
+    let w = worker(&[]).await;
+    let set: Value = serde_json::from_str(include_str!("fixtures/classify_labelled.json")).unwrap();
+    let labels = set["labels"].clone();
+    let examples = set["examples"].as_array().unwrap();
+    let inputs: Vec<&str> = examples.iter().map(|e| e[0].as_str().unwrap()).collect();
+    let (status, _, v) = w
+        .post(
+            "/v1/classify",
+            json!({"model": EMBED, "input": inputs, "labels": labels}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let predictions = v["data"].as_array().unwrap();
+    assert_eq!(predictions.len(), examples.len());
+    let mut right = 0;
+    let mut confusions = Vec::new();
+    for (e, p) in examples.iter().zip(predictions) {
+        let (text, want) = (e[0].as_str().unwrap(), e[1].as_str().unwrap());
+        let got = p["prediction"].as_str().unwrap();
+        if got == want {
+            right += 1;
+        } else {
+            confusions.push(format!("  {want} -> {got}: {text}"));
+        }
+    }
+    let accuracy = right as f64 / examples.len() as f64;
+    println!(
+        "classify accuracy: {right}/{} = {:.1} % (chance {:.1} %)\n{}",
+        examples.len(),
+        accuracy * 100.0,
+        100.0 / labels.as_array().unwrap().len() as f64,
+        confusions.join("\n")
+    );
+    assert!(accuracy >= 0.6, "accuracy {accuracy}");
+}
