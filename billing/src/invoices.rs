@@ -156,7 +156,7 @@ struct Aggregate {
 
 /// Time boundaries that split usage so that each piece has one price version and one month:
 /// every price version's start and every month start in `[from, to)`.
-fn boundaries(book: &PriceBook, from_ms: i64, to_ms: i64) -> Vec<i64> {
+pub(crate) fn boundaries(book: &PriceBook, from_ms: i64, to_ms: i64) -> Vec<i64> {
     let mut b: Vec<i64> = book
         .all()
         .map(|p| p.effective_from)
@@ -175,6 +175,19 @@ fn boundaries(book: &PriceBook, from_ms: i64, to_ms: i64) -> Vec<i64> {
     b
 }
 
+/// SQL for a record's segment: how many of `cuts` cuts, bound as parameters from
+/// `$first_param` on, are at or before its `started_at`.
+pub(crate) fn segment_sql(first_param: usize, cuts: usize) -> String {
+    let mut segment = String::from("0");
+    for i in 0..cuts {
+        segment.push_str(&format!(
+            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
+            first_param + i
+        ));
+    }
+    segment
+}
+
 async fn aggregate(
     conn: &mut sqlx::AnyConnection,
     selection: &Selection<'_>,
@@ -188,13 +201,7 @@ async fn aggregate(
         ),
         Selection::Invoiced(_) => ("invoice_id = $1", 2),
     };
-    let mut segment = String::from("0");
-    for i in 0..cuts.len() {
-        segment.push_str(&format!(
-            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
-            i + first_cut
-        ));
-    }
+    let segment = segment_sql(first_cut, cuts.len());
     let sql = format!(
         "SELECT model, CAST({segment} AS BIGINT) AS segment, delivery, COUNT(*) AS requests, \
          CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS input, \

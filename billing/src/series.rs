@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::invoices::period_bounds;
+use crate::invoices::{boundaries, period_bounds, segment_sql};
 use crate::prices::{period_of, PriceBook};
 use crate::{Db, DbError};
 
@@ -224,17 +224,11 @@ async fn aggregate(
     bucket_ms: Option<i64>,
     group_by: Option<Dimension>,
 ) -> Result<Vec<Piece>, SeriesError> {
-    let book = PriceBook::load(db).await?;
+    let book = &PriceBook::load(db).await?;
     if book.all().any(|p| !p.tiers.is_empty()) {
-        return aggregate_tiered(db, filter, bucket_ms, group_by, &book).await;
+        return aggregate_tiered(db, filter, bucket_ms, group_by, book).await;
     }
-    let mut cuts: Vec<i64> = book
-        .all()
-        .map(|p| p.effective_from)
-        .filter(|t| *t > filter.from_ms && *t < filter.to_ms)
-        .collect();
-    cuts.sort_unstable();
-    cuts.dedup();
+    let cuts = boundaries(book, filter.from_ms, filter.to_ms);
 
     // Parameters: $1 from, $2 to, then the optional filters, then the cuts.
     let mut conditions = vec!["started_at >= $1".to_owned(), "started_at < $2".to_owned()];
@@ -251,13 +245,7 @@ async fn aggregate(
             next += 1;
         }
     }
-    let mut segment = String::from("0");
-    for i in 0..cuts.len() {
-        segment.push_str(&format!(
-            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
-            next + i
-        ));
-    }
+    let segment = segment_sql(next, cuts.len());
     // Bucket widths are our constants, never input.
     let bucket = bucket_ms.map_or_else(|| "0".to_owned(), |w| format!("(started_at / {w}) * {w}"));
     let group = group_by.map_or("''", Dimension::column);
@@ -321,26 +309,11 @@ async fn aggregate_tiered(
     group_by: Option<Dimension>,
     book: &PriceBook,
 ) -> Result<Vec<Piece>, SeriesError> {
-    let month_start = period_bounds(&period_of(filter.from_ms))
-        .map_err(|e| SeriesError::Db(DbError::Sqlx(sqlx::Error::Protocol(e.to_string()))))?
-        .0;
+    // period_of always names a valid month; the fallback is never taken.
+    let month_start = period_bounds(&period_of(filter.from_ms)).map_or(filter.from_ms, |b| b.0);
     let scan_from = month_start.min(filter.from_ms);
     // Segments never cross a price version's start or a month's start.
-    let mut cuts: Vec<i64> = book
-        .all()
-        .map(|p| p.effective_from)
-        .filter(|t| *t > scan_from && *t < filter.to_ms)
-        .collect();
-    let mut t = scan_from;
-    while let Ok((_, end)) = period_bounds(&period_of(t)) {
-        if end >= filter.to_ms {
-            break;
-        }
-        cuts.push(end);
-        t = end;
-    }
-    cuts.sort_unstable();
-    cuts.dedup();
+    let cuts = boundaries(book, scan_from, filter.to_ms);
     // Hour buckets order the volume when the caller wants no buckets.
     let width = bucket_ms.unwrap_or(3_600_000);
     let tenant_filter = if filter.tenant_id.is_some() {
@@ -349,13 +322,7 @@ async fn aggregate_tiered(
         ""
     };
     let first_cut = if filter.tenant_id.is_some() { 5 } else { 4 };
-    let mut segment = String::from("0");
-    for i in 0..cuts.len() {
-        segment.push_str(&format!(
-            " + CASE WHEN started_at >= ${} THEN 1 ELSE 0 END",
-            first_cut + i
-        ));
-    }
+    let segment = segment_sql(first_cut, cuts.len());
     let group = group_by.map_or("''", Dimension::column);
     let sql = format!(
         "SELECT CAST((started_at / {width}) * {width} AS BIGINT) AS bucket, \

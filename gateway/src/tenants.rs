@@ -79,6 +79,19 @@ fn split_models(s: Option<String>) -> Option<Vec<String>> {
     })
 }
 
+const TENANT_SUMMARY: &str = "SELECT t.id, t.name, t.created_at, t.plan_id, \
+     p.name AS plan_name FROM tenants t LEFT JOIN plans p ON p.id = t.plan_id";
+
+fn tenant_summary(r: &sqlx::any::AnyRow) -> Result<TenantSummary, sqlx::Error> {
+    Ok(TenantSummary {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+        plan_id: r.try_get("plan_id")?,
+        plan_name: r.try_get("plan_name")?,
+    })
+}
+
 fn key_summary(r: &sqlx::any::AnyRow) -> Result<KeySummary, sqlx::Error> {
     Ok(KeySummary {
         id: r.try_get("id")?,
@@ -329,29 +342,25 @@ impl TenantStore {
 
     /// Every tenant with its plan, by name.
     pub async fn list_tenants(&self) -> Result<Vec<TenantSummary>, DbError> {
-        let rows = sqlx::query(
-            "SELECT t.id, t.name, t.created_at, t.plan_id, p.name AS plan_name \
-             FROM tenants t LEFT JOIN plans p ON p.id = t.plan_id ORDER BY t.name",
-        )
-        .fetch_all(self.db.pool())
-        .await?;
+        let rows = sqlx::query(&format!("{TENANT_SUMMARY} ORDER BY t.name"))
+            .fetch_all(self.db.pool())
+            .await?;
         rows.iter()
-            .map(|r| {
-                Ok(TenantSummary {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    created_at: r.try_get("created_at")?,
-                    plan_id: r.try_get("plan_id")?,
-                    plan_name: r.try_get("plan_name")?,
-                })
-            })
+            .map(tenant_summary)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(DbError::from)
     }
 
     /// One tenant by id.
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantSummary>, DbError> {
-        Ok(self.list_tenants().await?.into_iter().find(|t| t.id == id))
+        let row = sqlx::query(&format!("{TENANT_SUMMARY} WHERE t.id = $1"))
+            .bind(id)
+            .fetch_optional(self.db.pool())
+            .await?;
+        row.as_ref()
+            .map(tenant_summary)
+            .transpose()
+            .map_err(DbError::from)
     }
 
     /// Creates a tenant, refusing a name already taken.
