@@ -167,3 +167,61 @@ async fn greedy_completions_equal_llama_cpp() {
         "only {full_matches} prompts matched llama.cpp in full"
     );
 }
+
+/// Embeddings of all-MiniLM-L6-v2 against sentence-transformers on the same folder
+/// (`tests/fixtures/minilm_reference.json`, made by `scripts/reference/minilm_fixtures.py`),
+/// embedded together in one request and each alone: cosine ≥ 0.9999 for every sentence.
+#[tokio::test]
+async fn minilm_embeddings_equal_sentence_transformers() {
+    use inference_worker::embed::{BatchLimits, EmbeddingModel};
+
+    let dir = std::env::var_os("MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+        .join("all-MiniLM-L6-v2");
+    let model = EmbeddingModel::load(
+        "minilm".into(),
+        &dir,
+        BatchLimits {
+            max_batch: 32,
+            max_queued: 64,
+        },
+        Arc::new(Metrics::new().unwrap()),
+    )
+    .unwrap();
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_reference.json");
+    let fixtures: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixtures["cases"].as_array().unwrap();
+    assert!(cases.len() >= 50, "only {} fixture sentences", cases.len());
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    let together = model.embed(texts.clone()).await.unwrap().vectors;
+    let mut worst = f64::MAX;
+    for (i, case) in cases.iter().enumerate() {
+        let reference: Vec<f64> = case["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let alone = model.embed(vec![texts[i].clone()]).await.unwrap().vectors;
+        for (how, ours) in [("batched", &together[i]), ("alone", &alone[0])] {
+            assert_eq!(ours.len(), reference.len());
+            let dot: f64 = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| *a as f64 * b)
+                .sum();
+            let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+            let cosine = dot
+                / (norm(&mut ours.iter().map(|x| *x as f64))
+                    * norm(&mut reference.iter().copied()));
+            worst = worst.min(cosine);
+            assert!(cosine >= 0.9999, "{how} {:?}: cosine {cosine}", texts[i]);
+        }
+    }
+    println!("{} sentences, lowest cosine {worst:.7}", cases.len());
+}

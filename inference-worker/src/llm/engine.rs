@@ -1,34 +1,39 @@
-//! The generation loop. One thread owns the model; every step it admits waiting requests
-//! up to the active limit, advances each active sequence by one token, and drops those that
+//! The generation loop, with continuous batching. One thread owns the model; every step it
+//! admits waiting requests up to the active limit, then runs one batched forward pass over
+//! the next token of every decoding sequence plus a chunk of the prompts of sequences that
+//! just joined, samples one token for each sequence that is ready, and drops those that
 //! finished or whose client went away (so a disconnect stops work within one step).
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use openai_types::{FinishReason, Usage};
 use tokio::sync::mpsc;
 
+use super::model::{KvCache, Llama, Slot};
 use super::{GenerationEvent, GenerationJob, GenerationParams};
 use crate::metrics::Metrics;
 
+/// Prompt tokens fed per step across all joining sequences, so a long prompt delays the
+/// sequences already decoding by a bounded amount.
+const PREFILL_TOKENS_PER_STEP: usize = 256;
+
 pub struct Engine {
     model_name: String,
-    weights: ModelWeights,
+    model: Llama,
     tokenizer: tokenizers::Tokenizer,
     eos: u32,
     max_active: usize,
-    context_len: usize,
     metrics: Arc<Metrics>,
 }
 
 struct Sequence {
-    /// A clone of the weights (they are shared) with this sequence's own KV cache.
-    weights: ModelWeights,
     prompt: Vec<u32>,
+    /// Prompt tokens already run through the model.
+    fed: usize,
     generated: Vec<u32>,
-    position: usize,
+    cache: KvCache,
     sampler: LogitsProcessor,
     params: GenerationParams,
     events: mpsc::Sender<GenerationEvent>,
@@ -40,20 +45,18 @@ struct Sequence {
 impl Engine {
     pub fn new(
         model_name: String,
-        weights: ModelWeights,
+        model: Llama,
         tokenizer: tokenizers::Tokenizer,
         eos: u32,
         max_active: usize,
-        context_len: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             model_name,
-            weights,
+            model,
             tokenizer,
             eos,
             max_active,
-            context_len,
             metrics,
         }
     }
@@ -73,8 +76,25 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            for seq in active.iter_mut() {
-                self.step(seq);
+            for seq in active.iter_mut().filter(|s| s.events.is_closed()) {
+                self.metrics
+                    .cancelled
+                    .with_label_values(&[&self.model_name])
+                    .inc();
+                seq.done = true;
+            }
+            active.retain(|s| !s.done);
+            if !active.is_empty() {
+                if let Err(e) = self.step(&mut active) {
+                    // A failed pass leaves the caches in an unknown state: end every sequence
+                    // in it with the error rather than continue from there.
+                    for seq in active.iter_mut() {
+                        let _ = seq
+                            .events
+                            .blocking_send(GenerationEvent::Failed(e.to_string()));
+                        seq.done = true;
+                    }
+                }
             }
             active.retain(|s| !s.done);
             self.metrics
@@ -100,10 +120,10 @@ impl Engine {
             }
         };
         Sequence {
-            weights: self.weights.clone(),
             prompt: job.prompt,
+            fed: 0,
             generated: Vec::new(),
-            position: 0,
+            cache: KvCache::new(self.model.layers()),
             sampler: LogitsProcessor::from_sampling(p.seed, sampling),
             params: job.params,
             events: job.events,
@@ -112,42 +132,60 @@ impl Engine {
         }
     }
 
-    fn step(&self, seq: &mut Sequence) {
-        if seq.events.is_closed() {
-            self.metrics
-                .cancelled
-                .with_label_values(&[&self.model_name])
-                .inc();
-            seq.done = true;
-            return;
+    /// One batched forward pass and one sampled token per sequence that is ready for one.
+    fn step(&self, active: &mut [Sequence]) -> anyhow::Result<()> {
+        let mut slots = Vec::new();
+        let mut budget = PREFILL_TOKENS_PER_STEP;
+        for (i, seq) in active.iter_mut().enumerate() {
+            if seq.fed < seq.prompt.len() {
+                let take = (seq.prompt.len() - seq.fed).min(budget);
+                for position in seq.fed..seq.fed + take {
+                    slots.push(Slot {
+                        token: seq.prompt[position],
+                        position,
+                        cache: i,
+                        logits: position + 1 == seq.prompt.len(),
+                    });
+                }
+                seq.fed += take;
+                budget -= take;
+            } else if let Some(&last) = seq.generated.last() {
+                slots.push(Slot {
+                    token: last,
+                    position: seq.prompt.len() + seq.generated.len() - 1,
+                    cache: i,
+                    logits: true,
+                });
+            }
         }
-        match self.advance(seq) {
-            Ok(()) => {}
-            Err(e) => {
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            self.model.forward(&slots, &mut caches)?
+        };
+        let ready = slots.iter().filter(|s| s.logits).map(|s| s.cache);
+        for (i, logits) in ready.zip(logits) {
+            let seq = &mut active[i];
+            if seq.generated.is_empty() {
+                self.metrics
+                    .prompt_tokens
+                    .with_label_values(&[&self.model_name])
+                    .inc_by(seq.prompt.len() as u64);
+            }
+            let logits = Tensor::from_vec(logits, self.model.hyper.vocab, &Device::Cpu)?;
+            let token = seq.sampler.sample(&logits)?;
+            if let Err(e) = self.accept(seq, token) {
                 let _ = seq
                     .events
                     .blocking_send(GenerationEvent::Failed(e.to_string()));
                 seq.done = true;
             }
         }
+        Ok(())
     }
 
-    /// Runs one forward pass and samples one token.
-    fn advance(&self, seq: &mut Sequence) -> anyhow::Result<()> {
-        let input: &[u32] = match seq.generated.last() {
-            None => &seq.prompt,
-            Some(last) => std::slice::from_ref(last),
-        };
-        let tokens = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = seq.weights.forward(&tokens, seq.position)?.squeeze(0)?;
-        if seq.position == 0 {
-            self.metrics
-                .prompt_tokens
-                .with_label_values(&[&self.model_name])
-                .inc_by(seq.prompt.len() as u64);
-        }
-        seq.position += input.len();
-        let token = seq.sampler.sample(&logits)?;
+    /// Takes a sampled token: ends the sequence on EOS, a stop sequence or a length limit,
+    /// and otherwise sends whatever text became safe to show.
+    fn accept(&self, seq: &mut Sequence, token: u32) -> anyhow::Result<()> {
         if token == self.eos {
             return self.finish(seq, FinishReason::Stop, None);
         }
@@ -164,7 +202,10 @@ impl Engine {
         if let Some(cut) = find_stop(&text, seq.sent, &seq.params.stop) {
             return self.finish(seq, FinishReason::Stop, Some(&text[..cut]));
         }
-        if seq.generated.len() >= seq.params.max_tokens || seq.position + 1 >= self.context_len {
+        let next_position = seq.prompt.len() + seq.generated.len();
+        if seq.generated.len() >= seq.params.max_tokens
+            || next_position >= self.model.hyper.context_len
+        {
             return self.finish(seq, FinishReason::Length, Some(&text));
         }
         let safe = safe_prefix_len(&text, &seq.params.stop);

@@ -6,6 +6,8 @@
 //! thread, fed by a bounded queue) or know who is asking.
 
 mod engine;
+mod kernels;
+mod model;
 mod template;
 mod tokenizer;
 
@@ -13,8 +15,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::Device;
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use openai_types::{ChatCompletionRequest, FinishReason, Usage};
 use tokio::sync::mpsc;
 
@@ -96,27 +96,15 @@ impl ChatModel {
             special.bos_text.clone(),
             special.eos_text.clone(),
         )?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let context_len = content
-            .metadata
-            .get(&format!("{arch}.context_length"))
-            .and_then(|v| v.to_u32().ok())
-            .map_or(MAX_SEQ_LEN, |n| (n as usize).min(MAX_SEQ_LEN));
-        let weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-
+        let model = model::Llama::load(&content, &mut file)?;
+        let context_len = model.hyper.context_len;
         let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
         let engine = engine::Engine::new(
             name.clone(),
-            weights,
+            model,
             tokenizer.clone(),
             special.eos,
             limits.max_active.max(1),
-            context_len,
             metrics,
         );
         std::thread::Builder::new()

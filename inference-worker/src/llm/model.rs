@@ -1,0 +1,672 @@
+//! A llama-family transformer read from a GGUF file, with a forward pass over a batch of
+//! tokens that may belong to different sequences at different positions: prompt chunks of
+//! sequences that just arrived and the next token of every sequence being decoded go
+//! through the weights together, one pass per engine step.
+//!
+//! Owns: weight loading (4- and 8-bit blocks into the native kernels, any other GGUF type
+//! through candle's quantized matmul), RMS norm, rotary embeddings, grouped-query attention
+//! over per-sequence KV caches, the SwiGLU feed-forward and the output head. Must never:
+//! sample, schedule or know about requests.
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
+
+/// A weight matrix (`rows` outputs × `cols` inputs) in whichever form runs it fastest.
+enum Linear {
+    Q4(Q4Matrix),
+    Q8(Q8Matrix),
+    /// Types without a native kernel (K-quants, f16, f32, …), through candle.
+    Other {
+        rows: usize,
+        cols: usize,
+        matmul: QMatMul,
+    },
+}
+
+impl Linear {
+    fn load<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let tensor = content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("loading {name}: {e}"))?;
+        Self::from_qtensor(tensor).map_err(|e| anyhow::anyhow!("{name}: {e}"))
+    }
+
+    fn from_qtensor(tensor: QTensor) -> anyhow::Result<Self> {
+        let (rows, cols) = tensor.shape().dims2()?;
+        let native = cols.is_multiple_of(BLOCK);
+        Ok(match tensor.dtype() {
+            GgmlDType::Q4_1 if native => {
+                Self::Q4(Q4Matrix::from_q4_1(&tensor.data()?, rows, cols)?)
+            }
+            GgmlDType::Q4_0 if native => {
+                Self::Q4(Q4Matrix::from_q4_0(&tensor.data()?, rows, cols)?)
+            }
+            GgmlDType::Q8_0 if native => {
+                Self::Q8(Q8Matrix::from_q8_0(&tensor.data()?, rows, cols)?)
+            }
+            _ => Self::Other {
+                rows,
+                cols,
+                matmul: QMatMul::from_qtensor(tensor)?,
+            },
+        })
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Self::Q4(m) => m.rows,
+            Self::Q8(m) => m.rows,
+            Self::Other { rows, .. } => *rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::Q4(m) => m.cols,
+            Self::Q8(m) => m.cols,
+            Self::Other { cols, .. } => *cols,
+        }
+    }
+
+    /// Joins projections that read the same input into one matrix, when their kinds allow.
+    fn stack(parts: Vec<Self>) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::new();
+        for part in parts {
+            match (out.last_mut(), part) {
+                (Some(Self::Q4(a)), Self::Q4(b)) => a.stack(&b),
+                (Some(Self::Q8(a)), Self::Q8(b)) => a.stack(&b),
+                (_, part) => out.push(part),
+            }
+        }
+        out
+    }
+
+    /// `xs` holds `n` input vectors; `out` gets `n` output vectors.
+    fn forward(&self, xs: &[f32], out: &mut Vec<f32>) -> anyhow::Result<()> {
+        match self {
+            Self::Q4(m) => m.matmul(&Q8Acts::quantize(xs, m.cols), out),
+            Self::Q8(m) => m.matmul(&Q8Acts::quantize(xs, m.cols), out),
+            Self::Other { cols, matmul, .. } => {
+                let n = xs.len() / cols;
+                let x = Tensor::from_slice(xs, (n, *cols), &Device::Cpu)?;
+                *out = matmul.forward(&x)?.flatten_all()?.to_vec1()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Several matrices over one input, concatenated per vector in the order given.
+struct Fused {
+    parts: Vec<Linear>,
+    rows: usize,
+}
+
+impl Fused {
+    fn new(parts: Vec<Linear>) -> Self {
+        let rows = parts.iter().map(Linear::rows).sum();
+        Self {
+            parts: Linear::stack(parts),
+            rows,
+        }
+    }
+
+    fn forward(&self, xs: &[f32], out: &mut Vec<f32>) -> anyhow::Result<()> {
+        if let [only] = self.parts.as_slice() {
+            return only.forward(xs, out);
+        }
+        let n = xs.len() / self.parts[0].cols();
+        out.clear();
+        out.resize(n * self.rows, 0.0);
+        let mut at = 0;
+        let mut part_out = Vec::new();
+        for part in &self.parts {
+            part.forward(xs, &mut part_out)?;
+            let rows = part.rows();
+            for v in 0..n {
+                out[v * self.rows + at..v * self.rows + at + rows]
+                    .copy_from_slice(&part_out[v * rows..(v + 1) * rows]);
+            }
+            at += rows;
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k and v projections.
+    qkv: Fused,
+    attn_out: Linear,
+    ffn_norm: Vec<f32>,
+    /// gate and up projections.
+    gate_up: Fused,
+    down: Linear,
+}
+
+/// Token embeddings, kept in their file form when a native kernel can read rows from it.
+enum Embeddings {
+    Q4(Q4Matrix),
+    Q8(Q8Matrix),
+    F32 { cols: usize, values: Vec<f32> },
+}
+
+impl Embeddings {
+    fn row(&self, token: usize, out: &mut [f32]) {
+        match self {
+            Self::Q4(m) => m.dequantize_row(token, out),
+            Self::Q8(m) => m.dequantize_row(token, out),
+            Self::F32 { cols, values } => {
+                out.copy_from_slice(&values[token * cols..(token + 1) * cols]);
+            }
+        }
+    }
+}
+
+/// The shape of the network, from the file's metadata.
+#[derive(Debug, Clone)]
+pub struct Hyper {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    /// Rotate halves (GPT-NeoX style) instead of adjacent pairs.
+    pub rope_neox: bool,
+    pub eps: f32,
+    pub context_len: usize,
+}
+
+/// One sequence's keys and values, per layer, `kv_heads · head_dim` values per position.
+#[derive(Default)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+        }
+    }
+}
+
+/// One token in a step: which cache it belongs to and where it sits in its sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub token: u32,
+    pub position: usize,
+    pub cache: usize,
+    /// Whether the caller wants next-token logits for this token.
+    pub logits: bool,
+}
+
+pub struct Llama {
+    pub hyper: Hyper,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    head: Linear,
+    /// cos/sin of every position × rotary frequency.
+    rope: Vec<(f32, f32)>,
+}
+
+/// The architectures whose GGUF files use GPT-NeoX rotary layout (as llama.cpp decides it).
+const NEOX_ARCHITECTURES: &[&str] = &["qwen", "qwen2", "qwen3", "stablelm", "phi3", "olmo2"];
+
+/// Longest context a cache is allowed to grow to, whatever the file says.
+pub const MAX_CONTEXT: usize = 8192;
+
+impl Llama {
+    pub fn load<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+    ) -> anyhow::Result<Self> {
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "llama".to_string());
+        let md = |key: &str| {
+            content
+                .metadata
+                .get(&format!("{arch}.{key}"))
+                .ok_or_else(|| anyhow::anyhow!("the file has no {arch}.{key}"))
+        };
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let heads = md("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("attention.head_count_kv")
+            .and_then(|v| Ok(v.to_u32()? as usize))
+            .unwrap_or(heads);
+        let layers = md("block_count")?.to_u32()? as usize;
+        let head_dim = hidden / heads;
+        let rope_dim = md("rope.dimension_count")
+            .and_then(|v| Ok(v.to_u32()? as usize))
+            .unwrap_or(head_dim);
+        let rope_base = md("rope.freq_base")
+            .and_then(|v| Ok(v.to_f32()?))
+            .unwrap_or(10_000.0);
+        let eps = md("attention.layer_norm_rms_epsilon")
+            .and_then(|v| Ok(v.to_f32()?))
+            .unwrap_or(1e-5);
+        let context_len = md("context_length")
+            .and_then(|v| Ok(v.to_u32()? as usize))
+            .unwrap_or(4096)
+            .min(MAX_CONTEXT);
+
+        let tensor = |reader: &mut R, name: &str| {
+            content
+                .tensor(reader, name, &Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("loading {name}: {e}"))
+        };
+        let vector = |reader: &mut R, name: &str| -> anyhow::Result<Vec<f32>> {
+            Ok(tensor(reader, name)?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+
+        let embd = tensor(reader, "token_embd.weight")?;
+        let (vocab, embd_cols) = embd.shape().dims2()?;
+        if embd_cols != hidden {
+            anyhow::bail!("token_embd is {vocab}×{embd_cols}; expected width {hidden}");
+        }
+        let tied_head = !content.tensor_infos.contains_key("output.weight");
+        let embeddings = match Linear::from_qtensor(embd)? {
+            Linear::Q4(m) => Embeddings::Q4(m),
+            Linear::Q8(m) => Embeddings::Q8(m),
+            Linear::Other { matmul, .. } => Embeddings::F32 {
+                cols: hidden,
+                values: match matmul {
+                    QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?,
+                },
+            },
+        };
+        let head = if tied_head {
+            match &embeddings {
+                Embeddings::Q4(m) => Linear::Q4(m.clone()),
+                Embeddings::Q8(m) => Linear::Q8(m.clone()),
+                Embeddings::F32 { .. } => Linear::load(content, reader, "token_embd.weight")?,
+            }
+        } else {
+            Linear::load(content, reader, "output.weight")?
+        };
+
+        let mut blocks = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let name = |part: &str| format!("blk.{l}.{part}.weight");
+            let mut linear = |part: &str| Linear::load(content, reader, &name(part));
+            let qkv = Fused::new(vec![
+                linear("attn_q")?,
+                linear("attn_k")?,
+                linear("attn_v")?,
+            ]);
+            let attn_out = linear("attn_output")?;
+            let gate_up = Fused::new(vec![linear("ffn_gate")?, linear("ffn_up")?]);
+            let down = linear("ffn_down")?;
+            blocks.push(Layer {
+                attn_norm: vector(reader, &name("attn_norm"))?,
+                qkv,
+                attn_out,
+                ffn_norm: vector(reader, &name("ffn_norm"))?,
+                gate_up,
+                down,
+            });
+        }
+        let norm = vector(reader, "output_norm.weight")?;
+
+        let pairs = rope_dim / 2;
+        let mut rope = Vec::with_capacity(context_len * pairs);
+        for pos in 0..context_len {
+            for i in 0..pairs {
+                let freq = rope_base.powf(-((2 * i) as f32) / rope_dim as f32);
+                let angle = pos as f32 * freq;
+                rope.push((angle.cos(), angle.sin()));
+            }
+        }
+        Ok(Self {
+            hyper: Hyper {
+                vocab,
+                hidden,
+                heads,
+                kv_heads,
+                head_dim,
+                rope_dim,
+                rope_neox: NEOX_ARCHITECTURES.contains(&arch.as_str()),
+                eps,
+                context_len,
+            },
+            embeddings,
+            layers: blocks,
+            norm,
+            head,
+            rope,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs every slot through the network, appending their keys and values to their caches,
+    /// and returns the logits of the slots that asked for them, in slot order.
+    ///
+    /// Slots of one cache must be in position order and continue it (the first at the
+    /// cache's current length).
+    pub fn forward(
+        &self,
+        slots: &[Slot],
+        caches: &mut [&mut KvCache],
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let h = &self.hyper;
+        let n = slots.len();
+        let (dim, kv_dim) = (h.heads * h.head_dim, h.kv_heads * h.head_dim);
+        for s in slots {
+            if s.position >= h.context_len {
+                anyhow::bail!("position {} is past the context window", s.position);
+            }
+            if s.token as usize >= h.vocab {
+                anyhow::bail!("token {} is not in the vocabulary", s.token);
+            }
+        }
+
+        let mut x = vec![0f32; n * h.hidden];
+        for (s, row) in slots.iter().zip(x.chunks_exact_mut(h.hidden)) {
+            self.embeddings.row(s.token as usize, row);
+        }
+        let mut normed = vec![0f32; n * h.hidden];
+        let mut qkv = Vec::new();
+        let mut attn = vec![0f32; n * dim];
+        let mut proj = Vec::new();
+        let mut ffn = Vec::new();
+        let mut act = Vec::new();
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, h.eps, &mut normed);
+            layer.qkv.forward(&normed, &mut qkv)?;
+            let width = dim + 2 * kv_dim;
+            for (s, row) in slots.iter().zip(qkv.chunks_exact_mut(width)) {
+                let (q, kv) = row.split_at_mut(dim);
+                let k = &mut kv[..kv_dim];
+                self.rotate(q, s.position);
+                self.rotate(k, s.position);
+            }
+            for (s, row) in slots.iter().zip(qkv.chunks_exact(width)) {
+                let cache = &mut caches[s.cache];
+                if cache.keys[l].len() != s.position * kv_dim {
+                    anyhow::bail!(
+                        "cache holds {} positions; slot is at {}",
+                        cache.keys[l].len() / kv_dim,
+                        s.position
+                    );
+                }
+                // Stored at f16 precision, as llama.cpp's cache keeps them.
+                cache.keys[l].extend(row[dim..dim + kv_dim].iter().map(|x| round_f16(*x)));
+                cache.values[l].extend(row[dim + kv_dim..].iter().map(|x| round_f16(*x)));
+            }
+            self.attention(l, slots, caches, &qkv, &mut attn);
+            layer.attn_out.forward(&attn, &mut proj)?;
+            add_into(&mut x, &proj);
+
+            rms_norm(&x, &layer.ffn_norm, h.eps, &mut normed);
+            layer.gate_up.forward(&normed, &mut ffn)?;
+            let inter = layer.gate_up.rows / 2;
+            act.clear();
+            for row in ffn.chunks_exact(2 * inter) {
+                let (gate, up) = row.split_at(inter);
+                act.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+            }
+            layer.down.forward(&act, &mut proj)?;
+            add_into(&mut x, &proj);
+        }
+
+        let wanted: Vec<usize> = (0..n).filter(|&i| slots[i].logits).collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(wanted.len() * h.hidden);
+        for &i in &wanted {
+            last.extend_from_slice(&x[i * h.hidden..(i + 1) * h.hidden]);
+        }
+        let mut last_normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, h.eps, &mut last_normed);
+        let mut logits = Vec::new();
+        self.head.forward(&last_normed, &mut logits)?;
+        Ok(logits.chunks_exact(h.vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Rotary position embedding of every head in `v` (heads of `head_dim` values).
+    fn rotate(&self, v: &mut [f32], position: usize) {
+        let h = &self.hyper;
+        let pairs = h.rope_dim / 2;
+        let table = &self.rope[position * pairs..(position + 1) * pairs];
+        for head in v.chunks_exact_mut(h.head_dim) {
+            for (i, (cos, sin)) in table.iter().enumerate() {
+                let (a, b) = if h.rope_neox {
+                    (i, i + pairs)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+
+    /// Causal attention of each slot over its own cache, up to and including its position.
+    fn attention(
+        &self,
+        layer: usize,
+        slots: &[Slot],
+        caches: &[&mut KvCache],
+        qkv: &[f32],
+        out: &mut [f32],
+    ) {
+        let h = &self.hyper;
+        let (dim, kv_dim) = (h.heads * h.head_dim, h.kv_heads * h.head_dim);
+        let width = dim + 2 * kv_dim;
+        let group = h.heads / h.kv_heads;
+        let scale = 1.0 / (h.head_dim as f32).sqrt();
+        let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * h.heads;
+        let run = |(i, head_out): (usize, &mut [f32])| {
+            let (s, head) = (slots[i / h.heads], i % h.heads);
+            let cache = &caches[s.cache];
+            let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+            // q, like the cache, at f16 precision (llama.cpp multiplies them in f16).
+            let q: Vec<f32> = qkv[(i / h.heads) * width + head * h.head_dim..][..h.head_dim]
+                .iter()
+                .map(|x| round_f16(*x))
+                .collect();
+            let kv_off = (head / group) * h.head_dim;
+            let len = s.position + 1;
+            let mut scores = Vec::with_capacity(len);
+            let mut max = f32::NEG_INFINITY;
+            for p in 0..len {
+                let k = &keys[p * kv_dim + kv_off..][..h.head_dim];
+                let score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(score);
+                scores.push(score);
+            }
+            let mut total = 0.0;
+            for score in &mut scores {
+                *score = (*score - max).exp();
+                total += *score;
+            }
+            head_out.fill(0.0);
+            for (p, weight) in scores.iter().enumerate() {
+                let v = &values[p * kv_dim + kv_off..][..h.head_dim];
+                let w = round_f16(weight / total);
+                for (o, x) in head_out.iter_mut().zip(v) {
+                    *o += w * x;
+                }
+            }
+        };
+        // Small steps (one token per decoding sequence, short contexts) are cheaper on this
+        // thread than handed to the pool.
+        if work < 4096 {
+            out.chunks_exact_mut(h.head_dim).enumerate().for_each(run);
+        } else {
+            out.par_chunks_mut(h.head_dim)
+                .enumerate()
+                .with_min_len(4)
+                .for_each(run);
+        }
+    }
+}
+
+fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    for (x, o) in xs
+        .chunks_exact(weight.len())
+        .zip(out.chunks_exact_mut(weight.len()))
+    {
+        let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+    use super::*;
+
+    fn model() -> Llama {
+        let dir = std::env::var_os("MODELS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+            });
+        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut file = std::fs::File::open(&path).expect("model missing: run `make models`");
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        Llama::load(&content, &mut file).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn prompt_slots(prompt: &[u32], cache: usize) -> Vec<Slot> {
+        prompt
+            .iter()
+            .enumerate()
+            .map(|(position, &token)| Slot {
+                token,
+                position,
+                cache,
+                logits: position + 1 == prompt.len(),
+            })
+            .collect()
+    }
+
+    /// What continuous batching relies on: a sequence's logits do not depend on which
+    /// other sequences share its steps, nor on how its prompt was split into chunks.
+    /// (Agreement with llama.cpp itself is the `reference` integration test.)
+    #[test]
+    fn batched_and_chunked_passes_equal_a_sequence_alone() {
+        let llama = model();
+        let prompt: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198];
+        let other: Vec<u32> = vec![1, 4093, 198, 19556, 30, 2, 198, 1, 520, 9531, 198];
+
+        let mut alone = KvCache::new(llama.layers());
+        let first = llama
+            .forward(&prompt_slots(&prompt, 0), &mut [&mut alone])
+            .unwrap();
+
+        // The same prompt in two chunks, the second sharing its step with another prompt.
+        let mut chunked = KvCache::new(llama.layers());
+        let mut neighbour = KvCache::new(llama.layers());
+        let slots = prompt_slots(&prompt, 0);
+        assert!(llama
+            .forward(&slots[..4], &mut [&mut chunked])
+            .unwrap()
+            .is_empty());
+        let mut step = slots[4..].to_vec();
+        step.extend(prompt_slots(&other, 1));
+        let both = llama
+            .forward(&step, &mut [&mut chunked, &mut neighbour])
+            .unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(
+            max_diff(&first[0], &both[0]) < 1e-3,
+            "chunked prompt differs"
+        );
+
+        // Decode steps: alone, and batched with the neighbour at another position.
+        for (i, token) in [28u32, 314, 2188].into_iter().enumerate() {
+            let position = prompt.len() + i;
+            let mine = Slot {
+                token,
+                position,
+                cache: 0,
+                logits: true,
+            };
+            let theirs = Slot {
+                token: 30,
+                position: other.len() + i,
+                cache: 1,
+                logits: true,
+            };
+            let single = llama.forward(&[mine], &mut [&mut alone]).unwrap();
+            let batched = llama
+                .forward(&[theirs, mine], &mut [&mut chunked, &mut neighbour])
+                .unwrap();
+            let diff = max_diff(&single[0], &batched[1]);
+            assert!(diff < 1e-3, "step {i}: batched logits differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_slot_that_does_not_continue_its_cache() {
+        let llama = model();
+        let mut cache = KvCache::new(llama.layers());
+        let gap = Slot {
+            token: 1,
+            position: 3,
+            cache: 0,
+            logits: true,
+        };
+        assert!(llama.forward(&[gap], &mut [&mut cache]).is_err());
+        let unknown = Slot {
+            token: u32::MAX,
+            position: 0,
+            cache: 0,
+            logits: true,
+        };
+        assert!(llama.forward(&[unknown], &mut [&mut cache]).is_err());
+    }
+}
