@@ -94,6 +94,16 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let prompt = model.encode(PROMPT).map_err(|e| anyhow::anyhow!("{e}"))?;
     run(&model, &prompt[..8], 1, 4).await;
+    // `engine_bench MODEL THREADS STREAMS [TOKENS]`: only that decode figure, for profiling.
+    if let Some(streams) = args.next() {
+        let streams: usize = streams.parse()?;
+        let max_tokens: usize = args.next().map_or(Ok(512), |t| t.parse())?;
+        let start = Instant::now();
+        let (_, _, tokens) = run(&model, &prompt[..16], streams, max_tokens).await;
+        let rate = tokens as f64 / start.elapsed().as_secs_f64();
+        println!("decode, {streams} streams: {tokens} tokens, {rate:.1} tok/s aggregate");
+        return Ok(());
+    }
 
     let (ttft, _, _) = run(&model, &prompt, 1, 1).await;
     println!(

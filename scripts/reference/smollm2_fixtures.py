@@ -48,6 +48,13 @@ GREEDY_PROMPTS = [
     [{"role": "user", "content": "List three primary colours."}],
     [{"role": "user", "content": "Explain what a CPU does in one sentence."}],
     [{"role": "user", "content": "Translate 'good morning' into French."}],
+    [{"role": "user", "content": "Give me a tip for learning to cook."}],
+    [{"role": "user", "content": "What is the capital of Japan?"}],
+    [{"role": "user", "content": "Describe the ocean in two sentences."}],
+    [{"role": "user", "content": "Write a haiku about autumn leaves."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "How do I reverse a list in Python?"}],
+    [{"role": "user", "content": "Name three planets of the solar system."}],
 ]
 
 

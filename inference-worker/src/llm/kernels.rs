@@ -23,35 +23,71 @@ use rayon::prelude::*;
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
-/// A matrix of 4-bit blocks: value = `d · q + m` with `q` in 0..16. Q4_0 files load into
-/// this form too (`m = -8 d`). Rows are contiguous runs of `cols / 32` blocks.
+/// 32 values `d · q + m`, `q` in 0..16: byte `i` holds value `i` in its low nibble and value
+/// `i + 16` in its high one. Scales are widened to f32 at load so the kernels convert
+/// nothing.
+#[derive(Clone, Copy)]
+struct Q4Block {
+    d: f32,
+    m: f32,
+    q: [u8; 16],
+}
+
+/// One block of 32 values from each of 8 consecutive rows, interleaved so that one 256-bit
+/// register holds the same 4 positions of all 8 rows: `q[g]` is bytes `4g..4g+4` of each
+/// row's block in turn (low nibbles: values `4g..4g+4`, high nibbles: `16+4g..16+4g+4`).
+/// A multiply-add against 4 broadcast activation bytes then yields one partial sum per row
+/// in each lane, with no horizontal reduction.
+#[derive(Clone, Copy)]
+struct Q4Tile {
+    d: [f32; 8],
+    m: [f32; 8],
+    q: [[u8; 32]; 4],
+}
+
+/// Rows per tile.
+const TILE_ROWS: usize = 8;
+
+/// 32 values `d · q`, `q` in -128..128.
+#[derive(Clone, Copy)]
+struct Q8Block {
+    d: f32,
+    q: [i8; 32],
+}
+
+/// 32 quantized activations with `s = d · Σ q`, the term that meets a 4-bit block's `m`.
+#[derive(Clone, Copy)]
+struct ActBlock {
+    d: f32,
+    s: f32,
+    q: [i8; 32],
+}
+
+/// A matrix of 4-bit blocks (GGUF Q4_1, and Q4_0 as `m = -8 d`); rows are contiguous runs of
+/// `cols / 32` blocks.
 #[derive(Clone, Default)]
 pub struct Q4Matrix {
     pub rows: usize,
     pub cols: usize,
-    d: Vec<f32>,
-    m: Vec<f32>,
-    /// Byte `i` of a block holds value `i` in its low nibble and value `i + 16` in its high.
-    q: Vec<[u8; 16]>,
+    /// Row by row, until `pack` moves them into `tiles`.
+    blocks: Vec<Q4Block>,
+    /// Row group by row group, then block by block.
+    tiles: Vec<Q4Tile>,
 }
 
-/// A matrix of 8-bit blocks: value = `d · q` with `q` in -128..128.
+/// A matrix of 8-bit blocks (GGUF Q8_0).
 #[derive(Clone, Default)]
 pub struct Q8Matrix {
     pub rows: usize,
     pub cols: usize,
-    d: Vec<f32>,
-    q: Vec<[i8; 32]>,
+    blocks: Vec<Q8Block>,
 }
 
 /// Vectors quantized for the kernels, concatenated (`n` vectors of `cols / 32` blocks).
 #[derive(Default)]
 pub struct Q8Acts {
     blocks_per_vec: usize,
-    d: Vec<f32>,
-    /// `d · Σ q` per block, the term that meets a 4-bit block's offset `m`.
-    s: Vec<f32>,
-    q: Vec<[i8; 32]>,
+    blocks: Vec<ActBlock>,
 }
 
 fn half_at(bytes: &[u8], at: usize) -> f32 {
@@ -60,6 +96,17 @@ fn half_at(bytes: &[u8], at: usize) -> f32 {
 
 fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
+}
+
+fn check_shape(len: usize, rows: usize, cols: usize, block_bytes: usize) -> anyhow::Result<()> {
+    if !cols.is_multiple_of(BLOCK) {
+        anyhow::bail!("rows of {cols} values are not whole blocks of {BLOCK}");
+    }
+    let want = rows * cols / BLOCK * block_bytes;
+    if len != want {
+        anyhow::bail!("tensor holds {len} bytes; {rows}×{cols} needs {want}");
+    }
+    Ok(())
 }
 
 impl Q4Matrix {
@@ -86,45 +133,126 @@ impl Q4Matrix {
         split: impl Fn(&[u8]) -> (f32, f32, &[u8]),
     ) -> anyhow::Result<Self> {
         check_shape(raw.len(), rows, cols, block_bytes)?;
-        let blocks = rows * cols / BLOCK;
-        let mut out = Self {
+        let blocks = raw
+            .chunks_exact(block_bytes)
+            .map(|b| {
+                let (d, m, packed) = split(b);
+                let mut q = [0u8; 16];
+                q.copy_from_slice(packed);
+                Q4Block { d, m, q }
+            })
+            .collect();
+        Ok(Self {
             rows,
             cols,
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(blocks),
-            q: Vec::with_capacity(blocks),
-        };
-        for b in raw.chunks_exact(block_bytes) {
-            let (d, m, q) = split(b);
-            let mut nibbles = [0u8; 16];
-            nibbles.copy_from_slice(q);
-            out.d.push(d);
-            out.m.push(m);
-            out.q.push(nibbles);
-        }
-        Ok(out)
+            blocks,
+            tiles: Vec::new(),
+        })
     }
 
     /// Appends the rows of `other` (same width), so several projections of one input run as
     /// one multiply.
     pub fn stack(&mut self, other: &Self) {
+        debug_assert!(self.tiles.is_empty() && other.tiles.is_empty());
         debug_assert_eq!(self.cols, other.cols);
         self.rows += other.rows;
-        self.d.extend_from_slice(&other.d);
-        self.m.extend_from_slice(&other.m);
-        self.q.extend_from_slice(&other.q);
+        self.blocks.extend_from_slice(&other.blocks);
+    }
+
+    /// Moves the rows into 8-row tiles for the batched kernel, when the row count allows
+    /// (the row-by-row kernel serves the rest). Call after any `stack`.
+    pub fn pack(&mut self) {
+        if !self.tiles.is_empty() || !self.rows.is_multiple_of(TILE_ROWS) {
+            return;
+        }
+        let bpr = self.cols / BLOCK;
+        let mut tiles = Vec::with_capacity(self.rows / TILE_ROWS * bpr);
+        for group in 0..self.rows / TILE_ROWS {
+            for b in 0..bpr {
+                let block = |r: usize| &self.blocks[(group * TILE_ROWS + r) * bpr + b];
+                let mut tile = Q4Tile {
+                    d: std::array::from_fn(|r| block(r).d),
+                    m: std::array::from_fn(|r| block(r).m),
+                    q: [[0; 32]; 4],
+                };
+                for (g, lanes) in tile.q.iter_mut().enumerate() {
+                    for (r, lane) in lanes.chunks_exact_mut(4).enumerate() {
+                        lane.copy_from_slice(&block(r).q[4 * g..4 * g + 4]);
+                    }
+                }
+                tiles.push(tile);
+            }
+        }
+        self.tiles = tiles;
+        self.blocks = Vec::new();
+    }
+
+    /// Block `b` of row `r`, from whichever layout holds it.
+    fn block(&self, r: usize, b: usize) -> Q4Block {
+        let bpr = self.cols / BLOCK;
+        if self.tiles.is_empty() {
+            return self.blocks[r * bpr + b];
+        }
+        let tile = &self.tiles[(r / TILE_ROWS) * bpr + b];
+        let lane = r % TILE_ROWS;
+        let mut q = [0u8; 16];
+        for (g, chunk) in q.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&tile.q[g][4 * lane..4 * lane + 4]);
+        }
+        Q4Block {
+            d: tile.d[lane],
+            m: tile.m[lane],
+            q,
+        }
     }
 
     /// Row `r` as f32 values.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bpr = self.cols / BLOCK;
         for (j, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let i = r * bpr + j;
-            for (k, byte) in self.q[i].iter().enumerate() {
-                chunk[k] = self.d[i] * f32::from(byte & 0x0F) + self.m[i];
-                chunk[k + 16] = self.d[i] * f32::from(byte >> 4) + self.m[i];
+            let b = self.block(r, j);
+            for (k, byte) in b.q.iter().enumerate() {
+                chunk[k] = b.d * f32::from(byte & 0x0F) + b.m;
+                chunk[k + 16] = b.d * f32::from(byte >> 4) + b.m;
             }
         }
+    }
+
+    /// The tiled multiply: each task takes whole 8-row groups.
+    fn matmul_tiled(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
+        let bpr = self.cols / BLOCK;
+        let n = acts.len();
+        let groups = self.rows / TILE_ROWS;
+        let per_task = rows_per_task(self.rows).div_ceil(TILE_ROWS);
+        let mut by_row = vec![0f32; self.rows * n];
+        by_row
+            .par_chunks_mut(per_task * TILE_ROWS * n)
+            .enumerate()
+            .for_each(|(c, part)| {
+                let first = c * per_task;
+                for g in first..(first + per_task).min(groups) {
+                    let tiles = &self.tiles[g * bpr..(g + 1) * bpr];
+                    let rows_out = &mut part[(g - first) * TILE_ROWS * n..][..TILE_ROWS * n];
+                    let mut v = 0;
+                    while v < n {
+                        let take = (n - v).min(4);
+                        let x = |k: usize| acts.vector(v + k);
+                        let mut sums = [[0f32; TILE_ROWS]; 4];
+                        match take {
+                            4 => tile_dots::<4>(tiles, std::array::from_fn(x), &mut sums),
+                            3 => tile_dots::<3>(tiles, std::array::from_fn(x), &mut sums),
+                            2 => tile_dots::<2>(tiles, std::array::from_fn(x), &mut sums),
+                            _ => tile_dots::<1>(tiles, std::array::from_fn(x), &mut sums),
+                        }
+                        for (k, row_sums) in sums.iter().take(take).enumerate() {
+                            for (r, sum) in row_sums.iter().enumerate() {
+                                rows_out[r * n + v + k] = *sum;
+                            }
+                        }
+                        v += take;
+                    }
+                }
+            });
+        transpose_into(by_row, self.rows, n, out);
     }
 }
 
@@ -132,89 +260,78 @@ impl Q8Matrix {
     /// From GGUF Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes).
     pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
         check_shape(raw.len(), rows, cols, 34)?;
-        let blocks = rows * cols / BLOCK;
-        let mut out = Self {
-            rows,
-            cols,
-            d: Vec::with_capacity(blocks),
-            q: Vec::with_capacity(blocks),
-        };
-        for b in raw.chunks_exact(34) {
-            let mut q = [0i8; 32];
-            for (dst, src) in q.iter_mut().zip(&b[2..34]) {
-                *dst = *src as i8;
-            }
-            out.d.push(half_at(b, 0));
-            out.q.push(q);
-        }
-        Ok(out)
+        let blocks = raw
+            .chunks_exact(34)
+            .map(|b| {
+                let mut q = [0i8; 32];
+                for (dst, src) in q.iter_mut().zip(&b[2..34]) {
+                    *dst = *src as i8;
+                }
+                Q8Block {
+                    d: half_at(b, 0),
+                    q,
+                }
+            })
+            .collect();
+        Ok(Self { rows, cols, blocks })
     }
 
     pub fn stack(&mut self, other: &Self) {
         debug_assert_eq!(self.cols, other.cols);
         self.rows += other.rows;
-        self.d.extend_from_slice(&other.d);
-        self.q.extend_from_slice(&other.q);
+        self.blocks.extend_from_slice(&other.blocks);
     }
 
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let bpr = self.cols / BLOCK;
-        for (j, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let i = r * bpr + j;
-            for (v, q) in chunk.iter_mut().zip(&self.q[i]) {
-                *v = self.d[i] * f32::from(*q);
+        let row = &self.blocks[r * bpr..(r + 1) * bpr];
+        for (b, chunk) in row.iter().zip(out.chunks_exact_mut(BLOCK)) {
+            for (v, q) in chunk.iter_mut().zip(&b.q) {
+                *v = b.d * f32::from(*q);
             }
         }
     }
-}
-
-fn check_shape(len: usize, rows: usize, cols: usize, block_bytes: usize) -> anyhow::Result<()> {
-    if !cols.is_multiple_of(BLOCK) {
-        anyhow::bail!("rows of {cols} values are not whole blocks of {BLOCK}");
-    }
-    let want = rows * cols / BLOCK * block_bytes;
-    if len != want {
-        anyhow::bail!("tensor holds {len} bytes; {rows}×{cols} needs {want}");
-    }
-    Ok(())
 }
 
 impl Q8Acts {
-    /// Quantizes `n` vectors of `cols` values each (`xs.len() == n · cols`), rounding each
-    /// block's scale to f16 as the file formats do.
+    /// Quantizes `n` vectors of `cols` values each (`xs.len() == n · cols`) as llama.cpp
+    /// does: scale `max |x| / 127` kept at f16 precision, values rounded half to even.
     pub fn quantize(xs: &[f32], cols: usize) -> Self {
-        let bpr = cols / BLOCK;
-        let blocks = xs.len() / BLOCK;
-        let mut out = Self {
-            blocks_per_vec: bpr,
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
-            q: Vec::with_capacity(blocks),
-        };
-        for block in xs.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut q = [0i8; 32];
-            let mut sum = 0i32;
-            for (dst, x) in q.iter_mut().zip(block) {
-                let v = (x * inv).round() as i8;
-                *dst = v;
-                sum += i32::from(v);
-            }
-            out.d.push(round_f16(d));
-            out.s.push(round_f16(d * sum as f32));
-            out.q.push(q);
+        let blocks = xs
+            .chunks_exact(BLOCK)
+            .map(|block| {
+                let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+                let d = amax / 127.0;
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let mut q = [0i8; 32];
+                let mut sum = 0i32;
+                for (dst, x) in q.iter_mut().zip(block) {
+                    let v = (x * inv).round_ties_even() as i8;
+                    *dst = v;
+                    sum += i32::from(v);
+                }
+                ActBlock {
+                    d: round_f16(d),
+                    s: round_f16(d * sum as f32),
+                    q,
+                }
+            })
+            .collect();
+        Self {
+            blocks_per_vec: cols / BLOCK,
+            blocks,
         }
-        out
     }
 
     pub fn len(&self) -> usize {
-        self.d.len().checked_div(self.blocks_per_vec).unwrap_or(0)
+        self.blocks
+            .len()
+            .checked_div(self.blocks_per_vec)
+            .unwrap_or(0)
     }
 
-    fn range(&self, v: usize) -> std::ops::Range<usize> {
-        v * self.blocks_per_vec..(v + 1) * self.blocks_per_vec
+    fn vector(&self, v: usize) -> &[ActBlock] {
+        &self.blocks[v * self.blocks_per_vec..(v + 1) * self.blocks_per_vec]
     }
 }
 
@@ -227,16 +344,13 @@ fn rows_per_task(rows: usize) -> usize {
 
 /// A matrix whose rows the kernels can dot with quantized vectors.
 trait Kernel: Sync {
-    fn shape(&self) -> (usize, usize);
+    type Block: Sync;
 
-    /// Dot products of the blocks `row` with `N` vectors whose blocks start at `starts`.
-    fn dots<const N: usize>(
-        &self,
-        row: std::ops::Range<usize>,
-        acts: &Q8Acts,
-        starts: [usize; N],
-        out: &mut [f32],
-    );
+    fn shape(&self) -> (usize, usize);
+    fn blocks(&self) -> &[Self::Block];
+
+    /// `out[k] = row · xs[k]` for `N` vectors (each as long as the row).
+    fn dots<const N: usize>(row: &[Self::Block], xs: [&[ActBlock]; N], out: &mut [f32]);
 
     /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
     fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
@@ -253,94 +367,114 @@ trait Kernel: Sync {
             .for_each(|(c, part)| {
                 for (i, row_out) in part.chunks_exact_mut(n).enumerate() {
                     let r = c * chunk + i;
-                    let blocks = r * bpr..(r + 1) * bpr;
+                    let row = &self.blocks()[r * bpr..(r + 1) * bpr];
                     let mut v = 0;
                     while v < n {
                         let take = (n - v).min(4);
                         let slot = &mut row_out[v..v + take];
-                        let start = |k: usize| acts.range(v + k).start;
+                        let x = |k: usize| acts.vector(v + k);
                         match take {
-                            4 => self.dots::<4>(
-                                blocks.clone(),
-                                acts,
-                                std::array::from_fn(start),
-                                slot,
-                            ),
-                            3 => self.dots::<3>(
-                                blocks.clone(),
-                                acts,
-                                std::array::from_fn(start),
-                                slot,
-                            ),
-                            2 => self.dots::<2>(
-                                blocks.clone(),
-                                acts,
-                                std::array::from_fn(start),
-                                slot,
-                            ),
-                            _ => self.dots::<1>(
-                                blocks.clone(),
-                                acts,
-                                std::array::from_fn(start),
-                                slot,
-                            ),
+                            4 => Self::dots::<4>(row, std::array::from_fn(x), slot),
+                            3 => Self::dots::<3>(row, std::array::from_fn(x), slot),
+                            2 => Self::dots::<2>(row, std::array::from_fn(x), slot),
+                            _ => Self::dots::<1>(row, std::array::from_fn(x), slot),
                         }
                         v += take;
                     }
                 }
             });
-        out.clear();
-        out.resize(rows * n, 0.0);
-        for r in 0..rows {
-            for v in 0..n {
-                out[v * rows + r] = by_row[r * n + v];
-            }
+        transpose_into(by_row, rows, n, out);
+    }
+}
+
+/// `by_row[r · n + v]` → `out[v · rows + r]`.
+fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
+    if n == 1 {
+        *out = by_row;
+        return;
+    }
+    out.clear();
+    out.resize(rows * n, 0.0);
+    for r in 0..rows {
+        for v in 0..n {
+            out[v * rows + r] = by_row[r * n + v];
         }
     }
+}
+
+/// `sums[k][r]` = row `r` of the tiles' row group · vector `k`.
+fn tile_dots<const N: usize>(
+    tiles: &[Q4Tile],
+    xs: [&[ActBlock]; N],
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    simd::tile_dots::<N>(tiles, xs, sums);
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    portable::tile_dots::<N>(tiles, xs, sums);
 }
 
 /// The kernel impl of a matrix type: the SIMD dot products where the build has AVX2/FMA,
 /// the portable ones elsewhere.
 macro_rules! kernel {
-    ($matrix:ty, $dots:ident) => {
+    ($matrix:ty, $block:ty, $dots:ident) => {
         impl Kernel for $matrix {
+            type Block = $block;
+
             fn shape(&self) -> (usize, usize) {
                 (self.rows, self.cols)
             }
 
-            fn dots<const N: usize>(
-                &self,
-                row: std::ops::Range<usize>,
-                acts: &Q8Acts,
-                starts: [usize; N],
-                out: &mut [f32],
-            ) {
+            fn blocks(&self) -> &[$block] {
+                &self.blocks
+            }
+
+            fn dots<const N: usize>(row: &[$block], xs: [&[ActBlock]; N], out: &mut [f32]) {
                 #[cfg(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
                     target_feature = "fma"
                 ))]
-                simd::$dots::<N>(self, row, acts, starts, out);
+                simd::$dots::<N>(row, xs, out);
                 #[cfg(not(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
                     target_feature = "fma"
                 )))]
-                portable::$dots::<N>(self, row, acts, starts, out);
-            }
-        }
-
-        impl $matrix {
-            /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
-            pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-                Kernel::matmul(self, acts, out);
+                portable::$dots::<N>(row, xs, out);
             }
         }
     };
 }
 
-kernel!(Q4Matrix, q4_dots);
-kernel!(Q8Matrix, q8_dots);
+kernel!(Q4Matrix, Q4Block, q4_dots);
+kernel!(Q8Matrix, Q8Block, q8_dots);
+
+impl Q4Matrix {
+    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
+    pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
+        if self.tiles.is_empty() {
+            Kernel::matmul(self, acts, out);
+        } else {
+            self.matmul_tiled(acts, out);
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
+    pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
+        Kernel::matmul(self, acts, out);
+    }
+}
 
 // With SIMD compiled in, the portable loops serve as the tests' reference.
 #[cfg_attr(
@@ -352,55 +486,68 @@ kernel!(Q8Matrix, q8_dots);
     allow(dead_code)
 )]
 mod portable {
-    use super::{Q4Matrix, Q8Acts, Q8Matrix};
+    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, TILE_ROWS};
 
-    pub fn q4_dots<const N: usize>(
-        w: &Q4Matrix,
-        row: std::ops::Range<usize>,
-        acts: &Q8Acts,
-        starts: [usize; N],
-        out: &mut [f32],
+    pub fn tile_dots<const N: usize>(
+        tiles: &[Q4Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        let mut acc = [0f32; N];
-        for (j, i) in row.enumerate() {
-            let mut lo = [0i32; 16];
-            let mut hi = [0i32; 16];
-            for (k, byte) in w.q[i].iter().enumerate() {
-                lo[k] = i32::from(byte & 0x0F);
-                hi[k] = i32::from(byte >> 4);
-            }
-            for (a, start) in acc.iter_mut().zip(starts) {
-                let x = &acts.q[start + j];
-                let mut sum = 0i32;
-                for k in 0..16 {
-                    sum += lo[k] * i32::from(x[k]) + hi[k] * i32::from(x[k + 16]);
+        for (k, x) in xs.iter().enumerate() {
+            let mut acc = [0f32; TILE_ROWS];
+            for (t, a) in tiles.iter().zip(x.iter()) {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut sum = 0i32;
+                    for g in 0..4 {
+                        for i in 0..4 {
+                            let byte = t.q[g][4 * r + i];
+                            sum += i32::from(byte & 0x0F) * i32::from(a.q[4 * g + i])
+                                + i32::from(byte >> 4) * i32::from(a.q[16 + 4 * g + i]);
+                        }
+                    }
+                    *acc = (t.d[r] * a.d).mul_add(sum as f32, *acc);
+                    *acc = t.m[r].mul_add(a.s, *acc);
                 }
-                *a += w.d[i] * acts.d[start + j] * sum as f32 + w.m[i] * acts.s[start + j];
             }
+            sums[k] = acc;
         }
-        out.copy_from_slice(&acc);
     }
 
-    pub fn q8_dots<const N: usize>(
-        w: &Q8Matrix,
-        row: std::ops::Range<usize>,
-        acts: &Q8Acts,
-        starts: [usize; N],
-        out: &mut [f32],
-    ) {
-        let mut acc = [0f32; N];
-        for (j, i) in row.enumerate() {
-            for (a, start) in acc.iter_mut().zip(starts) {
-                let x = &acts.q[start + j];
-                let sum: i32 = w.q[i]
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| i32::from(*a) * i32::from(*b))
-                    .sum();
-                *a += w.d[i] * acts.d[start + j] * sum as f32;
-            }
+    pub fn q4_dots<const N: usize>(row: &[Q4Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = row
+                .iter()
+                .zip(x)
+                .map(|(w, a)| {
+                    let sum: i32 =
+                        w.q.iter()
+                            .enumerate()
+                            .map(|(k, byte)| {
+                                i32::from(byte & 0x0F) * i32::from(a.q[k])
+                                    + i32::from(byte >> 4) * i32::from(a.q[k + 16])
+                            })
+                            .sum();
+                    w.d * a.d * sum as f32 + w.m * a.s
+                })
+                .sum();
         }
-        out.copy_from_slice(&acc);
+    }
+
+    pub fn q8_dots<const N: usize>(row: &[Q8Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = row
+                .iter()
+                .zip(x)
+                .map(|(w, a)| {
+                    let sum: i32 =
+                        w.q.iter()
+                            .zip(&a.q)
+                            .map(|(p, q)| i32::from(*p) * i32::from(*q))
+                            .sum();
+                    w.d * a.d * sum as f32
+                })
+                .sum();
+        }
     }
 }
 
@@ -412,7 +559,69 @@ mod portable {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Q4Matrix, Q8Acts, Q8Matrix};
+    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, TILE_ROWS};
+
+    /// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    fn broadcast4(q: &[i8; 32], at: usize) -> __m256i {
+        let word = i32::from_le_bytes([
+            q[at] as u8,
+            q[at + 1] as u8,
+            q[at + 2] as u8,
+            q[at + 3] as u8,
+        ]);
+        // SAFETY: register-only AVX operation.
+        unsafe { _mm256_set1_epi32(word) }
+    }
+
+    /// Per block: four 32-byte loads give all 8 rows' values; for each vector, eight
+    /// multiply-adds against broadcast activation bytes accumulate 16-bit partial sums
+    /// (at most 8 · 2 · 15 · 127 = 30 480 in magnitude, so no overflow), one widening
+    /// multiply-add finishes the 8 row sums, and the scales are applied as vectors.
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    pub fn tile_dots<const N: usize>(
+        tiles: &[Q4Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        let len = tiles.len();
+        let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+        // `[u8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+        unsafe {
+            let mask = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for (b, t) in tiles.iter().enumerate() {
+                let mut partial = [_mm256_setzero_si256(); N];
+                for g in 0..4 {
+                    let packed = _mm256_loadu_si256(t.q[g].as_ptr().cast());
+                    let lo = _mm256_and_si256(packed, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask);
+                    for k in 0..N {
+                        let a = &xs[k][b].q;
+                        let low = _mm256_maddubs_epi16(lo, broadcast4(a, 4 * g));
+                        let high = _mm256_maddubs_epi16(hi, broadcast4(a, 16 + 4 * g));
+                        partial[k] = _mm256_add_epi16(partial[k], _mm256_add_epi16(low, high));
+                    }
+                }
+                let d = _mm256_loadu_ps(t.d.as_ptr());
+                let m = _mm256_loadu_ps(t.m.as_ptr());
+                for k in 0..N {
+                    let a = &xs[k][b];
+                    let dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(partial[k], ones));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                    acc[k] = _mm256_fmadd_ps(scale, dots, acc[k]);
+                    acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
+                }
+            }
+            for k in 0..N {
+                _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+            }
+        }
+    }
 
     #[inline(always)]
     #[allow(unused_unsafe)]
@@ -435,69 +644,110 @@ mod simd {
 
     #[inline(always)]
     #[allow(unused_unsafe)]
-    pub fn q4_dots<const N: usize>(
-        w: &Q4Matrix,
-        row: std::ops::Range<usize>,
-        acts: &Q8Acts,
-        starts: [usize; N],
-        out: &mut [f32],
-    ) {
-        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); the only memory
-        // access is the 16-byte load below, from a `[u8; 16]`.
+    fn unpack(packed: &[u8; 16]) -> __m256i {
+        // SAFETY: a 16-byte unaligned load from a `[u8; 16]`; the rest is register-only.
         unsafe {
-            let mask = _mm256_set1_epi8(0x0F);
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); N];
+            let bytes = _mm_loadu_si128(packed.as_ptr().cast());
+            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    /// Eight partial sums of `u · x` for unsigned bytes `u` and signed bytes `x`, as floats.
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    fn products(u: __m256i, x: __m256i) -> __m256 {
+        // SAFETY: register-only AVX2 operations.
+        unsafe {
+            let pairs = _mm256_maddubs_epi16(u, x);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// Two blocks per iteration into separate accumulators, so consecutive blocks do not
+    /// wait on each other's multiply-add.
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    pub fn q4_dots<const N: usize>(row: &[Q4Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        let len = row.len();
+        let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+        // only through `unpack` and `load32`, from arrays.
+        unsafe {
+            let mut even = [_mm256_setzero_ps(); N];
+            let mut odd = [_mm256_setzero_ps(); N];
             let mut offsets = [0f32; N];
-            for (j, i) in row.enumerate() {
-                let packed = _mm_loadu_si128(w.q[i].as_ptr().cast());
-                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-                let nibbles = _mm256_and_si256(both, mask);
-                let (d, m) = (w.d[i], w.m[i]);
+            let pairs = row.chunks_exact(2);
+            let tail = pairs.remainder();
+            for (p, w) in pairs.enumerate() {
+                let j = 2 * p;
+                let (n0, n1) = (unpack(&w[0].q), unpack(&w[1].q));
                 for k in 0..N {
-                    let a = starts[k] + j;
-                    let x = load32(&acts.q[a]);
-                    let pairs = _mm256_maddubs_epi16(nibbles, x);
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * acts.d[a]), sums, acc[k]);
-                    offsets[k] += m * acts.s[a];
+                    let (a0, a1) = (&xs[k][j], &xs[k][j + 1]);
+                    let (d0, d1) = (w[0].d * a0.d, w[1].d * a1.d);
+                    even[k] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d0), products(n0, load32(&a0.q)), even[k]);
+                    odd[k] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d1), products(n1, load32(&a1.q)), odd[k]);
+                    offsets[k] += w[0].m * a0.s + w[1].m * a1.s;
+                }
+            }
+            if let [w] = tail {
+                let j = len - 1;
+                let nibbles = unpack(&w.q);
+                for k in 0..N {
+                    let a = &xs[k][j];
+                    let d = _mm256_set1_ps(w.d * a.d);
+                    even[k] = _mm256_fmadd_ps(d, products(nibbles, load32(&a.q)), even[k]);
+                    offsets[k] += w.m * a.s;
                 }
             }
             for k in 0..N {
-                out[k] = hsum(acc[k]) + offsets[k];
+                out[k] = hsum(_mm256_add_ps(even[k], odd[k])) + offsets[k];
             }
         }
     }
 
     #[inline(always)]
     #[allow(unused_unsafe)]
-    pub fn q8_dots<const N: usize>(
-        w: &Q8Matrix,
-        row: std::ops::Range<usize>,
-        acts: &Q8Acts,
-        starts: [usize; N],
-        out: &mut [f32],
-    ) {
-        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads go through
-        // `load32` from `[i8; 32]` arrays.
+    pub fn q8_dots<const N: usize>(row: &[Q8Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        let len = row.len();
+        let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+        // only through `load32`, from arrays.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); N];
-            for (j, i) in row.enumerate() {
-                let q = load32(&w.q[i]);
-                // maddubs multiplies unsigned by signed: move the weight's sign onto x.
-                let magnitude = _mm256_sign_epi8(q, q);
-                let d = w.d[i];
+            let mut even = [_mm256_setzero_ps(); N];
+            let mut odd = [_mm256_setzero_ps(); N];
+            let pairs = row.chunks_exact(2);
+            let tail = pairs.remainder();
+            // maddubs multiplies unsigned by signed: the weight's magnitude times x carrying
+            // the weight's sign.
+            for (p, w) in pairs.enumerate() {
+                let j = 2 * p;
+                let (q0, q1) = (load32(&w[0].q), load32(&w[1].q));
+                let (m0, m1) = (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(q1, q1));
                 for k in 0..N {
-                    let a = starts[k] + j;
-                    let x = _mm256_sign_epi8(load32(&acts.q[a]), q);
-                    let pairs = _mm256_maddubs_epi16(magnitude, x);
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * acts.d[a]), sums, acc[k]);
+                    let (a0, a1) = (&xs[k][j], &xs[k][j + 1]);
+                    let x0 = _mm256_sign_epi8(load32(&a0.q), q0);
+                    let x1 = _mm256_sign_epi8(load32(&a1.q), q1);
+                    let (d0, d1) = (w[0].d * a0.d, w[1].d * a1.d);
+                    even[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), products(m0, x0), even[k]);
+                    odd[k] = _mm256_fmadd_ps(_mm256_set1_ps(d1), products(m1, x1), odd[k]);
+                }
+            }
+            if let [w] = tail {
+                let j = len - 1;
+                let q = load32(&w.q);
+                let magnitude = _mm256_sign_epi8(q, q);
+                for k in 0..N {
+                    let a = &xs[k][j];
+                    let x = _mm256_sign_epi8(load32(&a.q), q);
+                    let d = _mm256_set1_ps(w.d * a.d);
+                    even[k] = _mm256_fmadd_ps(d, products(magnitude, x), even[k]);
                 }
             }
             for k in 0..N {
-                out[k] = hsum(acc[k]);
+                out[k] = hsum(_mm256_add_ps(even[k], odd[k]));
             }
         }
     }
@@ -558,8 +808,45 @@ mod tests {
     }
 
     #[test]
+    fn tiled_layout_gives_the_same_rows_and_products() {
+        let (rows, cols) = (24, 96);
+        let plain = Q4Matrix::from_q4_1(&q4_1_bytes(rows, cols, 11), rows, cols).unwrap();
+        let mut tiled = plain.clone();
+        tiled.pack();
+        assert!(!tiled.tiles.is_empty() && tiled.blocks.is_empty());
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            plain.dequantize_row(r, &mut a);
+            tiled.dequantize_row(r, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+        for n in [1, 2, 3, 4, 5, 9] {
+            let acts = Q8Acts::quantize(&vectors(n, cols), cols);
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            plain.matmul(&acts, &mut want);
+            tiled.matmul(&acts, &mut got);
+            for (w, g) in want.iter().zip(&got) {
+                assert!(
+                    (w - g).abs() <= 1e-3 * w.abs().max(1.0),
+                    "n={n}: {w} vs {g}"
+                );
+            }
+        }
+        // The SIMD tile kernel against the portable one.
+        let acts = Q8Acts::quantize(&vectors(3, cols), cols);
+        let xs = [acts.vector(0), acts.vector(1), acts.vector(2)];
+        let bpr = cols / BLOCK;
+        let (mut p, mut q) = ([[0f32; TILE_ROWS]; 4], [[0f32; TILE_ROWS]; 4]);
+        portable::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut p);
+        tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut q);
+        for (x, y) in p.iter().flatten().zip(q.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    #[test]
     fn simd_and_portable_kernels_agree() {
-        let (rows, cols) = (5, 64);
+        let (rows, cols) = (5, 96);
         let w4 = Q4Matrix::from_q4_1(&q4_1_bytes(rows, cols, 3), rows, cols).unwrap();
         let mut raw8 = Vec::new();
         for i in 0..rows * cols / BLOCK {
@@ -569,19 +856,21 @@ mod tests {
         let w8 = Q8Matrix::from_q8_0(&raw8, rows, cols).unwrap();
         let acts = Q8Acts::quantize(&vectors(3, cols), cols);
         let bpr = cols / BLOCK;
+        let xs = [acts.vector(0), acts.vector(1), acts.vector(2)];
         for r in 0..rows {
-            let starts = [0, bpr, 2 * bpr];
             let (mut a, mut b) = ([0f32; 3], [0f32; 3]);
-            portable::q4_dots::<3>(&w4, r * bpr..(r + 1) * bpr, &acts, starts, &mut a);
-            w4.dots::<3>(r * bpr..(r + 1) * bpr, &acts, starts, &mut b);
+            let row = &w4.blocks[r * bpr..(r + 1) * bpr];
+            portable::q4_dots::<3>(row, xs, &mut a);
+            Q4Matrix::dots::<3>(row, xs, &mut b);
             for k in 0..3 {
                 assert!(
                     (a[k] - b[k]).abs() <= 1e-3 * a[k].abs().max(1.0),
                     "{a:?} {b:?}"
                 );
             }
-            portable::q8_dots::<3>(&w8, r * bpr..(r + 1) * bpr, &acts, starts, &mut a);
-            w8.dots::<3>(r * bpr..(r + 1) * bpr, &acts, starts, &mut b);
+            let row = &w8.blocks[r * bpr..(r + 1) * bpr];
+            portable::q8_dots::<3>(row, xs, &mut a);
+            Q8Matrix::dots::<3>(row, xs, &mut b);
             for k in 0..3 {
                 assert!(
                     (a[k] - b[k]).abs() <= 1e-3 * a[k].abs().max(1.0),
