@@ -12,7 +12,8 @@ What it measures, each for our worker and the reference, printing the ratio ours
 * decode tok/s, one stream: a streamed reply of up to 128 tokens, tokens after the first
   divided by the time after the first;
 * aggregate decode tok/s at 4 and 8 concurrent streams: completion tokens of all streams
-  over the wall time, every stream asking for 64 tokens;
+  over the wall time from the first request to the last reply (prompts included), every
+  stream asking for 128 tokens like the one-stream figure;
 * embeddings/s at batch 1 and 32 (ours over HTTP, sentence-transformers in process);
 * peak RSS of each server process (VmHWM) and of the sentence-transformers process.
 
@@ -169,7 +170,7 @@ def http_chat_figures(base, model, reps, label):
 
         def one(k):
             prompt = f"Client {k}: describe a day at the seaside in detail, {time.time()}."
-            results[k] = stream(url, chat_body(model, prompt, 64))
+            results[k] = stream(url, chat_body(model, prompt, 128))
 
         start = time.perf_counter()
         threads = [threading.Thread(target=one, args=(k,)) for k in range(streams)]
