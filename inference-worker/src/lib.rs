@@ -10,6 +10,7 @@ pub mod embed;
 pub mod error;
 pub mod http;
 pub mod llm;
+mod math;
 pub mod metrics;
 
 use std::collections::HashMap;

@@ -5,15 +5,14 @@
 //! Owns: tokenization, dynamic batching, pooling, and the zero-shot classifier built on the
 //! embeddings. Must never: block the async runtime or know who is asking.
 
+mod bert;
 mod classify;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use bert::{Bert, BertConfig};
+use tokenizers::{Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
 pub use classify::classify;
@@ -60,26 +59,19 @@ impl EmbeddingModel {
             std::fs::read(dir.join(file))
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", dir.join(file).display()))
         };
-        let config: Config = serde_json::from_slice(&read("config.json")?)?;
+        let config: BertConfig = serde_json::from_slice(&read("config.json")?)?;
         let mut tokenizer =
             Tokenizer::from_bytes(read("tokenizer.json")?).map_err(anyhow::Error::msg)?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        // The encoder packs texts without padding, so none is added here.
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_SEQUENCE_TOKENS.min(config.max_position_embeddings),
                 ..Default::default()
             }))
             .map_err(anyhow::Error::msg)?;
-        let vb = VarBuilder::from_buffered_safetensors(
-            read("model.safetensors")?,
-            DType::F32,
-            &Device::Cpu,
-        )?;
-        let model = BertModel::load(vb, &config)?;
-        let dimensions = config.hidden_size;
+        let model = Bert::load(config, read("model.safetensors")?)?;
+        let dimensions = model.dimensions();
 
         let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
         let runner = Runner {
@@ -89,9 +81,7 @@ impl EmbeddingModel {
             max_batch: limits.max_batch.max(1),
             metrics,
         };
-        std::thread::Builder::new()
-            .name(format!("embed-{name}"))
-            .spawn(move || runner.run(queue))?;
+        crate::math::spawn_on_own_pool(format!("embed-{name}"), move || runner.run(queue))?;
         Ok(Arc::new(Self {
             name,
             dimensions,
@@ -119,7 +109,7 @@ impl EmbeddingModel {
 
 struct Runner {
     name: String,
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -166,7 +156,7 @@ impl Runner {
         }
     }
 
-    /// Embeds texts in length-sorted batches (less padding), returning them in input order.
+    /// Embeds texts in length-sorted batches of similar texts, returning them in input order.
     fn embed_all(&self, texts: &[&str]) -> Result<Embedded, String> {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
@@ -188,27 +178,9 @@ impl Runner {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(anyhow::Error::msg)?;
-        let len = encodings.first().map_or(0, |e| e.get_ids().len());
-        let mut ids = Vec::with_capacity(texts.len() * len);
-        let mut mask = Vec::with_capacity(texts.len() * len);
-        let mut counts = Vec::with_capacity(texts.len());
-        for e in &encodings {
-            ids.extend_from_slice(e.get_ids());
-            mask.extend_from_slice(e.get_attention_mask());
-            counts.push(e.get_attention_mask().iter().filter(|m| **m == 1).count());
-        }
-        let device = Device::Cpu;
-        let ids = Tensor::from_vec(ids, (texts.len(), len), &device)?;
-        let mask = Tensor::from_vec(mask, (texts.len(), len), &device)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
-        // Mean over real tokens, then unit length.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let pooled = summed.broadcast_div(&mask.sum(1)?)?;
-        let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        let normalized = pooled.broadcast_div(&norm)?;
-        Ok((normalized.to_vec2::<f32>()?, counts))
+        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
+        let counts = ids.iter().map(Vec::len).collect();
+        Ok((self.model.embed(&ids)?, counts))
     }
 }
 

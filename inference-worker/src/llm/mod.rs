@@ -107,19 +107,7 @@ impl ChatModel {
             limits.max_active.max(1),
             metrics,
         );
-        // The engine loop runs on a worker of its own thread pool, so the parallel parts of
-        // each step start on threads that are already awake instead of waking a pool from
-        // outside it (a futex round trip per matrix multiply).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(rayon::current_num_threads())
-            .thread_name({
-                let name = name.clone();
-                move |i| format!("engine-{name}-{i}")
-            })
-            .build()?;
-        std::thread::Builder::new()
-            .name(format!("engine-{name}"))
-            .spawn(move || pool.install(move || engine.run(queue)))?;
+        crate::math::spawn_on_own_pool(format!("engine-{name}"), move || engine.run(queue))?;
         Ok(Arc::new(Self {
             name,
             template,

@@ -14,6 +14,8 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
+use crate::math::{add_into, dot};
+
 use super::kernels::{Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
 
 /// A weight matrix (`rows` outputs × `cols` inputs) in whichever form runs it fastest.
@@ -553,26 +555,6 @@ fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-/// A dot product in sixteen independent lanes, so the compiler can keep it in vector
-/// registers (a plain `sum()` is one long dependency chain).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     for (x, o) in xs
         .chunks_exact(weight.len())
@@ -583,12 +565,6 @@ fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, v), w) in o.iter_mut().zip(x).zip(weight) {
             *o = v * inv * w;
         }
-    }
-}
-
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
 
