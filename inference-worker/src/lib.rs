@@ -80,7 +80,8 @@ impl Worker {
     /// Binds the listener; models load once `run` starts, so `/health` answers 503 meanwhile.
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         if let Some(threads) = config.threads {
-            // candle's CPU kernels size their thread pool from this variable.
+            // The global rayon pool (and with it the models' own pools, candle's CPU kernels
+            // and gemm) take their size from this variable.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         }
         let listener = TcpListener::bind(config.listen).await?;

@@ -1,6 +1,7 @@
 //! Embedding models: a BERT-family folder (`config.json`, `model.safetensors`,
-//! `tokenizer.json`) run with candle, mean-pooled and L2-normalised like
-//! sentence-transformers, on one thread that batches concurrent requests together.
+//! `tokenizer.json`) run by the encoder in `bert.rs` (weights read with candle), mean-pooled
+//! and L2-normalised like sentence-transformers, on one loop that batches concurrent
+//! requests together.
 //!
 //! Owns: tokenization, dynamic batching, pooling, and the zero-shot classifier built on the
 //! embeddings. Must never: block the async runtime or know who is asking.

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::math::{add_into, dot};
 
-use super::kernels::{Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
+use super::kernels::{round_to_f16, Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
 
 /// A weight matrix (`rows` outputs × `cols` inputs) in whichever form runs it fastest.
 enum Linear {
@@ -428,8 +428,12 @@ impl Llama {
                     );
                 }
                 // Stored at f16 precision, as llama.cpp's cache keeps them.
-                cache.keys[l].extend(row[dim..dim + kv_dim].iter().map(|x| round_f16(*x)));
-                cache.values[l].extend(row[dim + kv_dim..].iter().map(|x| round_f16(*x)));
+                let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+                let at = keys.len();
+                keys.extend_from_slice(&row[dim..dim + kv_dim]);
+                values.extend_from_slice(&row[dim + kv_dim..]);
+                round_to_f16(&mut keys[at..]);
+                round_to_f16(&mut values[at..]);
             }
             self.attention(l, slots, caches, &qkv, &mut attn);
             layer.attn_out.forward(&attn, &mut proj)?;
@@ -507,10 +511,8 @@ impl Llama {
             let len = s.position + 1;
             // Queries at f16 precision, like the cache (llama.cpp multiplies them in f16).
             let q_at = slot * width + kv_head * group * hd;
-            let queries: Vec<f32> = qkv[q_at..q_at + group * hd]
-                .iter()
-                .map(|x| round_f16(*x))
-                .collect();
+            let mut queries = qkv[q_at..q_at + group * hd].to_vec();
+            round_to_f16(&mut queries);
             let kv_off = kv_head * hd;
             // scores[j · len + p]: query head j against position p.
             let mut scores = vec![0f32; group * len];
@@ -528,7 +530,9 @@ impl Llama {
                     total += *x;
                 }
                 // Probabilities at f16 precision, as llama.cpp feeds them to its V product.
-                row.iter_mut().for_each(|x| *x = round_f16(*x / total));
+                let inv = 1.0 / total;
+                row.iter_mut().for_each(|x| *x *= inv);
+                round_to_f16(row);
             }
             group_out.fill(0.0);
             for p in 0..len {
@@ -549,10 +553,6 @@ impl Llama {
             out.par_chunks_mut(group * hd).enumerate().for_each(run);
         }
     }
-}
-
-fn round_f16(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
 }
 
 fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
