@@ -20,6 +20,16 @@
 use half::f16;
 use rayon::prelude::*;
 
+/// Calls `simd::f` where the build has AVX2/FMA and `portable::f` elsewhere.
+macro_rules! dispatch {
+    ($f:ident::<$n:ident>($($arg:expr),*)) => {{
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        simd::$f::<$n>($($arg),*);
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        portable::$f::<$n>($($arg),*);
+    }};
+}
+
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
@@ -47,6 +57,14 @@ struct Q4Tile {
 
 /// Rows per tile.
 const TILE_ROWS: usize = 8;
+
+/// One 8-bit block from each of 8 consecutive rows, interleaved like `Q4Tile`: `q[g]` is
+/// bytes `4g..4g+4` of each row's block in turn.
+#[derive(Clone, Copy)]
+struct Q8Tile {
+    d: [f32; 8],
+    q: [[i8; 32]; 8],
+}
 
 /// 32 values `d · q`, `q` in -128..128.
 #[derive(Clone, Copy)]
@@ -80,7 +98,9 @@ pub struct Q4Matrix {
 pub struct Q8Matrix {
     pub rows: usize,
     pub cols: usize,
+    /// Row by row, until `pack` moves them into `tiles`.
     blocks: Vec<Q8Block>,
+    tiles: Vec<Q8Tile>,
 }
 
 /// Vectors quantized for the kernels, concatenated (`n` vectors of `cols / 32` blocks).
@@ -124,6 +144,46 @@ pub fn round_to_f16(xs: &mut [f32]) {
         target_feature = "f16c"
     )))]
     xs.iter_mut().for_each(|x| *x = round_f16(*x));
+}
+
+/// Gathers row-major blocks into 8-row tiles, row group by row group, then block by block;
+/// `tile` builds one tile from the same block of 8 consecutive rows.
+fn into_tiles<B, T>(
+    blocks: &[B],
+    rows: usize,
+    cols: usize,
+    tile: impl Fn([&B; TILE_ROWS]) -> T,
+) -> Vec<T> {
+    let bpr = cols / BLOCK;
+    let mut tiles = Vec::with_capacity(rows / TILE_ROWS * bpr);
+    for group in 0..rows / TILE_ROWS {
+        for b in 0..bpr {
+            tiles.push(tile(std::array::from_fn(|r| {
+                &blocks[(group * TILE_ROWS + r) * bpr + b]
+            })));
+        }
+    }
+    tiles
+}
+
+/// Interleaves 8 rows' bytes: group `g` holds bytes `4g..4g+4` of each row in turn.
+fn interleave<T: Copy + Default, const G: usize>(rows: [&[T]; TILE_ROWS]) -> [[T; 32]; G] {
+    let mut groups = [[T::default(); 32]; G];
+    for (g, lanes) in groups.iter_mut().enumerate() {
+        for (row, lane) in rows.iter().zip(lanes.chunks_exact_mut(4)) {
+            lane.copy_from_slice(&row[4 * g..4 * g + 4]);
+        }
+    }
+    groups
+}
+
+/// One row's bytes back out of interleaved groups.
+fn deinterleave<T: Copy + Default, const W: usize>(groups: &[[T; 32]], lane: usize) -> [T; W] {
+    let mut row = [T::default(); W];
+    for (g, chunk) in row.chunks_exact_mut(4).enumerate() {
+        chunk.copy_from_slice(&groups[g][4 * lane..4 * lane + 4]);
+    }
+    row
 }
 
 fn check_shape(len: usize, rows: usize, cols: usize, block_bytes: usize) -> anyhow::Result<()> {
@@ -193,25 +253,11 @@ impl Q4Matrix {
         if !self.tiles.is_empty() || !self.rows.is_multiple_of(TILE_ROWS) {
             return;
         }
-        let bpr = self.cols / BLOCK;
-        let mut tiles = Vec::with_capacity(self.rows / TILE_ROWS * bpr);
-        for group in 0..self.rows / TILE_ROWS {
-            for b in 0..bpr {
-                let block = |r: usize| &self.blocks[(group * TILE_ROWS + r) * bpr + b];
-                let mut tile = Q4Tile {
-                    d: std::array::from_fn(|r| block(r).d),
-                    m: std::array::from_fn(|r| block(r).m),
-                    q: [[0; 32]; 4],
-                };
-                for (g, lanes) in tile.q.iter_mut().enumerate() {
-                    for (r, lane) in lanes.chunks_exact_mut(4).enumerate() {
-                        lane.copy_from_slice(&block(r).q[4 * g..4 * g + 4]);
-                    }
-                }
-                tiles.push(tile);
-            }
-        }
-        self.tiles = tiles;
+        self.tiles = into_tiles(&self.blocks, self.rows, self.cols, |b| Q4Tile {
+            d: b.map(|x| x.d),
+            m: b.map(|x| x.m),
+            q: interleave(b.map(|x| &x.q[..])),
+        });
         self.blocks = Vec::new();
     }
 
@@ -223,10 +269,7 @@ impl Q4Matrix {
         }
         let tile = &self.tiles[(r / TILE_ROWS) * bpr + b];
         let lane = r % TILE_ROWS;
-        let mut q = [0u8; 16];
-        for (g, chunk) in q.chunks_exact_mut(4).enumerate() {
-            chunk.copy_from_slice(&tile.q[g][4 * lane..4 * lane + 4]);
-        }
+        let q = deinterleave(&tile.q, lane);
         Q4Block {
             d: tile.d[lane],
             m: tile.m[lane],
@@ -244,21 +287,37 @@ impl Q4Matrix {
             }
         }
     }
+}
+
+/// A matrix packed into 8-row tiles, multiplied tile by tile.
+trait Tiled: Sync {
+    type Tile: Sync;
+
+    fn shape(&self) -> (usize, usize);
+    fn tiles(&self) -> &[Self::Tile];
+
+    /// `sums[k][r]` = row `r` of the tiles' row group · vector `k`.
+    fn tile_dots<const N: usize>(
+        tiles: &[Self::Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    );
 
     /// The tiled multiply: each task takes whole 8-row groups.
     fn matmul_tiled(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        let bpr = self.cols / BLOCK;
+        let (rows, cols) = self.shape();
+        let bpr = cols / BLOCK;
         let n = acts.len();
-        let groups = self.rows / TILE_ROWS;
-        let per_task = rows_per_task(self.rows).div_ceil(TILE_ROWS);
-        let mut by_row = vec![0f32; self.rows * n];
+        let groups = rows / TILE_ROWS;
+        let per_task = rows_per_task(rows).div_ceil(TILE_ROWS);
+        let mut by_row = vec![0f32; rows * n];
         by_row
             .par_chunks_mut(per_task * TILE_ROWS * n)
             .enumerate()
             .for_each(|(c, part)| {
                 let first = c * per_task;
                 for g in first..(first + per_task).min(groups) {
-                    let tiles = &self.tiles[g * bpr..(g + 1) * bpr];
+                    let tiles = &self.tiles()[g * bpr..(g + 1) * bpr];
                     let rows_out = &mut part[(g - first) * TILE_ROWS * n..][..TILE_ROWS * n];
                     let mut v = 0;
                     while v < n {
@@ -266,10 +325,10 @@ impl Q4Matrix {
                         let x = |k: usize| acts.vector(v + k);
                         let mut sums = [[0f32; TILE_ROWS]; 4];
                         match take {
-                            4 => tile_dots::<4>(tiles, std::array::from_fn(x), &mut sums),
-                            3 => tile_dots::<3>(tiles, std::array::from_fn(x), &mut sums),
-                            2 => tile_dots::<2>(tiles, std::array::from_fn(x), &mut sums),
-                            _ => tile_dots::<1>(tiles, std::array::from_fn(x), &mut sums),
+                            4 => Self::tile_dots::<4>(tiles, std::array::from_fn(x), &mut sums),
+                            3 => Self::tile_dots::<3>(tiles, std::array::from_fn(x), &mut sums),
+                            2 => Self::tile_dots::<2>(tiles, std::array::from_fn(x), &mut sums),
+                            _ => Self::tile_dots::<1>(tiles, std::array::from_fn(x), &mut sums),
                         }
                         for (k, row_sums) in sums.iter().take(take).enumerate() {
                             for (r, sum) in row_sums.iter().enumerate() {
@@ -280,9 +339,37 @@ impl Q4Matrix {
                     }
                 }
             });
-        transpose_into(by_row, self.rows, n, out);
+        transpose_into(by_row, rows, n, out);
     }
 }
+
+/// The `Tiled` impl of a matrix type: SIMD tile kernels where the build has AVX2/FMA.
+macro_rules! tiled {
+    ($matrix:ty, $tile:ty, $dots:ident) => {
+        impl Tiled for $matrix {
+            type Tile = $tile;
+
+            fn shape(&self) -> (usize, usize) {
+                (self.rows, self.cols)
+            }
+
+            fn tiles(&self) -> &[$tile] {
+                &self.tiles
+            }
+
+            fn tile_dots<const N: usize>(
+                tiles: &[$tile],
+                xs: [&[ActBlock]; N],
+                sums: &mut [[f32; TILE_ROWS]; 4],
+            ) {
+                dispatch!($dots::<N>(tiles, xs, sums));
+            }
+        }
+    };
+}
+
+tiled!(Q4Matrix, Q4Tile, tile_dots);
+tiled!(Q8Matrix, Q8Tile, q8_tile_dots);
 
 impl Q8Matrix {
     /// From GGUF Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes).
@@ -301,19 +388,49 @@ impl Q8Matrix {
                 }
             })
             .collect();
-        Ok(Self { rows, cols, blocks })
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            tiles: Vec::new(),
+        })
     }
 
     pub fn stack(&mut self, other: &Self) {
+        debug_assert!(self.tiles.is_empty() && other.tiles.is_empty());
         debug_assert_eq!(self.cols, other.cols);
         self.rows += other.rows;
         self.blocks.extend_from_slice(&other.blocks);
     }
 
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+    /// Moves the rows into 8-row tiles when the row count allows; call after any `stack`.
+    /// (One layout only: a vector's products must not depend on how many share the pass.)
+    pub fn pack(&mut self) {
+        if !self.tiles.is_empty() || !self.rows.is_multiple_of(TILE_ROWS) {
+            return;
+        }
+        self.tiles = into_tiles(&self.blocks, self.rows, self.cols, |b| Q8Tile {
+            d: b.map(|x| x.d),
+            q: interleave(b.map(|x| &x.q[..])),
+        });
+        self.blocks = Vec::new();
+    }
+
+    /// Block `b` of row `r`, from whichever layout holds it.
+    fn block(&self, r: usize, b: usize) -> Q8Block {
         let bpr = self.cols / BLOCK;
-        let row = &self.blocks[r * bpr..(r + 1) * bpr];
-        for (b, chunk) in row.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        if self.tiles.is_empty() {
+            return self.blocks[r * bpr + b];
+        }
+        let tile = &self.tiles[(r / TILE_ROWS) * bpr + b];
+        let lane = r % TILE_ROWS;
+        let q = deinterleave(&tile.q, lane);
+        Q8Block { d: tile.d[lane], q }
+    }
+
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for (j, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let b = self.block(r, j);
             for (v, q) in chunk.iter_mut().zip(&b.q) {
                 *v = b.d * f32::from(*q);
             }
@@ -430,26 +547,6 @@ fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// `sums[k][r]` = row `r` of the tiles' row group · vector `k`.
-fn tile_dots<const N: usize>(
-    tiles: &[Q4Tile],
-    xs: [&[ActBlock]; N],
-    sums: &mut [[f32; TILE_ROWS]; 4],
-) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    simd::tile_dots::<N>(tiles, xs, sums);
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    portable::tile_dots::<N>(tiles, xs, sums);
-}
-
 /// The kernel impl of a matrix type: the SIMD dot products where the build has AVX2/FMA,
 /// the portable ones elsewhere.
 macro_rules! kernel {
@@ -466,18 +563,7 @@ macro_rules! kernel {
             }
 
             fn dots<const N: usize>(row: &[$block], xs: [&[ActBlock]; N], out: &mut [f32]) {
-                #[cfg(all(
-                    target_arch = "x86_64",
-                    target_feature = "avx2",
-                    target_feature = "fma"
-                ))]
-                simd::$dots::<N>(row, xs, out);
-                #[cfg(not(all(
-                    target_arch = "x86_64",
-                    target_feature = "avx2",
-                    target_feature = "fma"
-                )))]
-                portable::$dots::<N>(row, xs, out);
+                dispatch!($dots::<N>(row, xs, out));
             }
         }
     };
@@ -500,7 +586,11 @@ impl Q4Matrix {
 impl Q8Matrix {
     /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
     pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        Kernel::matmul(self, acts, out);
+        if self.tiles.is_empty() {
+            Kernel::matmul(self, acts, out);
+        } else {
+            self.matmul_tiled(acts, out);
+        }
     }
 }
 
@@ -514,7 +604,29 @@ impl Q8Matrix {
     allow(dead_code)
 )]
 mod portable {
-    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, TILE_ROWS};
+    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile, TILE_ROWS};
+
+    pub fn q8_tile_dots<const N: usize>(
+        tiles: &[Q8Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        for (k, x) in xs.iter().enumerate() {
+            let mut acc = [0f32; TILE_ROWS];
+            for (t, a) in tiles.iter().zip(x.iter()) {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut sum = 0i32;
+                    for g in 0..8 {
+                        for i in 0..4 {
+                            sum += i32::from(t.q[g][4 * r + i]) * i32::from(a.q[4 * g + i]);
+                        }
+                    }
+                    *acc = (t.d[r] * a.d).mul_add(sum as f32, *acc);
+                }
+            }
+            sums[k] = acc;
+        }
+    }
 
     pub fn tile_dots<const N: usize>(
         tiles: &[Q4Tile],
@@ -587,7 +699,7 @@ mod portable {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, TILE_ROWS};
+    use super::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile, TILE_ROWS};
 
     /// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
     #[inline(always)]
@@ -662,6 +774,47 @@ mod simd {
             let v = _mm256_loadu_ps(chunk.as_ptr());
             let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
             _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+
+    /// Per block: for each group of 4 positions, the 8 rows' weights in one register; each
+    /// vector's 4 activation bytes are broadcast, given the weights' signs (`maddubs` takes
+    /// one unsigned operand) and multiplied against the weights' magnitudes; 32-bit row sums
+    /// accumulate per block (a 16-bit pair sum can reach 32 512, so no 16-bit carrying).
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    pub fn q8_tile_dots<const N: usize>(
+        tiles: &[Q8Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        let len = tiles.len();
+        let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+        // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+        // `[i8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for (b, t) in tiles.iter().enumerate() {
+                let mut dots = [_mm256_setzero_si256(); N];
+                for g in 0..8 {
+                    let w = load32(&t.q[g]);
+                    let magnitude = _mm256_sign_epi8(w, w);
+                    for k in 0..N {
+                        let x = _mm256_sign_epi8(broadcast4(&xs[k][b].q, 4 * g), w);
+                        let pairs = _mm256_maddubs_epi16(magnitude, x);
+                        dots[k] = _mm256_add_epi32(dots[k], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                let d = _mm256_loadu_ps(t.d.as_ptr());
+                for k in 0..N {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(xs[k][b].d));
+                    acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots[k]), acc[k]);
+                }
+            }
+            for k in 0..N {
+                _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+            }
         }
     }
 
@@ -880,9 +1033,50 @@ mod tests {
         let bpr = cols / BLOCK;
         let (mut p, mut q) = ([[0f32; TILE_ROWS]; 4], [[0f32; TILE_ROWS]; 4]);
         portable::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut p);
-        tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut q);
+        Q4Matrix::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut q);
         for (x, y) in p.iter().flatten().zip(q.iter().flatten()) {
             assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn q8_tiles_give_the_same_rows_and_products() {
+        let (rows, cols) = (16, 96);
+        let mut raw = Vec::new();
+        for i in 0..rows * cols / BLOCK {
+            raw.extend_from_slice(&f16::from_f32(0.01 + i as f32 / 300.0).to_le_bytes());
+            raw.extend((0..32).map(|k| ((k * 53 + i * 29) % 256) as u8));
+        }
+        let plain = Q8Matrix::from_q8_0(&raw, rows, cols).unwrap();
+        let mut tiled = plain.clone();
+        tiled.pack();
+        assert!(!tiled.tiles.is_empty() && tiled.blocks.is_empty());
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            plain.dequantize_row(r, &mut a);
+            tiled.dequantize_row(r, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+        for n in [1, 3, 4, 6] {
+            let acts = Q8Acts::quantize(&vectors(n, cols), cols);
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            plain.matmul(&acts, &mut want);
+            tiled.matmul(&acts, &mut got);
+            for (w, g) in want.iter().zip(&got) {
+                assert!(
+                    (w - g).abs() <= 1e-4 * w.abs().max(1.0),
+                    "n={n}: {w} vs {g}"
+                );
+            }
+        }
+        let acts = Q8Acts::quantize(&vectors(2, cols), cols);
+        let xs = [acts.vector(0), acts.vector(1)];
+        let bpr = cols / BLOCK;
+        let (mut p, mut q) = ([[0f32; TILE_ROWS]; 4], [[0f32; TILE_ROWS]; 4]);
+        portable::q8_tile_dots::<2>(&tiled.tiles[..bpr], xs, &mut p);
+        Q8Matrix::tile_dots::<2>(&tiled.tiles[..bpr], xs, &mut q);
+        for (x, y) in p.iter().flatten().zip(q.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
         }
     }
 

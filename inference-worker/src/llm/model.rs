@@ -79,10 +79,12 @@ impl Linear {
         }
     }
 
-    /// Puts 4-bit matrices into the tiled layout of the batched kernel.
+    /// Puts native matrices into the tiled layout of the batched kernels.
     fn pack(mut self) -> Self {
-        if let Self::Q4(m) = &mut self {
-            m.pack();
+        match &mut self {
+            Self::Q4(m) => m.pack(),
+            Self::Q8(m) => m.pack(),
+            Self::Other { .. } => {}
         }
         self
     }
@@ -165,14 +167,24 @@ struct Layer {
 
 /// Token embeddings, kept in their file form when a native kernel can read rows from it.
 enum Embeddings {
+    /// The rows of the output head (a tied head), read from there.
+    Head,
     Q4(Q4Matrix),
     Q8(Q8Matrix),
-    F32 { cols: usize, values: Vec<f32> },
+    F32 {
+        cols: usize,
+        values: Vec<f32>,
+    },
 }
 
 impl Embeddings {
-    fn row(&self, token: usize, out: &mut [f32]) {
+    fn row(&self, token: usize, head: &Linear, out: &mut [f32]) {
         match self {
+            Self::Head => match head {
+                Linear::Q4(m) => m.dequantize_row(token, out),
+                Linear::Q8(m) => m.dequantize_row(token, out),
+                Linear::Other { .. } => out.fill(0.0),
+            },
             Self::Q4(m) => m.dequantize_row(token, out),
             Self::Q8(m) => m.dequantize_row(token, out),
             Self::F32 { cols, values } => {
@@ -309,14 +321,18 @@ impl Llama {
                 },
             },
         };
-        let head = if tied_head {
-            match &embeddings {
-                Embeddings::Q4(m) => Linear::Q4(m.clone()),
-                Embeddings::Q8(m) => Linear::Q8(m.clone()),
-                Embeddings::F32 { .. } => Linear::load(content, reader, "token_embd.weight")?,
-            }
-        } else {
-            Linear::load(content, reader, "output.weight")?
+        // A tied head serves the embedding lookups too (one copy of the matrix).
+        let (embeddings, head) = match (tied_head, embeddings) {
+            (true, Embeddings::Q4(m)) => (Embeddings::Head, Linear::Q4(m).pack()),
+            (true, Embeddings::Q8(m)) => (Embeddings::Head, Linear::Q8(m).pack()),
+            (true, f32s @ Embeddings::F32 { .. }) => (
+                f32s,
+                Linear::load(content, reader, "token_embd.weight")?.pack(),
+            ),
+            (_, embeddings) => (
+                embeddings,
+                Linear::load(content, reader, "output.weight")?.pack(),
+            ),
         };
 
         let mut blocks = Vec::with_capacity(layers);
@@ -399,7 +415,7 @@ impl Llama {
 
         let mut x = vec![0f32; n * h.hidden];
         for (s, row) in slots.iter().zip(x.chunks_exact_mut(h.hidden)) {
-            self.embeddings.row(s.token as usize, row);
+            self.embeddings.row(s.token as usize, &self.head, row);
         }
         let mut normed = vec![0f32; n * h.hidden];
         let mut qkv = Vec::new();
