@@ -37,7 +37,7 @@ pub const BLOCK: usize = 32;
 /// `i + 16` in its high one. Scales are widened to f32 at load so the kernels convert
 /// nothing.
 #[derive(Clone, Copy)]
-struct Q4Block {
+pub struct Q4Block {
     d: f32,
     m: f32,
     q: [u8; 16],
@@ -49,7 +49,7 @@ struct Q4Block {
 /// A multiply-add against 4 broadcast activation bytes then yields one partial sum per row
 /// in each lane, with no horizontal reduction.
 #[derive(Clone, Copy)]
-struct Q4Tile {
+pub struct Q4Tile {
     d: [f32; 8],
     m: [f32; 8],
     q: [[u8; 32]; 4],
@@ -61,47 +61,61 @@ const TILE_ROWS: usize = 8;
 /// One 8-bit block from each of 8 consecutive rows, interleaved like `Q4Tile`: `q[g]` is
 /// bytes `4g..4g+4` of each row's block in turn.
 #[derive(Clone, Copy)]
-struct Q8Tile {
+pub struct Q8Tile {
     d: [f32; 8],
     q: [[i8; 32]; 8],
 }
 
 /// 32 values `d · q`, `q` in -128..128.
 #[derive(Clone, Copy)]
-struct Q8Block {
+pub struct Q8Block {
     d: f32,
     q: [i8; 32],
 }
 
 /// 32 quantized activations with `s = d · Σ q`, the term that meets a 4-bit block's `m`.
 #[derive(Clone, Copy)]
-struct ActBlock {
+pub struct ActBlock {
     d: f32,
     s: f32,
     q: [i8; 32],
 }
 
-/// A matrix of 4-bit blocks (GGUF Q4_1, and Q4_0 as `m = -8 d`); rows are contiguous runs of
-/// `cols / 32` blocks.
-#[derive(Clone, Default)]
-pub struct Q4Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    /// Row by row, until `pack` moves them into `tiles`.
-    blocks: Vec<Q4Block>,
-    /// Row group by row group, then block by block.
-    tiles: Vec<Q4Tile>,
+/// A block type the kernels understand: how 8 rows of it form a tile, how to read one row
+/// back, and its row and tile dot products.
+pub trait BlockKind: Copy + Send + Sync + 'static {
+    type Tile: Copy + Send + Sync;
+
+    fn tile(rows: [&Self; TILE_ROWS]) -> Self::Tile;
+    fn lane(tile: &Self::Tile, lane: usize) -> Self;
+    fn dequantize(&self, out: &mut [f32]);
+
+    /// `out[k] = row · xs[k]` for `N` vectors (each as long as the row).
+    fn row_dots<const N: usize>(row: &[Self], xs: [&[ActBlock]; N], out: &mut [f32]);
+
+    /// `sums[k][r]` = row `r` of the tiles' row group · vector `k`.
+    fn tile_dots<const N: usize>(
+        tiles: &[Self::Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    );
 }
 
-/// A matrix of 8-bit blocks (GGUF Q8_0).
-#[derive(Clone, Default)]
-pub struct Q8Matrix {
+/// A quantized matrix: rows are contiguous runs of `cols / 32` blocks until `pack` moves
+/// them into 8-row tiles for the batched kernels.
+#[derive(Clone)]
+pub struct Matrix<B: BlockKind> {
     pub rows: usize,
     pub cols: usize,
-    /// Row by row, until `pack` moves them into `tiles`.
-    blocks: Vec<Q8Block>,
-    tiles: Vec<Q8Tile>,
+    blocks: Vec<B>,
+    /// Row group by row group, then block by block.
+    tiles: Vec<B::Tile>,
 }
+
+/// 4-bit blocks (GGUF Q4_1, and Q4_0 as `m = -8 d`).
+pub type Q4Matrix = Matrix<Q4Block>;
+/// 8-bit blocks (GGUF Q8_0).
+pub type Q8Matrix = Matrix<Q8Block>;
 
 /// Vectors quantized for the kernels, concatenated (`n` vectors of `cols / 32` blocks).
 #[derive(Default)]
@@ -146,26 +160,6 @@ pub fn round_to_f16(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = round_f16(*x));
 }
 
-/// Gathers row-major blocks into 8-row tiles, row group by row group, then block by block;
-/// `tile` builds one tile from the same block of 8 consecutive rows.
-fn into_tiles<B, T>(
-    blocks: &[B],
-    rows: usize,
-    cols: usize,
-    tile: impl Fn([&B; TILE_ROWS]) -> T,
-) -> Vec<T> {
-    let bpr = cols / BLOCK;
-    let mut tiles = Vec::with_capacity(rows / TILE_ROWS * bpr);
-    for group in 0..rows / TILE_ROWS {
-        for b in 0..bpr {
-            tiles.push(tile(std::array::from_fn(|r| {
-                &blocks[(group * TILE_ROWS + r) * bpr + b]
-            })));
-        }
-    }
-    tiles
-}
-
 /// Interleaves 8 rows' bytes: group `g` holds bytes `4g..4g+4` of each row in turn.
 fn interleave<T: Copy + Default, const G: usize>(rows: [&[T]; TILE_ROWS]) -> [[T; 32]; G] {
     let mut groups = [[T::default(); 32]; G];
@@ -200,8 +194,10 @@ fn check_shape(len: usize, rows: usize, cols: usize, block_bytes: usize) -> anyh
 impl Q4Matrix {
     /// From GGUF Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`, 20 bytes).
     pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
-        Self::parse(raw, rows, cols, 20, |b| {
-            (half_at(b, 0), half_at(b, 2), &b[4..20])
+        Self::parse(raw, rows, cols, 20, |b| Q4Block {
+            d: half_at(b, 0),
+            m: half_at(b, 2),
+            q: std::array::from_fn(|i| b[4 + i]),
         })
     }
 
@@ -209,31 +205,38 @@ impl Q4Matrix {
     pub fn from_q4_0(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
         Self::parse(raw, rows, cols, 18, |b| {
             let d = half_at(b, 0);
-            (d, -8.0 * d, &b[2..18])
+            Q4Block {
+                d,
+                m: -8.0 * d,
+                q: std::array::from_fn(|i| b[2 + i]),
+            }
         })
     }
+}
 
+impl Q8Matrix {
+    /// From GGUF Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes).
+    pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
+        Self::parse(raw, rows, cols, 34, |b| Q8Block {
+            d: half_at(b, 0),
+            q: std::array::from_fn(|i| b[2 + i] as i8),
+        })
+    }
+}
+
+impl<B: BlockKind> Matrix<B> {
     fn parse(
         raw: &[u8],
         rows: usize,
         cols: usize,
         block_bytes: usize,
-        split: impl Fn(&[u8]) -> (f32, f32, &[u8]),
+        block: impl Fn(&[u8]) -> B,
     ) -> anyhow::Result<Self> {
         check_shape(raw.len(), rows, cols, block_bytes)?;
-        let blocks = raw
-            .chunks_exact(block_bytes)
-            .map(|b| {
-                let (d, m, packed) = split(b);
-                let mut q = [0u8; 16];
-                q.copy_from_slice(packed);
-                Q4Block { d, m, q }
-            })
-            .collect();
         Ok(Self {
             rows,
             cols,
-            blocks,
+            blocks: raw.chunks_exact(block_bytes).map(block).collect(),
             tiles: Vec::new(),
         })
     }
@@ -247,93 +250,70 @@ impl Q4Matrix {
         self.blocks.extend_from_slice(&other.blocks);
     }
 
-    /// Moves the rows into 8-row tiles for the batched kernel, when the row count allows
-    /// (the row-by-row kernel serves the rest). Call after any `stack`.
+    /// Moves the rows into 8-row tiles for the batched kernels when the row count allows
+    /// (the row kernels serve the rest). Call after any `stack`. One layout only: a
+    /// vector's products must not depend on how many vectors share the pass.
     pub fn pack(&mut self) {
         if !self.tiles.is_empty() || !self.rows.is_multiple_of(TILE_ROWS) {
             return;
         }
-        self.tiles = into_tiles(&self.blocks, self.rows, self.cols, |b| Q4Tile {
-            d: b.map(|x| x.d),
-            m: b.map(|x| x.m),
-            q: interleave(b.map(|x| &x.q[..])),
-        });
-        self.blocks = Vec::new();
-    }
-
-    /// Block `b` of row `r`, from whichever layout holds it.
-    fn block(&self, r: usize, b: usize) -> Q4Block {
         let bpr = self.cols / BLOCK;
-        if self.tiles.is_empty() {
-            return self.blocks[r * bpr + b];
+        let mut tiles = Vec::with_capacity(self.rows / TILE_ROWS * bpr);
+        for group in 0..self.rows / TILE_ROWS {
+            for b in 0..bpr {
+                tiles.push(B::tile(std::array::from_fn(|r| {
+                    &self.blocks[(group * TILE_ROWS + r) * bpr + b]
+                })));
+            }
         }
-        let tile = &self.tiles[(r / TILE_ROWS) * bpr + b];
-        let lane = r % TILE_ROWS;
-        let q = deinterleave(&tile.q, lane);
-        Q4Block {
-            d: tile.d[lane],
-            m: tile.m[lane],
-            q,
-        }
+        self.tiles = tiles;
+        self.blocks = Vec::new();
     }
 
     /// Row `r` as f32 values.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (j, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let b = self.block(r, j);
-            for (k, byte) in b.q.iter().enumerate() {
-                chunk[k] = b.d * f32::from(byte & 0x0F) + b.m;
-                chunk[k + 16] = b.d * f32::from(byte >> 4) + b.m;
-            }
+        let bpr = self.cols / BLOCK;
+        for (b, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let block = if self.tiles.is_empty() {
+                self.blocks[r * bpr + b]
+            } else {
+                B::lane(&self.tiles[(r / TILE_ROWS) * bpr + b], r % TILE_ROWS)
+            };
+            block.dequantize(chunk);
         }
     }
-}
 
-/// A matrix packed into 8-row tiles, multiplied tile by tile.
-trait Tiled: Sync {
-    type Tile: Sync;
-
-    fn shape(&self) -> (usize, usize);
-    fn tiles(&self) -> &[Self::Tile];
-
-    /// `sums[k][r]` = row `r` of the tiles' row group · vector `k`.
-    fn tile_dots<const N: usize>(
-        tiles: &[Self::Tile],
-        xs: [&[ActBlock]; N],
-        sums: &mut [[f32; TILE_ROWS]; 4],
-    );
-
-    /// The tiled multiply: each task takes whole 8-row groups.
-    fn matmul_tiled(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        let (rows, cols) = self.shape();
-        let bpr = cols / BLOCK;
-        let n = acts.len();
-        let groups = rows / TILE_ROWS;
-        let per_task = rows_per_task(rows).div_ceil(TILE_ROWS);
+    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
+    pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
+        let (rows, bpr, n) = (self.rows, self.cols / BLOCK, acts.len());
+        // Computed row-major by weight row (each row or tile read once for all vectors, up
+        // to four at a time), then transposed to one contiguous output per vector.
         let mut by_row = vec![0f32; rows * n];
+        let tiled = !self.tiles.is_empty();
+        let step = if tiled { TILE_ROWS } else { 1 };
+        let per_task = rows_per_task(rows).div_ceil(step) * step;
         by_row
-            .par_chunks_mut(per_task * TILE_ROWS * n)
+            .par_chunks_mut(per_task * n)
             .enumerate()
             .for_each(|(c, part)| {
-                let first = c * per_task;
-                for g in first..(first + per_task).min(groups) {
-                    let tiles = &self.tiles()[g * bpr..(g + 1) * bpr];
-                    let rows_out = &mut part[(g - first) * TILE_ROWS * n..][..TILE_ROWS * n];
+                for (i, out) in part.chunks_exact_mut(step * n).enumerate() {
+                    let first_row = c * per_task + i * step;
                     let mut v = 0;
                     while v < n {
                         let take = (n - v).min(4);
-                        let x = |k: usize| acts.vector(v + k);
-                        let mut sums = [[0f32; TILE_ROWS]; 4];
-                        match take {
-                            4 => Self::tile_dots::<4>(tiles, std::array::from_fn(x), &mut sums),
-                            3 => Self::tile_dots::<3>(tiles, std::array::from_fn(x), &mut sums),
-                            2 => Self::tile_dots::<2>(tiles, std::array::from_fn(x), &mut sums),
-                            _ => Self::tile_dots::<1>(tiles, std::array::from_fn(x), &mut sums),
-                        }
-                        for (k, row_sums) in sums.iter().take(take).enumerate() {
-                            for (r, sum) in row_sums.iter().enumerate() {
-                                rows_out[r * n + v + k] = *sum;
+                        if tiled {
+                            let group = first_row / TILE_ROWS;
+                            let tiles = &self.tiles[group * bpr..(group + 1) * bpr];
+                            let mut sums = [[0f32; TILE_ROWS]; 4];
+                            tile_dots_of::<B>(tiles, acts, v, take, &mut sums);
+                            for (k, row_sums) in sums.iter().take(take).enumerate() {
+                                for (r, sum) in row_sums.iter().enumerate() {
+                                    out[r * n + v + k] = *sum;
+                                }
                             }
+                        } else {
+                            let row = &self.blocks[first_row * bpr..(first_row + 1) * bpr];
+                            row_dots_of::<B>(row, acts, v, take, &mut out[v..v + take]);
                         }
                         v += take;
                     }
@@ -343,98 +323,106 @@ trait Tiled: Sync {
     }
 }
 
-/// The `Tiled` impl of a matrix type: SIMD tile kernels where the build has AVX2/FMA.
-macro_rules! tiled {
-    ($matrix:ty, $tile:ty, $dots:ident) => {
-        impl Tiled for $matrix {
-            type Tile = $tile;
-
-            fn shape(&self) -> (usize, usize) {
-                (self.rows, self.cols)
-            }
-
-            fn tiles(&self) -> &[$tile] {
-                &self.tiles
-            }
-
-            fn tile_dots<const N: usize>(
-                tiles: &[$tile],
-                xs: [&[ActBlock]; N],
-                sums: &mut [[f32; TILE_ROWS]; 4],
-            ) {
-                dispatch!($dots::<N>(tiles, xs, sums));
-            }
-        }
-    };
+/// `take` (1–4) vectors from `first` against one row.
+fn row_dots_of<B: BlockKind>(row: &[B], acts: &Q8Acts, first: usize, take: usize, out: &mut [f32]) {
+    let x = |k: usize| acts.vector(first + k);
+    match take {
+        4 => B::row_dots::<4>(row, std::array::from_fn(x), out),
+        3 => B::row_dots::<3>(row, std::array::from_fn(x), out),
+        2 => B::row_dots::<2>(row, std::array::from_fn(x), out),
+        _ => B::row_dots::<1>(row, std::array::from_fn(x), out),
+    }
 }
 
-tiled!(Q4Matrix, Q4Tile, tile_dots);
-tiled!(Q8Matrix, Q8Tile, q8_tile_dots);
-
-impl Q8Matrix {
-    /// From GGUF Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes).
-    pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
-        check_shape(raw.len(), rows, cols, 34)?;
-        let blocks = raw
-            .chunks_exact(34)
-            .map(|b| {
-                let mut q = [0i8; 32];
-                for (dst, src) in q.iter_mut().zip(&b[2..34]) {
-                    *dst = *src as i8;
-                }
-                Q8Block {
-                    d: half_at(b, 0),
-                    q,
-                }
-            })
-            .collect();
-        Ok(Self {
-            rows,
-            cols,
-            blocks,
-            tiles: Vec::new(),
-        })
+/// `take` (1–4) vectors from `first` against one row group's tiles.
+fn tile_dots_of<B: BlockKind>(
+    tiles: &[B::Tile],
+    acts: &Q8Acts,
+    first: usize,
+    take: usize,
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let x = |k: usize| acts.vector(first + k);
+    match take {
+        4 => B::tile_dots::<4>(tiles, std::array::from_fn(x), sums),
+        3 => B::tile_dots::<3>(tiles, std::array::from_fn(x), sums),
+        2 => B::tile_dots::<2>(tiles, std::array::from_fn(x), sums),
+        _ => B::tile_dots::<1>(tiles, std::array::from_fn(x), sums),
     }
+}
 
-    pub fn stack(&mut self, other: &Self) {
-        debug_assert!(self.tiles.is_empty() && other.tiles.is_empty());
-        debug_assert_eq!(self.cols, other.cols);
-        self.rows += other.rows;
-        self.blocks.extend_from_slice(&other.blocks);
-    }
+impl BlockKind for Q4Block {
+    type Tile = Q4Tile;
 
-    /// Moves the rows into 8-row tiles when the row count allows; call after any `stack`.
-    /// (One layout only: a vector's products must not depend on how many share the pass.)
-    pub fn pack(&mut self) {
-        if !self.tiles.is_empty() || !self.rows.is_multiple_of(TILE_ROWS) {
-            return;
+    fn tile(rows: [&Self; TILE_ROWS]) -> Q4Tile {
+        Q4Tile {
+            d: rows.map(|x| x.d),
+            m: rows.map(|x| x.m),
+            q: interleave(rows.map(|x| &x.q[..])),
         }
-        self.tiles = into_tiles(&self.blocks, self.rows, self.cols, |b| Q8Tile {
-            d: b.map(|x| x.d),
-            q: interleave(b.map(|x| &x.q[..])),
-        });
-        self.blocks = Vec::new();
     }
 
-    /// Block `b` of row `r`, from whichever layout holds it.
-    fn block(&self, r: usize, b: usize) -> Q8Block {
-        let bpr = self.cols / BLOCK;
-        if self.tiles.is_empty() {
-            return self.blocks[r * bpr + b];
+    fn lane(tile: &Q4Tile, lane: usize) -> Self {
+        Q4Block {
+            d: tile.d[lane],
+            m: tile.m[lane],
+            q: deinterleave(&tile.q, lane),
         }
-        let tile = &self.tiles[(r / TILE_ROWS) * bpr + b];
-        let lane = r % TILE_ROWS;
-        let q = deinterleave(&tile.q, lane);
-        Q8Block { d: tile.d[lane], q }
     }
 
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (j, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let b = self.block(r, j);
-            for (v, q) in chunk.iter_mut().zip(&b.q) {
-                *v = b.d * f32::from(*q);
-            }
+    fn dequantize(&self, out: &mut [f32]) {
+        for (k, byte) in self.q.iter().enumerate() {
+            out[k] = self.d * f32::from(byte & 0x0F) + self.m;
+            out[k + 16] = self.d * f32::from(byte >> 4) + self.m;
         }
+    }
+
+    fn row_dots<const N: usize>(row: &[Self], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        dispatch!(q4_dots::<N>(row, xs, out));
+    }
+
+    fn tile_dots<const N: usize>(
+        tiles: &[Q4Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        dispatch!(tile_dots::<N>(tiles, xs, sums));
+    }
+}
+
+impl BlockKind for Q8Block {
+    type Tile = Q8Tile;
+
+    fn tile(rows: [&Self; TILE_ROWS]) -> Q8Tile {
+        Q8Tile {
+            d: rows.map(|x| x.d),
+            q: interleave(rows.map(|x| &x.q[..])),
+        }
+    }
+
+    fn lane(tile: &Q8Tile, lane: usize) -> Self {
+        Q8Block {
+            d: tile.d[lane],
+            q: deinterleave(&tile.q, lane),
+        }
+    }
+
+    fn dequantize(&self, out: &mut [f32]) {
+        for (v, q) in out.iter_mut().zip(&self.q) {
+            *v = self.d * f32::from(*q);
+        }
+    }
+
+    fn row_dots<const N: usize>(row: &[Self], xs: [&[ActBlock]; N], out: &mut [f32]) {
+        dispatch!(q8_dots::<N>(row, xs, out));
+    }
+
+    fn tile_dots<const N: usize>(
+        tiles: &[Q8Tile],
+        xs: [&[ActBlock]; N],
+        sums: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        dispatch!(q8_tile_dots::<N>(tiles, xs, sums));
     }
 }
 
@@ -487,51 +475,6 @@ fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(threads * 4).max(16).min(rows.max(1))
 }
 
-/// A matrix whose rows the kernels can dot with quantized vectors.
-trait Kernel: Sync {
-    type Block: Sync;
-
-    fn shape(&self) -> (usize, usize);
-    fn blocks(&self) -> &[Self::Block];
-
-    /// `out[k] = row · xs[k]` for `N` vectors (each as long as the row).
-    fn dots<const N: usize>(row: &[Self::Block], xs: [&[ActBlock]; N], out: &mut [f32]);
-
-    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
-    fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        let (rows, cols) = self.shape();
-        let bpr = cols / BLOCK;
-        let n = acts.len();
-        // Computed row-major by weight row (each row read once for all vectors, up to four
-        // at a time), then transposed to one contiguous output per vector.
-        let mut by_row = vec![0f32; rows * n];
-        let chunk = rows_per_task(rows);
-        by_row
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, part)| {
-                for (i, row_out) in part.chunks_exact_mut(n).enumerate() {
-                    let r = c * chunk + i;
-                    let row = &self.blocks()[r * bpr..(r + 1) * bpr];
-                    let mut v = 0;
-                    while v < n {
-                        let take = (n - v).min(4);
-                        let slot = &mut row_out[v..v + take];
-                        let x = |k: usize| acts.vector(v + k);
-                        match take {
-                            4 => Self::dots::<4>(row, std::array::from_fn(x), slot),
-                            3 => Self::dots::<3>(row, std::array::from_fn(x), slot),
-                            2 => Self::dots::<2>(row, std::array::from_fn(x), slot),
-                            _ => Self::dots::<1>(row, std::array::from_fn(x), slot),
-                        }
-                        v += take;
-                    }
-                }
-            });
-        transpose_into(by_row, rows, n, out);
-    }
-}
-
 /// `by_row[r · n + v]` → `out[v · rows + r]`.
 fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
     if n == 1 {
@@ -543,53 +486,6 @@ fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
     for r in 0..rows {
         for v in 0..n {
             out[v * rows + r] = by_row[r * n + v];
-        }
-    }
-}
-
-/// The kernel impl of a matrix type: the SIMD dot products where the build has AVX2/FMA,
-/// the portable ones elsewhere.
-macro_rules! kernel {
-    ($matrix:ty, $block:ty, $dots:ident) => {
-        impl Kernel for $matrix {
-            type Block = $block;
-
-            fn shape(&self) -> (usize, usize) {
-                (self.rows, self.cols)
-            }
-
-            fn blocks(&self) -> &[$block] {
-                &self.blocks
-            }
-
-            fn dots<const N: usize>(row: &[$block], xs: [&[ActBlock]; N], out: &mut [f32]) {
-                dispatch!($dots::<N>(row, xs, out));
-            }
-        }
-    };
-}
-
-kernel!(Q4Matrix, Q4Block, q4_dots);
-kernel!(Q8Matrix, Q8Block, q8_dots);
-
-impl Q4Matrix {
-    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
-    pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        if self.tiles.is_empty() {
-            Kernel::matmul(self, acts, out);
-        } else {
-            self.matmul_tiled(acts, out);
-        }
-    }
-}
-
-impl Q8Matrix {
-    /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
-    pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
-        if self.tiles.is_empty() {
-            Kernel::matmul(self, acts, out);
-        } else {
-            self.matmul_tiled(acts, out);
         }
     }
 }
@@ -1033,7 +929,7 @@ mod tests {
         let bpr = cols / BLOCK;
         let (mut p, mut q) = ([[0f32; TILE_ROWS]; 4], [[0f32; TILE_ROWS]; 4]);
         portable::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut p);
-        Q4Matrix::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut q);
+        Q4Block::tile_dots::<3>(&tiled.tiles[..bpr], xs, &mut q);
         for (x, y) in p.iter().flatten().zip(q.iter().flatten()) {
             assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{x} vs {y}");
         }
@@ -1074,7 +970,7 @@ mod tests {
         let bpr = cols / BLOCK;
         let (mut p, mut q) = ([[0f32; TILE_ROWS]; 4], [[0f32; TILE_ROWS]; 4]);
         portable::q8_tile_dots::<2>(&tiled.tiles[..bpr], xs, &mut p);
-        Q8Matrix::tile_dots::<2>(&tiled.tiles[..bpr], xs, &mut q);
+        Q8Block::tile_dots::<2>(&tiled.tiles[..bpr], xs, &mut q);
         for (x, y) in p.iter().flatten().zip(q.iter().flatten()) {
             assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
         }
@@ -1097,7 +993,7 @@ mod tests {
             let (mut a, mut b) = ([0f32; 3], [0f32; 3]);
             let row = &w4.blocks[r * bpr..(r + 1) * bpr];
             portable::q4_dots::<3>(row, xs, &mut a);
-            Q4Matrix::dots::<3>(row, xs, &mut b);
+            Q4Block::row_dots::<3>(row, xs, &mut b);
             for k in 0..3 {
                 assert!(
                     (a[k] - b[k]).abs() <= 1e-3 * a[k].abs().max(1.0),
@@ -1106,7 +1002,7 @@ mod tests {
             }
             let row = &w8.blocks[r * bpr..(r + 1) * bpr];
             portable::q8_dots::<3>(row, xs, &mut a);
-            Q8Matrix::dots::<3>(row, xs, &mut b);
+            Q8Block::row_dots::<3>(row, xs, &mut b);
             for k in 0..3 {
                 assert!(
                     (a[k] - b[k]).abs() <= 1e-3 * a[k].abs().max(1.0),
