@@ -3,6 +3,12 @@
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install 'llama-cpp-python[server]==0.3.36' \
         sentence-transformers psutil
+
+On a CPU with AMX under a hypervisor that does not enable it, llama.cpp's default native
+build dies on its first multi-token batch (`ldtilecfg`); build it without AMX instead:
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" in front of the pip install.
     cargo build --release -p inference-worker
     /tmp/ref/bin/python scripts/bench_worker.py            # --threads N, --quick
 
