@@ -31,6 +31,20 @@ pub fn add_into(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Softmax in place, with the caller's `exp` (the models differ in which one matches their
+/// reference).
+#[inline]
+pub fn softmax(xs: &mut [f32], exp: impl Fn(f32) -> f32) {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+    let mut total = 0.0;
+    for x in xs.iter_mut() {
+        *x = exp(*x - max);
+        total += *x;
+    }
+    let inv = 1.0 / total;
+    xs.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// Runs a model's loop on a thread of its own rayon pool (as many threads as the global
 /// pool, i.e. `WORKER_THREADS`), so the parallel parts of each step start on threads that
 /// are already awake instead of waking a pool from outside it.

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::math::{add_into, dot};
+use crate::math::{add_into, dot, softmax};
 use serde::Deserialize;
 
 /// The parts of a Hugging Face BERT `config.json` the encoder needs.
@@ -276,7 +276,7 @@ impl Bert {
                     for (j, p) in probs.iter_mut().enumerate() {
                         *p = dot(q, &row(j)[k_at..k_at + d]) * scale;
                     }
-                    softmax(&mut probs);
+                    softmax(&mut probs, exp);
                     let o = &mut out[i * h + head * d..i * h + (head + 1) * d];
                     o.fill(0.0);
                     for (j, p) in probs.iter().enumerate() {
@@ -385,17 +385,6 @@ fn erf(x: f32) -> f32 {
 fn tanh(x: f32) -> f32 {
     let e = exp(-2.0 * x.abs());
     ((1.0 - e) / (1.0 + e)).copysign(x)
-}
-
-fn softmax(xs: &mut [f32]) {
-    let max = xs.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-    let mut total = 0.0;
-    for x in xs.iter_mut() {
-        *x = exp(*x - max);
-        total += *x;
-    }
-    let inv = 1.0 / total;
-    xs.iter_mut().for_each(|x| *x *= inv);
 }
 
 fn layer_norm(x: &mut [f32], norm: &Norm) {

@@ -14,7 +14,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
-use crate::math::{add_into, dot};
+use crate::math::{add_into, dot, softmax};
 
 use super::kernels::{round_to_f16, Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
 
@@ -539,15 +539,8 @@ impl Llama {
                 }
             }
             for row in scores.chunks_exact_mut(len) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-                let mut total = 0.0;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    total += *x;
-                }
+                softmax(row, f32::exp);
                 // Probabilities at f16 precision, as llama.cpp feeds them to its V product.
-                let inv = 1.0 / total;
-                row.iter_mut().for_each(|x| *x *= inv);
                 round_to_f16(row);
             }
             group_out.fill(0.0);
