@@ -160,6 +160,97 @@ pub fn round_to_f16(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = round_f16(*x));
 }
 
+/// Appends `src` rounded to f16, eight at a time with F16C where the build has it.
+pub fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {
+    dst.reserve(src.len());
+    let mut chunks = src.chunks_exact(8);
+    for chunk in &mut chunks {
+        dst.extend_from_slice(&narrow8(chunk));
+    }
+    dst.extend(chunks.remainder().iter().map(|x| f16::from_f32(*x)));
+}
+
+// Eight values at a time between f32 and f16: F16C where the build has it.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "f16c"
+)))]
+use portable::{narrow8, widen8};
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "f16c"
+))]
+use simd::{narrow8, widen8};
+
+fn dot_f16(q: &[f32], row: &[f16]) -> f32 {
+    q.iter().zip(row).map(|(a, b)| a * b.to_f32()).sum()
+}
+
+/// `out[p] = scale · q · rows[p]`, where row `p` is `q.len()` f16 values at `p · stride` in
+/// `rows` (attention scores over a cache). Eight rows at a time, each in its own eight-lane
+/// accumulator, so the horizontal sums of eight dot products overlap instead of each
+/// closing a dependency chain alone.
+pub fn f16_dots(q: &[f32], rows: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    let len = q.len();
+    if !len.is_multiple_of(8) {
+        for (p, o) in out.iter_mut().enumerate() {
+            *o = dot_f16(q, &rows[p * stride..p * stride + len]) * scale;
+        }
+        return;
+    }
+    let done = out.len() / 8 * 8;
+    for (c, chunk) in out.chunks_exact_mut(8).enumerate() {
+        let mut acc = [[0f32; 8]; 8];
+        for (l, q8) in q.chunks_exact(8).enumerate() {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let at = (8 * c + i) * stride + 8 * l;
+                let k = widen8(&rows[at..at + 8]);
+                for lane in 0..8 {
+                    acc[lane] += q8[lane] * k[lane];
+                }
+            }
+        }
+        for (o, acc) in chunk.iter_mut().zip(&acc) {
+            *o = acc.iter().sum::<f32>() * scale;
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate().skip(done) {
+        *o = dot_f16(q, &rows[p * stride..p * stride + len]) * scale;
+    }
+}
+
+/// `out = Σ_p weights[p] · rows[p]`, where row `p` is `out.len()` f16 values at `p · stride`
+/// in `rows` (attention's weighted sum of cached values). Thirty-two outputs at a time stay
+/// in registers across all rows.
+pub fn f16_weighted_sum(weights: &[f32], rows: &[f16], stride: usize, out: &mut [f32]) {
+    let mut at = 0;
+    let mut chunks = out.chunks_exact_mut(32);
+    for chunk in &mut chunks {
+        let mut acc = [0f32; 32];
+        for (p, w) in weights.iter().enumerate() {
+            let v = &rows[p * stride + at..p * stride + at + 32];
+            for (acc, v) in acc.chunks_exact_mut(8).zip(v.chunks_exact(8)) {
+                let v = widen8(v);
+                for lane in 0..8 {
+                    acc[lane] += w * v[lane];
+                }
+            }
+        }
+        chunk.copy_from_slice(&acc);
+        at += 32;
+    }
+    let tail = chunks.into_remainder();
+    tail.fill(0.0);
+    for (p, w) in weights.iter().enumerate() {
+        let v = &rows[p * stride + at..p * stride + at + tail.len()];
+        for (o, x) in tail.iter_mut().zip(v) {
+            *o += w * x.to_f32();
+        }
+    }
+}
+
 /// Interleaves 8 rows' bytes: group `g` holds bytes `4g..4g+4` of each row in turn.
 fn interleave<T: Copy + Default, const G: usize>(rows: [&[T]; TILE_ROWS]) -> [[T; 32]; G] {
     let mut groups = [[T::default(); 32]; G];
@@ -286,40 +377,52 @@ impl<B: BlockKind> Matrix<B> {
     /// `out[v · rows + r] = row r · vector v` for every vector of `acts`.
     pub fn matmul(&self, acts: &Q8Acts, out: &mut Vec<f32>) {
         let (rows, bpr, n) = (self.rows, self.cols / BLOCK, acts.len());
-        // Computed row-major by weight row (each row or tile read once for all vectors, up
-        // to four at a time), then transposed to one contiguous output per vector.
-        let mut by_row = vec![0f32; rows * n];
+        out.clear();
+        out.resize(rows * n, 0.0);
+        if n == 0 {
+            return;
+        }
         let tiled = !self.tiles.is_empty();
         let step = if tiled { TILE_ROWS } else { 1 };
         let per_task = rows_per_task(rows).div_ceil(step) * step;
-        by_row
-            .par_chunks_mut(per_task * n)
-            .enumerate()
-            .for_each(|(c, part)| {
-                for (i, out) in part.chunks_exact_mut(step * n).enumerate() {
-                    let first_row = c * per_task + i * step;
-                    let mut v = 0;
-                    while v < n {
-                        let take = (n - v).min(4);
-                        if tiled {
-                            let group = first_row / TILE_ROWS;
-                            let tiles = &self.tiles[group * bpr..(group + 1) * bpr];
-                            let mut sums = [[0f32; TILE_ROWS]; 4];
-                            tile_dots_of::<B>(tiles, acts, v, take, &mut sums);
-                            for (k, row_sums) in sums.iter().take(take).enumerate() {
-                                for (r, sum) in row_sums.iter().enumerate() {
-                                    out[r * n + v + k] = *sum;
-                                }
-                            }
-                        } else {
-                            let row = &self.blocks[first_row * bpr..(first_row + 1) * bpr];
-                            row_dots_of::<B>(row, acts, v, take, &mut out[v..v + take]);
+        // Each task owns a run of rows, and so the same run in every vector's output: each
+        // row (or tile) is read once for all vectors, up to four at a time, and its results
+        // land directly where the vectors' outputs want them.
+        let mut tasks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(per_task))
+            .map(|_| Vec::with_capacity(n))
+            .collect();
+        for vector_out in out.chunks_exact_mut(rows) {
+            for (task, run) in tasks.iter_mut().zip(vector_out.chunks_mut(per_task)) {
+                task.push(run);
+            }
+        }
+        tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| {
+            let task_rows = outs[0].len();
+            for local in (0..task_rows).step_by(step) {
+                let first_row = c * per_task + local;
+                let mut v = 0;
+                while v < n {
+                    let take = (n - v).min(4);
+                    if tiled {
+                        let group = first_row / TILE_ROWS;
+                        let tiles = &self.tiles[group * bpr..(group + 1) * bpr];
+                        let mut sums = [[0f32; TILE_ROWS]; 4];
+                        tile_dots_of::<B>(tiles, acts, v, take, &mut sums);
+                        for (k, row_sums) in sums.iter().take(take).enumerate() {
+                            outs[v + k][local..local + TILE_ROWS].copy_from_slice(row_sums);
                         }
-                        v += take;
+                    } else {
+                        let row = &self.blocks[first_row * bpr..(first_row + 1) * bpr];
+                        let mut dots = [0f32; 4];
+                        row_dots_of::<B>(row, acts, v, take, &mut dots[..take]);
+                        for (k, dot) in dots.iter().take(take).enumerate() {
+                            outs[v + k][local] = *dot;
+                        }
                     }
+                    v += take;
                 }
-            });
-        transpose_into(by_row, rows, n, out);
+            }
+        });
     }
 }
 
@@ -475,21 +578,6 @@ fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(threads * 4).max(16).min(rows.max(1))
 }
 
-/// `by_row[r · n + v]` → `out[v · rows + r]`.
-fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
-    if n == 1 {
-        *out = by_row;
-        return;
-    }
-    out.clear();
-    out.resize(rows * n, 0.0);
-    for r in 0..rows {
-        for v in 0..n {
-            out[v * rows + r] = by_row[r * n + v];
-        }
-    }
-}
-
 // With SIMD compiled in, the portable loops serve as the tests' reference.
 #[cfg_attr(
     all(
@@ -500,7 +588,17 @@ fn transpose_into(by_row: Vec<f32>, rows: usize, n: usize, out: &mut Vec<f32>) {
     allow(dead_code)
 )]
 mod portable {
+    use half::f16;
+
     use super::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile, TILE_ROWS};
+
+    pub fn narrow8(chunk: &[f32]) -> [f16; 8] {
+        std::array::from_fn(|i| f16::from_f32(chunk[i]))
+    }
+
+    pub fn widen8(h: &[f16]) -> [f32; 8] {
+        std::array::from_fn(|i| h[i].to_f32())
+    }
 
     pub fn q8_tile_dots<const N: usize>(
         tiles: &[Q8Tile],
@@ -595,6 +693,8 @@ mod portable {
 mod simd {
     use std::arch::x86_64::*;
 
+    use half::f16;
+
     use super::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile, TILE_ROWS};
 
     /// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
@@ -657,6 +757,39 @@ mod simd {
                 _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
             }
         }
+    }
+
+    /// Eight values rounded to f16.
+    #[cfg(target_feature = "f16c")]
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    pub fn narrow8(chunk: &[f32]) -> [f16; 8] {
+        assert!(chunk.len() >= 8);
+        let mut out = [f16::ZERO; 8];
+        // SAFETY: F16C is enabled for this build (the caller's cfg checks it); the load
+        // reads the first 8 values of `chunk` (checked above), the store writes the 16 bytes
+        // of `out`.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(chunk.as_ptr()));
+            _mm_storeu_si128(out.as_mut_ptr().cast(), h);
+        }
+        out
+    }
+
+    /// Eight f16 values widened to f32.
+    #[cfg(target_feature = "f16c")]
+    #[inline(always)]
+    #[allow(unused_unsafe)]
+    pub fn widen8(h: &[f16]) -> [f32; 8] {
+        assert!(h.len() >= 8);
+        let mut out = [0f32; 8];
+        // SAFETY: F16C is enabled for this build (the caller's cfg checks it); the load
+        // reads the first 16 bytes of `h` (checked above), the store the 8 values of `out`.
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
+            _mm256_storeu_ps(out.as_mut_ptr(), v);
+        }
+        out
     }
 
     /// Eight values through f16 and back.
@@ -871,6 +1004,46 @@ mod tests {
         (0..n * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 3) as f32))
             .collect()
+    }
+
+    #[test]
+    fn f16_attention_helpers_match_plain_loops() {
+        // Head sizes with and without whole 8- or 32-value chunks; position counts on both
+        // sides of the 8-row blocks.
+        for (hd, gap) in [(64, 128), (40, 0), (36, 12), (128, 64)] {
+            for len in [1, 7, 8, 9, 30] {
+                let stride = hd + gap;
+                let xs = vectors(1, len * stride);
+                let mut rows = Vec::new();
+                extend_f16(&mut rows, &xs);
+                for (h, x) in rows.iter().zip(&xs) {
+                    assert_eq!(*h, f16::from_f32(*x));
+                }
+                let q = vectors(1, hd + 3)[3..].to_vec();
+                let mut got = vec![0f32; len];
+                f16_dots(&q, &rows, stride, 0.5, &mut got);
+                for (p, g) in got.iter().enumerate() {
+                    let row = &rows[p * stride..];
+                    let want = q.iter().zip(row).map(|(a, b)| a * b.to_f32()).sum::<f32>() * 0.5;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "hd {hd} len {len} p {p}: {g} vs {want}"
+                    );
+                }
+                let weights = vectors(1, len + 5)[5..].to_vec();
+                let mut sum = vec![f32::NAN; hd];
+                f16_weighted_sum(&weights, &rows, stride, &mut sum);
+                for (d, s) in sum.iter().enumerate() {
+                    let want: f32 = (0..len)
+                        .map(|p| weights[p] * rows[p * stride + d].to_f32())
+                        .sum();
+                    assert!(
+                        (s - want).abs() < 1e-4,
+                        "hd {hd} len {len} d {d}: {s} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

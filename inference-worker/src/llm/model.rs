@@ -12,11 +12,14 @@ use std::io::{Read, Seek};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::math::{add_into, dot, softmax};
 
-use super::kernels::{round_to_f16, Q4Matrix, Q8Acts, Q8Matrix, BLOCK};
+use super::kernels::{
+    extend_f16, f16_dots, f16_weighted_sum, round_to_f16, Q4Matrix, Q8Acts, Q8Matrix, BLOCK,
+};
 
 /// A weight matrix (`rows` outputs × `cols` inputs) in whichever form runs it fastest.
 enum Linear {
@@ -209,11 +212,13 @@ pub struct Hyper {
     pub context_len: usize,
 }
 
-/// One sequence's keys and values, per layer, `kv_heads · head_dim` values per position.
+/// One sequence's keys and values, per layer, `kv_heads · head_dim` values per position,
+/// kept in f16 as llama.cpp's cache keeps them: half the memory, and half the bytes that
+/// attention reads per step, which dominate it once several long sequences decode together.
 #[derive(Default)]
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
 }
 
 impl KvCache {
@@ -443,13 +448,8 @@ impl Llama {
                         s.position
                     );
                 }
-                // Stored at f16 precision, as llama.cpp's cache keeps them.
-                let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
-                let at = keys.len();
-                keys.extend_from_slice(&row[dim..dim + kv_dim]);
-                values.extend_from_slice(&row[dim + kv_dim..]);
-                round_to_f16(&mut keys[at..]);
-                round_to_f16(&mut values[at..]);
+                extend_f16(&mut cache.keys[l], &row[dim..dim + kv_dim]);
+                extend_f16(&mut cache.values[l], &row[dim + kv_dim..]);
             }
             self.attention(l, slots, caches, &qkv, &mut attn);
             layer.attn_out.forward(&attn, &mut proj)?;
@@ -532,26 +532,14 @@ impl Llama {
             let kv_off = kv_head * hd;
             // scores[j · len + p]: query head j against position p.
             let mut scores = vec![0f32; group * len];
-            for p in 0..len {
-                let k = &keys[p * kv_dim + kv_off..][..hd];
-                for (j, q) in queries.chunks_exact(hd).enumerate() {
-                    scores[j * len + p] = dot(q, k) * scale;
-                }
-            }
-            for row in scores.chunks_exact_mut(len) {
+            for (q, row) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
+                f16_dots(q, &keys[kv_off..], kv_dim, scale, row);
                 softmax(row, f32::exp);
                 // Probabilities at f16 precision, as llama.cpp feeds them to its V product.
                 round_to_f16(row);
             }
-            group_out.fill(0.0);
-            for p in 0..len {
-                let v = &values[p * kv_dim + kv_off..][..hd];
-                for (j, o) in group_out.chunks_exact_mut(hd).enumerate() {
-                    let w = scores[j * len + p];
-                    for (o, x) in o.iter_mut().zip(v) {
-                        *o += w * x;
-                    }
-                }
+            for (weights, o) in scores.chunks_exact(len).zip(group_out.chunks_exact_mut(hd)) {
+                f16_weighted_sum(weights, &values[kv_off..], kv_dim, o);
             }
         };
         // Small steps (one token per decoding sequence, short contexts) are cheaper on this
