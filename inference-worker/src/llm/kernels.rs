@@ -8,7 +8,7 @@
 //! sequences one by one.
 //!
 //! Owns: the block layouts after loading, activation quantization, the dot products and the
-//! row-parallel matrix multiply. Must never: allocate per block or know about models.
+//! row-parallel matrix multiply, and attention's products over the f16 KV cache. Must never: allocate per block or know about models.
 //!
 //! The x86-64 path uses AVX2/FMA intrinsics (compiled in when the target has them, as the
 //! workspace's default `target-cpu` does); every other target uses the portable loops, and a
