@@ -2,6 +2,9 @@
 //! aggregate decode tokens/s with several streams decoded together.
 //!
 //! `cargo run --release -p inference-worker --example engine_bench -- models/SmolLM2-135M-Instruct.Q4_1.gguf [threads]`
+//!
+//! With `THREADS STREAMS [TOKENS]` after the model it prints only the aggregate decode figure
+//! for that many streams of that many tokens (512 by default), for profiling and A/B runs.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -75,9 +78,9 @@ async fn run(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: engine_bench MODEL.gguf [threads]"))?;
+    let path = args.next().ok_or_else(|| {
+        anyhow::anyhow!("usage: engine_bench MODEL.gguf [THREADS [STREAMS [TOKENS]]]")
+    })?;
     if let Some(threads) = args.next() {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.parse()?)
