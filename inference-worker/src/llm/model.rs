@@ -502,8 +502,9 @@ impl Llama {
     }
 
     /// Causal attention of each slot over its own cache, up to and including its position.
-    /// The query heads that share a key/value head are done together, so each cached key
-    /// and value is read once per group rather than once per head.
+    /// The query heads that share a key/value head run in one task, one after another: the
+    /// first brings that head's cached keys and values in from memory, the others find them
+    /// in the core's cache.
     fn attention(
         &self,
         layer: usize,
