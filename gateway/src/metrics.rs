@@ -20,6 +20,8 @@ pub struct GatewayMetrics {
     pub limit_rejections: IntCounterVec,
     pub admission_fail_open: IntCounter,
     pub admission_seconds: prometheus::Histogram,
+    /// Admissions by where they were decided: `lease` (in memory) or `store`.
+    pub admissions: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -96,7 +98,15 @@ impl GatewayMetrics {
             )
             .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 16)?),
         )?;
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "gateway_admissions_total",
+                "Requests admitted under limits, by where the decision was made: from this replica's quota leases or by the store",
+            ),
+            &["path"],
+        )?;
         for c in [
+            Box::new(admissions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
             Box::new(tokens.clone()),
@@ -128,6 +138,7 @@ impl GatewayMetrics {
             limit_rejections,
             admission_fail_open,
             admission_seconds,
+            admissions,
         })
     }
 

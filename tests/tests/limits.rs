@@ -348,8 +348,43 @@ async fn quota_holds_across_replicas(url: &str) {
     assert!(spend.0 >= billing::Micros::from_minor(CAP_MINOR).0 / 2);
     assert_eq!(tokens, ok as i64 * per_call);
 
+    // Most admissions came from the replicas' quota leases, not one store trip each.
+    let http = reqwest::Client::new();
+    let mut by_path = [0u64; 2];
+    for gw in [&a, &b] {
+        let scrape = e2e_tests::scrape(&http, &gw.metrics_url).await;
+        for (i, path) in ["lease", "store"].iter().enumerate() {
+            by_path[i] += scrape
+                .lines()
+                .find(|l| l.starts_with(&format!("gateway_admissions_total{{path=\"{path}\"}}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+    }
+    println!(
+        "admissions: {} from leases, {} by the store",
+        by_path[0], by_path[1]
+    );
+    assert!(by_path[0] > 0, "no admission used a lease");
+
     a.stop().await;
     b.stop().await;
+    // Both replicas gave their leases back when they stopped.
+    let db = billing::Db::connect(url).await.unwrap();
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(in_flight), 0) AS BIGINT) AS n, \
+         CAST(COALESCE(SUM(reserved_tokens + reserved_spend), 0) AS BIGINT) AS held, \
+         (SELECT COUNT(*) FROM reservations) AS r FROM limit_counters",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    use sqlx::Row;
+    assert_eq!(row.try_get::<i64, _>("n").unwrap(), 0);
+    assert_eq!(row.try_get::<i64, _>("held").unwrap(), 0);
+    assert_eq!(row.try_get::<i64, _>("r").unwrap(), 0);
+    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,25 +5,35 @@
 //! Must never: decide what a request costs in the ledger (that is the usage record's job)
 //! or let a refused request reach a worker.
 //!
-//! How it holds under concurrency: admission is one transaction that locks the counter
-//! rows of the request's scopes (the tenant's plan, and the key when the key narrows it),
-//! checks every limit, and reserves an upper bound of the request's tokens and spend
-//! (prompt bound + max completion tokens, priced). Settlement, when the usage is known,
-//! swaps the reservation for the real figures. Because every admitted request holds its
-//! upper bound until it settles, concurrent requests on any number of replicas cannot
-//! together pass a quota or spend cap. The documented overshoot bound is:
+//! How it holds under concurrency: every unit a request may use is charged in the store
+//! before the request runs. Either the request itself goes to the store (one transaction,
+//! batched with others, that locks the counter rows of its scopes, checks every limit and
+//! reserves an upper bound of the request's tokens and spend: prompt bound + max
+//! completion tokens, priced), or it is admitted in memory from a quota lease (see
+//! [`lease`]): a share of each limit that the store already charged to this replica in the
+//! same way, as a reservation, bucket level and in-flight slots. Settlement swaps a
+//! reservation for the real figures (for a leased request, in memory, reported at the
+//! lease's next sync). Because every admitted request is covered by a charge in the store
+//! until it settles, concurrent requests on any number of replicas cannot together pass a
+//! limit. Leases take at most a quarter of what is left of a limit each time, so close to
+//! a limit they shrink to nothing and every request goes to the store. The documented
+//! overshoot bound is:
 //!
 //! - zero while the store answers and usage stays within its reservation (it always does
 //!   for the prompt, whose bound is its byte length plus the template's overhead);
-//! - plus, for each gateway crash, nothing: its reservations stay counted until they
-//!   expire, and are then released (their usage is in the ledger, not in the counters);
+//! - plus, for each gateway crash, nothing: its reservations and leases stay counted
+//!   until they expire, and are then released (their usage is in the ledger, not in the
+//!   counters);
 //! - plus what is admitted while the store is unreachable: admission then fails open
 //!   (counted by `gateway_admission_fail_open_total`) so an outage does not stop the API.
 //!
 //! Per-minute limits are leaky buckets, stored as levels in units x 60,000,000 so that
 //! the arithmetic is exact in integers and independent of the limit itself.
 
-use std::sync::Arc;
+pub mod lease;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -31,6 +41,7 @@ use billing::{period_of, Db, Micros, PriceBook};
 use sqlx::Row;
 
 use crate::metrics::GatewayMetrics;
+use lease::{Grant, ScopeLease, SyncRequest, Units};
 
 /// Microseconds in the per-minute limits' window.
 const WINDOW_US: i64 = 60_000_000;
@@ -407,10 +418,31 @@ impl PriceCache {
 /// every job waiting, and applies them all in one transaction that locks each counter row
 /// once. Under load a batch holds many requests, so the store sees one transaction per
 /// batch instead of two per request; alone, a request waits for one transaction.
+///
+/// In front of that, each replica holds leases (see [`lease`]): shares of a scope's limits
+/// already charged in the store, from which it admits in memory. A request goes to the
+/// store only when a lease cannot cover it (a new scope, a lease running short, or a limit
+/// too close to its end to be shared out).
 pub struct Admission {
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
     metrics: Arc<GatewayMetrics>,
     store_failed_at: std::sync::Mutex<Option<Instant>>,
+    leases: Arc<Leases>,
+    close: Mutex<Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+/// This replica's leases, by scope id.
+struct Leases {
+    map: Mutex<HashMap<String, ScopeLease>>,
+    /// Wakes the keeper when a request found a lease short.
+    wake: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ScopeLease>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// An admitted request: the headers to send and the reservation to settle.
@@ -434,9 +466,19 @@ enum Job {
         /// Scopes whose tokens-per-minute bucket gets back what was reserved and unused.
         refund_scopes: Vec<String>,
     },
+    /// Lease synchronisations, answered with a grant each (in order).
+    Sync {
+        requests: Vec<SyncRequest>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Grant>, sqlx::Error>>,
+    },
     /// Answered once every job queued before it has been applied.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
+
+/// How often the keeper looks for leases to synchronise.
+const KEEPER_TICK: Duration = Duration::from_millis(25);
+/// A lease holding nothing is forgotten after this long unused.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// Most jobs applied in one transaction.
 const MAX_BATCH: usize = 256;
@@ -444,15 +486,71 @@ const MAX_BATCH: usize = 256;
 impl Admission {
     pub fn new(db: Db, metrics: Arc<GatewayMetrics>, reservation_ttl: Duration) -> Arc<Self> {
         let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
+        let replica = format!("lease:{}:", uuid::Uuid::now_v7().simple());
         let applier = Applier {
             db,
             reservation_ttl,
+            lease_prefix: replica,
         };
         tokio::spawn(applier.run(rx));
+        let leases = Arc::new(Leases {
+            map: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (close, closing) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(keep_leases(leases.clone(), jobs.clone(), closing));
         Arc::new(Self {
             jobs,
             metrics,
             store_failed_at: std::sync::Mutex::new(None),
+            leases,
+            close: Mutex::new(Some(close)),
+        })
+    }
+
+    /// Admits from this replica's leases if they cover every scope; otherwise notes the
+    /// shortfall (the keeper asks the store for more) and returns `None`.
+    fn admit_leased(&self, scopes: &[Scope], demand: Demand) -> Option<Admitted> {
+        use std::sync::atomic::Ordering;
+        if self.leases.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        let mut map = self.leases.lock();
+        let covered = scopes
+            .iter()
+            .all(|s| map.get(&s.id).is_some_and(|l| l.covers(&s.limits, demand)));
+        if !covered {
+            for s in scopes {
+                let lease = map
+                    .entry(s.id.clone())
+                    .or_insert_with(|| ScopeLease::new(s.limits, now));
+                lease.adopt(s.limits);
+                lease.note_shortfall(&s.limits, demand);
+            }
+            drop(map);
+            self.leases.wake.notify_one();
+            return None;
+        }
+        let now_us = now_us();
+        let mut headers = RateHeaders::default();
+        for s in scopes {
+            if let Some(lease) = map.get_mut(&s.id) {
+                lease::tighten(&mut headers, lease.take(demand, now, now_us));
+            }
+        }
+        drop(map);
+        Some(Admitted {
+            headers,
+            permit: Some(Permit {
+                kind: PermitKind::Leased {
+                    leases: self.leases.clone(),
+                    scopes: scopes.iter().map(|s| s.id.clone()).collect(),
+                    bound: demand,
+                },
+                settled: false,
+            }),
         })
     }
 
@@ -473,6 +571,10 @@ impl Admission {
         };
         if scopes.is_empty() {
             return unchecked();
+        }
+        if let Some(admitted) = self.admit_leased(&scopes, demand) {
+            self.metrics.admissions.with_label_values(&["lease"]).inc();
+            return Ok(admitted);
         }
         let recently_failed = self
             .store_failed_at
@@ -500,15 +602,20 @@ impl Admission {
             .admission_seconds
             .observe(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(Ok(headers)) => Ok(Admitted {
-                headers,
-                permit: Some(Permit {
-                    jobs: self.jobs.clone(),
-                    request_id: request_id.to_owned(),
-                    scopes,
-                    settled: false,
-                }),
-            }),
+            Ok(Ok(headers)) => {
+                self.metrics.admissions.with_label_values(&["store"]).inc();
+                Ok(Admitted {
+                    headers,
+                    permit: Some(Permit {
+                        kind: PermitKind::Store {
+                            jobs: self.jobs.clone(),
+                            request_id: request_id.to_owned(),
+                            scopes,
+                        },
+                        settled: false,
+                    }),
+                })
+            }
             Ok(Err(refusal)) => {
                 self.metrics
                     .limit_rejections
@@ -527,9 +634,17 @@ impl Admission {
         }
     }
 
-    /// Waits until every admission and settlement queued so far is in the store: at
-    /// shutdown, so this replica's reservations are not left to expire.
+    /// Waits until every admission and settlement queued so far is in the store and
+    /// every lease is given back: at shutdown, so this replica's reservations and leases
+    /// are not left to expire.
     pub async fn flush(&self) {
+        let close = self.close.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(close) = close {
+            let (done, returned) = tokio::sync::oneshot::channel();
+            if close.send(done).is_ok() {
+                let _ = returned.await;
+            }
+        }
         let (done, finished) = tokio::sync::oneshot::channel();
         if self.jobs.send(Job::Flush(done)).is_ok() {
             let _ = finished.await;
@@ -575,9 +690,77 @@ impl Admission {
 }
 
 /// The task that applies admission jobs in batches.
+/// Synchronises this replica's leases with the store: reports settled usage, returns
+/// what is no longer needed, tops up leases running short. On a close request it gives
+/// every lease back (requests in flight keep their bounds) and stops leasing.
+async fn keep_leases(
+    leases: Arc<Leases>,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    mut close: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let mut closing = None;
+        tokio::select! {
+            _ = tokio::time::sleep(KEEPER_TICK) => {}
+            _ = leases.wake.notified() => {}
+            done = close.recv() => {
+                leases.closed.store(true, Ordering::Relaxed);
+                closing = Some(done);
+            }
+        }
+        let is_closing = closing.is_some() || leases.closed.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let period = period_of(billing::now_ms());
+        let requests: Vec<SyncRequest> = {
+            let mut map = leases.lock();
+            map.retain(|_, l| !(l.is_empty() && l.idle_for(now) >= FORGET_AFTER));
+            map.iter_mut()
+                .filter_map(|(scope, l)| l.begin_sync(scope, &period, now, is_closing))
+                .collect()
+        };
+        if !requests.is_empty() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let sent = jobs.send(Job::Sync {
+                requests: requests.clone(),
+                reply,
+            });
+            let grants = match sent {
+                Ok(()) => answer.await.unwrap_or(Err(sqlx::Error::PoolClosed)),
+                Err(_) => Err(sqlx::Error::PoolClosed),
+            };
+            let mut map = leases.lock();
+            match grants {
+                Ok(grants) => {
+                    for (request, grant) in requests.iter().zip(grants) {
+                        if let Some(l) = map.get_mut(&request.scope) {
+                            l.finish_sync(grant);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "synchronising quota leases failed; will retry");
+                    for request in &requests {
+                        if let Some(l) = map.get_mut(&request.scope) {
+                            l.fail_sync(request);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(Some(done)) = closing {
+            let _ = done.send(());
+        } else if closing.is_some() {
+            return;
+        }
+    }
+}
+
 struct Applier {
     db: Db,
     reservation_ttl: Duration,
+    /// `lease:<replica>:`, the reservation id prefix of this replica's leases.
+    lease_prefix: String,
 }
 
 /// A reservation being settled, as deleted from the store.
@@ -586,6 +769,8 @@ struct Settling {
     tokens: i64,
     spend: i64,
     period: String,
+    /// Concurrency slots: 1 for a request, any number for a lease.
+    slots: i64,
     used: Demand,
     refund_scopes: Vec<String>,
 }
@@ -603,6 +788,7 @@ impl Applier {
             let mut admits = Vec::new();
             let mut settles = Vec::new();
             let mut flushes = Vec::new();
+            let mut syncs = Vec::new();
             for job in batch {
                 match job {
                     Job::Admit {
@@ -617,21 +803,29 @@ impl Applier {
                         refund_scopes,
                     } => settles.push((request_id, used, refund_scopes)),
                     Job::Flush(done) => flushes.push(done),
+                    Job::Sync { requests, reply } => syncs.push((requests, reply)),
                 }
             }
+            let sync_requests: Vec<&SyncRequest> =
+                syncs.iter().flat_map(|(r, _)| r.iter()).collect();
             let requests: Vec<(&str, &[Scope], Demand)> = admits
                 .iter()
                 .map(|(id, scopes, demand, _)| (id.as_str(), scopes.as_slice(), *demand))
                 .collect();
-            let outcome = if requests.is_empty() && settles.is_empty() {
-                Ok(Vec::new())
+            let outcome = if requests.is_empty() && settles.is_empty() && sync_requests.is_empty() {
+                Ok((Vec::new(), Vec::new()))
             } else {
-                self.apply(&requests, &settles).await
+                self.apply(&requests, &settles, &sync_requests).await
             };
             match outcome {
-                Ok(answers) => {
+                Ok((answers, grants)) => {
                     for ((_, _, _, reply), answer) in admits.into_iter().zip(answers) {
                         let _ = reply.send(Ok(answer));
+                    }
+                    let mut grants = grants.into_iter();
+                    for (requests, reply) in syncs {
+                        let mine: Vec<Grant> = grants.by_ref().take(requests.len()).collect();
+                        let _ = reply.send(Ok(mine));
                     }
                 }
                 Err(e) => {
@@ -643,6 +837,9 @@ impl Applier {
                     for (_, _, _, reply) in admits {
                         let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
                     }
+                    for (_, reply) in syncs {
+                        let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
+                    }
                 }
             }
             for done in flushes {
@@ -651,12 +848,14 @@ impl Applier {
         }
     }
 
-    /// One transaction: settle, then admit in order; answers per admission.
+    /// One transaction: settle, synchronise leases, then admit in order; answers per
+    /// admission and grants per lease.
     async fn apply(
         &self,
         admits: &[(&str, &[Scope], Demand)],
         settles: &[(String, Demand, Vec<String>)],
-    ) -> Result<Vec<Result<RateHeaders, Refusal>>, sqlx::Error> {
+        syncs: &[&SyncRequest],
+    ) -> Result<(Vec<Result<RateHeaders, Refusal>>, Vec<Grant>), sqlx::Error> {
         let pg = self.db.is_postgres();
         let mut tx = self.db.counters().begin().await?;
         // Settlements first: their reservations say which scopes they hold.
@@ -664,7 +863,7 @@ impl Applier {
         for (request_id, used, refund_scopes) in settles {
             let row = sqlx::query(
                 "DELETE FROM reservations WHERE request_id = $1 \
-                 RETURNING scopes, tokens, spend, period",
+                 RETURNING scopes, tokens, spend, period, slots",
             )
             .bind(request_id)
             .fetch_optional(&mut *tx)
@@ -681,6 +880,7 @@ impl Applier {
                     tokens: row.try_get("tokens")?,
                     spend: row.try_get("spend")?,
                     period: row.try_get("period")?,
+                    slots: row.try_get("slots")?,
                     used: *used,
                     refund_scopes: refund_scopes.clone(),
                 });
@@ -691,6 +891,7 @@ impl Applier {
             .iter()
             .flat_map(|(_, scopes, _)| scopes.iter().map(|s| s.id.clone()))
             .chain(settling.iter().flat_map(|s| s.scopes.iter().cloned()))
+            .chain(syncs.iter().map(|s| s.scope.clone()))
             .collect();
         ids.sort_unstable();
         ids.dedup();
@@ -713,7 +914,7 @@ impl Applier {
                 let Some(c) = counters.get_mut(id) else {
                     continue;
                 };
-                c.in_flight = (c.in_flight - 1).max(0);
+                c.in_flight = (c.in_flight - s.slots).max(0);
                 c.reserved_tokens = (c.reserved_tokens - s.tokens).max(0);
                 c.reserved_spend = (c.reserved_spend - s.spend).max(0);
                 if c.period == s.period {
@@ -728,6 +929,30 @@ impl Applier {
         let now = now_us();
         let period = period_of(now / 1000);
         let expires_at = now / 1000 + self.reservation_ttl.as_millis() as i64;
+        let mut grants = Vec::with_capacity(syncs.len());
+        let mut lease_rows = Vec::with_capacity(syncs.len());
+        for sync in syncs {
+            let id = format!("{}{}", self.lease_prefix, sync.scope);
+            let held =
+                sqlx::query("SELECT tokens, spend, slots FROM reservations WHERE request_id = $1")
+                    .bind(&id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let held = match held {
+                Some(row) => (
+                    row.try_get::<i64, _>("tokens")?,
+                    row.try_get::<i64, _>("spend")?,
+                    row.try_get::<i64, _>("slots")?,
+                ),
+                None => (0, 0, 0),
+            };
+            let Some(c) = counters.get_mut(&sync.scope) else {
+                continue;
+            };
+            let (grant, row) = sync_lease(c, sync, held, now, &period);
+            grants.push(grant);
+            lease_rows.push((id, row));
+        }
         let mut answers = Vec::with_capacity(admits.len());
         let mut reserved: Vec<(&str, String, Demand)> = Vec::new();
         for (request_id, scopes, demand) in admits {
@@ -791,9 +1016,109 @@ impl Applier {
             }
             query.execute(&mut *tx).await?;
         }
+        for (id, (tokens, spend, slots)) in &lease_rows {
+            if *tokens == 0 && *spend == 0 && *slots == 0 {
+                sqlx::query("DELETE FROM reservations WHERE request_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                continue;
+            }
+            let scope = id.strip_prefix(&self.lease_prefix).unwrap_or(id);
+            sqlx::query(
+                "INSERT INTO reservations (request_id, scopes, tokens, spend, period, expires_at, slots) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO UPDATE SET \
+                 tokens = excluded.tokens, spend = excluded.spend, period = excluded.period, \
+                 expires_at = excluded.expires_at, slots = excluded.slots",
+            )
+            .bind(id.as_str())
+            .bind(scope)
+            .bind(*tokens)
+            .bind(*spend)
+            .bind(period.as_str())
+            .bind(now / 1000 + lease::LEASE_TTL.as_millis() as i64)
+            .bind(*slots)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        Ok(answers)
+        Ok((answers, grants))
     }
+}
+
+/// Applies one lease synchronisation to its scope's counter: the usage it reports moves
+/// from reserved to used, the store's count of what the lease holds becomes what the
+/// replica says it keeps (whatever the store had: an expired lease is counted again),
+/// returned per-minute units leave the buckets, and a grant of at most a share of what is
+/// left in each limit is charged. Returns the grant and the lease's new row
+/// `(tokens, spend, slots)`.
+fn sync_lease(
+    c: &mut Counter,
+    sync: &SyncRequest,
+    (held_tokens, held_spend, held_slots): (i64, i64, i64),
+    now: i64,
+    period: &str,
+) -> (Grant, (i64, i64, i64)) {
+    let l = &sync.limits;
+    if c.period != period {
+        c.period = period.to_owned();
+        c.used_tokens = 0;
+        c.used_spend = 0;
+    }
+    if c.period == sync.period {
+        c.used_tokens = c.used_tokens.saturating_add(sync.used_tokens);
+        c.used_spend = c.used_spend.saturating_add(sync.used_spend);
+    }
+    c.reserved_tokens = (c.reserved_tokens - held_tokens + sync.keep.tokens).max(0);
+    c.reserved_spend = (c.reserved_spend - held_spend + sync.keep.spend).max(0);
+    c.in_flight = (c.in_flight - held_slots + sync.keep.slots).max(0);
+    let drain = |level: i64, limit: Option<i64>| {
+        limit.map_or(0, |limit| drained(level, c.levels_at_us, now, limit))
+    };
+    c.requests_level = (drain(c.requests_level, l.requests_per_minute)
+        - sync.returned.requests.saturating_mul(WINDOW_US))
+    .max(0);
+    c.tokens_level = (drain(c.tokens_level, l.tokens_per_minute)
+        - sync.returned.rate_tokens.saturating_mul(WINDOW_US))
+    .max(0);
+    c.levels_at_us = now;
+    let left = Units {
+        requests: lease::bucket_room(c.requests_level, l.requests_per_minute),
+        rate_tokens: lease::bucket_room(c.tokens_level, l.tokens_per_minute),
+        slots: l.max_concurrent.map_or(0, |m| m - c.in_flight),
+        tokens: l
+            .monthly_tokens
+            .map_or(0, |q| q - c.used_tokens - c.reserved_tokens),
+        spend: l.monthly_spend_minor.map_or(0, |cap| {
+            Micros::from_minor(cap).0 - c.used_spend - c.reserved_spend
+        }),
+    };
+    let g = lease::grant_within(sync.want, left);
+    c.requests_level = c
+        .requests_level
+        .saturating_add(g.requests.saturating_mul(WINDOW_US));
+    c.tokens_level = c
+        .tokens_level
+        .saturating_add(g.rate_tokens.saturating_mul(WINDOW_US));
+    c.reserved_tokens = c.reserved_tokens.saturating_add(g.tokens);
+    c.reserved_spend = c.reserved_spend.saturating_add(g.spend);
+    c.in_flight = c.in_flight.saturating_add(g.slots);
+    let grant = Grant {
+        granted: g,
+        view: lease::BucketView {
+            requests_level: c.requests_level,
+            tokens_level: c.tokens_level,
+            at_us: now,
+        },
+    };
+    (
+        grant,
+        (
+            sync.keep.tokens + g.tokens,
+            sync.keep.spend + g.spend,
+            sync.keep.slots + g.slots,
+        ),
+    )
 }
 
 /// Checks one request against its scopes' counters; on success updates them.
@@ -890,14 +1215,28 @@ async fn read_counter(
 /// An admitted request's reservation. Settle it with the real usage; dropped unsettled,
 /// it settles as "nothing used" (the request failed before any usage was recorded).
 pub struct Permit {
-    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
-    request_id: String,
-    scopes: Vec<Scope>,
+    kind: PermitKind,
     settled: bool,
 }
 
+enum PermitKind {
+    /// Reserved in the store, row by row.
+    Store {
+        jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+        request_id: String,
+        scopes: Vec<Scope>,
+    },
+    /// Taken from this replica's leases.
+    Leased {
+        leases: Arc<Leases>,
+        scopes: Vec<String>,
+        bound: Demand,
+    },
+}
+
 impl Permit {
-    /// Queues the settlement: the client does not wait for it.
+    /// Settles: in memory for a leased request, queued to the store otherwise; the
+    /// client does not wait for it.
     pub fn settle(mut self, used: Demand) {
         self.settle_inner(used);
     }
@@ -906,17 +1245,36 @@ impl Permit {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let refund_scopes = self
-            .scopes
-            .iter()
-            .filter(|s| s.limits.tokens_per_minute.is_some())
-            .map(|s| s.id.clone())
-            .collect();
-        let _ = self.jobs.send(Job::Settle {
-            request_id: std::mem::take(&mut self.request_id),
-            used,
-            refund_scopes,
-        });
+        match &mut self.kind {
+            PermitKind::Store {
+                jobs,
+                request_id,
+                scopes,
+            } => {
+                let refund_scopes = scopes
+                    .iter()
+                    .filter(|s| s.limits.tokens_per_minute.is_some())
+                    .map(|s| s.id.clone())
+                    .collect();
+                let _ = jobs.send(Job::Settle {
+                    request_id: std::mem::take(request_id),
+                    used,
+                    refund_scopes,
+                });
+            }
+            PermitKind::Leased {
+                leases,
+                scopes,
+                bound,
+            } => {
+                let mut map = leases.lock();
+                for id in scopes.iter() {
+                    if let Some(lease) = map.get_mut(id) {
+                        lease.settle(*bound, used);
+                    }
+                }
+            }
+        }
     }
 }
 
