@@ -14,6 +14,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use billing::{now_ms, Delivery, Spool, UsageEvent, UsageStatus};
 use futures::{Stream, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value};
 
 use crate::auth::Caller;
@@ -33,16 +35,35 @@ pub struct UpstreamLimits {
     pub max_attempts: usize,
 }
 
+/// The HTTP client for workers: hyper's pooled client, keep-alive, no redirects, no
+/// proxies, nothing between the gateway and the worker but the connection.
+pub type UpstreamClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the worker client: connections time out after `connect_timeout`, idle ones are
+/// closed after `idle`.
+pub fn upstream_client(connect_timeout: Duration, idle: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
+}
+
 /// A parsed consumer request body, kept as JSON so unknown fields pass through unchanged.
 pub struct ProxiedCall {
     pub endpoint: &'static str,
     pub model: String,
     pub body: Map<String, Value>,
+    /// The body as the client sent it: forwarded as is unless the gateway changed `body`.
+    raw: Bytes,
+    changed: bool,
 }
 
 impl ProxiedCall {
-    pub fn parse(endpoint: &'static str, bytes: &[u8]) -> Result<Self, GatewayError> {
-        let value: Value = serde_json::from_slice(bytes)
+    pub fn parse(endpoint: &'static str, bytes: Bytes) -> Result<Self, GatewayError> {
+        let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| GatewayError::bad_request(format!("invalid JSON body: {e}"), None))?;
         let Value::Object(body) = value else {
             return Err(GatewayError::bad_request(
@@ -69,7 +90,19 @@ impl ProxiedCall {
             endpoint,
             model,
             body,
+            raw: bytes,
+            changed: false,
         })
+    }
+
+    /// The JSON to send the worker.
+    fn upstream_body(&self) -> Result<Bytes, GatewayError> {
+        if !self.changed {
+            return Ok(self.raw.clone());
+        }
+        serde_json::to_vec(&self.body)
+            .map(Bytes::from)
+            .map_err(|e| GatewayError::Upstream(e.to_string()))
     }
 
     pub fn is_stream(&self) -> bool {
@@ -132,6 +165,10 @@ impl ProxiedCall {
 
     /// Billing needs the usage chunk whatever the client asked.
     fn force_stream_usage(&mut self) {
+        if self.client_wants_usage() {
+            return;
+        }
+        self.changed = true;
         let options = self
             .body
             .entry("stream_options")
@@ -180,7 +217,7 @@ impl CallContext {
 
 pub struct Proxy {
     pub pool: Arc<WorkerPool>,
-    pub client: reqwest::Client,
+    pub client: UpstreamClient,
     pub spool: Spool,
     pub limits: UpstreamLimits,
     pub metrics: Arc<GatewayMetrics>,
@@ -290,8 +327,7 @@ impl Proxy {
             let status = upstream.status();
             if !status.is_success() {
                 // Worker-side errors are already in the OpenAI shape; pass them on as they are.
-                let bytes = upstream
-                    .bytes()
+                let bytes = read_all(upstream)
                     .await
                     .map_err(|e| GatewayError::Upstream(e.to_string()))?;
                 return Ok(json_response(status, bytes));
@@ -310,7 +346,7 @@ impl Proxy {
                     reservation,
                 ));
             }
-            match tokio::time::timeout(self.limits.total_timeout, upstream.bytes()).await {
+            match tokio::time::timeout(self.limits.total_timeout, read_all(upstream)).await {
                 Err(_) => return Err(GatewayError::UpstreamTimeout),
                 Ok(Ok(bytes)) => break bytes,
                 // The worker died while answering; nothing reached the client, so another
@@ -356,7 +392,8 @@ impl Proxy {
         &self,
         call: &ProxiedCall,
         tried: &mut Vec<String>,
-    ) -> Result<(Lease, reqwest::Response), GatewayError> {
+    ) -> Result<(Lease, hyper::Response<hyper::body::Incoming>), GatewayError> {
+        let body = call.upstream_body()?;
         while tried.len() < self.limits.max_attempts.max(1) {
             let Some(lease) = self.pool.pick(&call.model, tried) else {
                 break;
@@ -371,13 +408,14 @@ impl Proxy {
                     .with_label_values(&[&worker, kind])
                     .inc()
             };
-            let url = format!("{worker}{}", call.endpoint);
+            let request = hyper::Request::post(format!("{worker}{}", call.endpoint))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|e| GatewayError::Upstream(format!("worker address {worker}: {e}")))?;
             tried.push(worker.clone());
-            let sent = tokio::time::timeout(
-                self.limits.first_byte_timeout,
-                self.client.post(&url).json(&call.body).send(),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout(self.limits.first_byte_timeout, self.client.request(request))
+                    .await;
             match sent {
                 Err(_) => {
                     failed("timeout");
@@ -408,7 +446,7 @@ impl Proxy {
         ctx: CallContext,
         call: ProxiedCall,
         lease: Lease,
-        upstream: reqwest::Response,
+        upstream: hyper::Response<hyper::body::Incoming>,
         client_wants_usage: bool,
         reservation: Reservation,
     ) -> Response {
@@ -424,13 +462,22 @@ impl Proxy {
             outcome: None,
             _lease: lease,
         };
-        let body = metered(upstream.bytes_stream(), meter, client_wants_usage);
+        let body = metered(
+            upstream.into_body().into_data_stream(),
+            meter,
+            client_wants_usage,
+        );
         Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
             .body(Body::from_stream(body))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
     }
+}
+
+/// A worker's whole response body.
+async fn read_all(response: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, hyper::Error> {
+    Ok(response.into_body().collect().await?.to_bytes())
 }
 
 fn json_response(status: StatusCode, bytes: Bytes) -> Response {
@@ -469,18 +516,47 @@ impl Drop for OutcomeOnEnd {
     }
 }
 
+/// A JSON reply of known length that reports its outcome when the server takes it, or
+/// "undelivered" if it is dropped before (the client left while the reply was waiting).
+struct TrackedBody {
+    bytes: Option<Bytes>,
+    len: u64,
+    outcome: OutcomeOnEnd,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = this.bytes.take().map(|b| Ok(http_body::Frame::data(b)));
+        // The whole reply is handed to the connection now (with a known length, the
+        // server does not ask again); the delivery settle time covers the socket write.
+        this.outcome.settle(true);
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len)
+    }
+}
+
 /// A JSON body that reports its outcome when the server has taken all of it.
 fn tracked_json(bytes: Bytes, outcome: OutcomeOnEnd) -> Response {
-    let body = futures::stream::unfold((Some(bytes), outcome), |(bytes, mut outcome)| async move {
-        match bytes {
-            Some(b) => Some((Ok::<_, std::io::Error>(b), (None, outcome))),
-            None => {
-                outcome.settle(true);
-                None
-            }
-        }
-    });
-    let mut response = Response::new(Body::from_stream(body));
+    let body = TrackedBody {
+        len: bytes.len() as u64,
+        bytes: Some(bytes),
+        outcome,
+    };
+    let mut response = Response::new(Body::new(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -500,16 +576,20 @@ fn count_tokens(metrics: &GatewayMetrics, event: &UsageEvent) {
     }
 }
 
-/// `(prompt_tokens, completion_tokens)` of a JSON reply.
+/// `(prompt_tokens, completion_tokens)` of a JSON reply. Reads only `usage`: the rest of
+/// the reply is skipped, not built into a tree.
 fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
-    let v: Value = serde_json::from_slice(bytes).ok()?;
-    let usage = v.get("usage")?;
-    let prompt = usage.get("prompt_tokens")?.as_u64()?;
-    let completion = usage
-        .get("completion_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    Some((prompt, completion))
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        usage: Option<Usage>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        prompt_tokens: u64,
+        completion_tokens: Option<u64>,
+    }
+    let usage = serde_json::from_slice::<Reply>(bytes).ok()?.usage?;
+    Some((usage.prompt_tokens, usage.completion_tokens.unwrap_or(0)))
 }
 
 /// Tracks a stream's usage; if dropped before the stream completed (the client left),
@@ -608,8 +688,8 @@ fn classify_event(event: &str) -> SseEvent<'_> {
 
 /// Passes the worker's SSE stream through, reading usage from it, hiding the usage chunk
 /// if the client did not ask for it, and recording usage before `[DONE]` goes out.
-fn metered(
-    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+fn metered<E: std::fmt::Display + Send + 'static>(
+    upstream: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
     meter: StreamMeter,
     client_wants_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
@@ -739,7 +819,7 @@ mod tests {
     fn stream_usage_is_forced_on() {
         let mut call = ProxiedCall::parse(
             "/v1/chat/completions",
-            br#"{"model":"m","stream":true,"stream_options":null}"#,
+            Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null}"#),
         )
         .unwrap();
         assert!(!call.client_wants_usage());

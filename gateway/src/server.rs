@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use billing::{now_ms, Db, Ledger, Shipper, ShipperHandle, ShipperStats, Spool};
 use openai_types::{Model, ModelList};
 use tokio::net::TcpListener;
@@ -74,7 +74,7 @@ impl Gateway {
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
-        let pool = WorkerPool::new(&config.workers, client.clone());
+        let pool = WorkerPool::new(&config.workers, client);
         pool.check_all().await;
         let tenants = TenantStore::new(db.clone());
         let spool = if config.benchmark_unmetered {
@@ -99,7 +99,10 @@ impl Gateway {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
                 pool,
-                client,
+                client: crate::proxy::upstream_client(
+                    Duration::from_secs(2),
+                    Duration::from_secs(60),
+                ),
                 spool: spool.clone(),
                 metrics: metrics.clone(),
                 limits: UpstreamLimits {
@@ -291,18 +294,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(|| async { GatewayError::PathNotFound })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(middleware::from_fn(assign_request_id))
         .with_state(state)
 }
 
-/// Counts and times every consumer request by route, model and status.
-async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// Gives every consumer request its id (`x-request-id`), then counts and times it by
+/// route, model and status. One layer for both: each layer costs a boxed future per
+/// request.
+async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let id = format!("req_{}", uuid::Uuid::now_v7().simple());
+    let header = HeaderValue::from_str(&id).ok();
+    req.extensions_mut().insert(RequestId(id));
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
+    if let Some(value) = header {
+        response.headers_mut().insert("x-request-id", value);
+    }
     let model = response
         .extensions()
         .get::<ModelLabel>()
@@ -344,60 +354,57 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn assign_request_id(mut req: Request, next: Next) -> Response {
-    let id = format!("req_{}", uuid::Uuid::now_v7().simple());
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(req).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    response
+async fn chat_completions(state: State<Arc<AppState>>, req: Request) -> Response {
+    proxied(state, req, "/v1/chat/completions").await
 }
 
-async fn chat_completions(
-    state: State<Arc<AppState>>,
-    id: Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    proxied(state, id, headers, body, "/v1/chat/completions").await
+async fn embeddings(state: State<Arc<AppState>>, req: Request) -> Response {
+    proxied(state, req, "/v1/embeddings").await
 }
 
-async fn embeddings(
-    state: State<Arc<AppState>>,
-    id: Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    proxied(state, id, headers, body, "/v1/embeddings").await
+async fn classify(state: State<Arc<AppState>>, req: Request) -> Response {
+    proxied(state, req, "/v1/classify").await
 }
 
-async fn classify(
-    state: State<Arc<AppState>>,
-    id: Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, GatewayError> {
-    proxied(state, id, headers, body, "/v1/classify").await
-}
-
+/// A consumer call to forward. Takes the request whole: the headers are read where they
+/// are, not copied.
 async fn proxied(
     State(state): State<Arc<AppState>>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
+    req: Request,
+    endpoint: &'static str,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let request_id = parts
+        .extensions
+        .remove::<RequestId>()
+        .map(|id| id.0)
+        .unwrap_or_default();
+    match forward_call(&state, request_id, &parts.headers, body, endpoint).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn forward_call(
+    state: &AppState,
+    request_id: String,
+    headers: &HeaderMap,
     body: Body,
     endpoint: &'static str,
-) -> Result<Response, GatewayError> {
+) -> Result<Response, Response> {
     let started_at = now_ms();
-    let caller = state.auth.authenticate(&headers).await?;
+    let caller = state
+        .auth
+        .authenticate(headers)
+        .await
+        .map_err(IntoResponse::into_response)?;
     let bytes = tokio::time::timeout(
         state.body_timeout,
         axum::body::to_bytes(body, state.max_body_bytes),
     )
     .await
-    .map_err(|_| GatewayError::RequestTimeout)?
-    .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes))?;
-    let call = ProxiedCall::parse(endpoint, &bytes)?;
+    .map_err(|_| GatewayError::RequestTimeout.into_response())?
+    .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes).into_response())?;
+    let call = ProxiedCall::parse(endpoint, bytes).map_err(IntoResponse::into_response)?;
     let model = ModelLabel(call.model.clone());
     let ctx = CallContext {
         request_id,

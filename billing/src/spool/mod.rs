@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// Delivery outcomes waiting out [`DELIVERY_SETTLE`]; `flush` waits for them.
     pub settling: std::sync::atomic::AtomicUsize,
     pub settled: Notify,
+    /// Responses taken as delivered once their deadline passes, oldest first.
+    pub delivered: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, String)>>,
+    pub delivered_added: std::sync::Condvar,
 }
 
 /// How long after the last byte is handed to the connection a response is taken as
@@ -77,18 +80,16 @@ impl Spool {
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let first_live_segment = segment::list_segments(dir)?.last().map_or(0, |n| n + 1);
-        let shared = Arc::new(Shared {
-            dir: dir.to_owned(),
-            first_live_segment,
-            written: Notify::new(),
-            settling: std::sync::atomic::AtomicUsize::new(0),
-            settled: Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(dir, first_live_segment));
         let (commands, queue) = mpsc::channel(QUEUE);
         let writer = Writer::create(shared.clone(), segment_bytes.max(1024))?;
         std::thread::Builder::new()
             .name("usage-spool".into())
             .spawn(move || writer.run(queue))?;
+        let outcomes = (shared.clone(), commands.downgrade());
+        std::thread::Builder::new()
+            .name("usage-outcomes".into())
+            .spawn(move || settle_deliveries(outcomes.0, outcomes.1))?;
         Ok(Self {
             commands,
             shared,
@@ -102,13 +103,7 @@ impl Spool {
         let (commands, _queue) = mpsc::channel(1);
         Self {
             commands,
-            shared: Arc::new(Shared {
-                dir: dir.to_owned(),
-                first_live_segment: 0,
-                written: Notify::new(),
-                settling: std::sync::atomic::AtomicUsize::new(0),
-                settled: Notify::new(),
-            }),
+            shared: Arc::new(Shared::new(dir, 0)),
             discard: true,
         }
     }
@@ -203,26 +198,26 @@ impl Spool {
         });
     }
 
-    /// Records that a response was delivered, once [`DELIVERY_SETTLE`] has passed.
+    /// Records that a response was delivered, once [`DELIVERY_SETTLE`] has passed: one
+    /// thread writes these in batches, so a response costs a queue push, not a timer.
     pub fn record_delivered(&self, request_id: &str) {
         use std::sync::atomic::Ordering;
         if self.discard {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.record_outcome(request_id, true);
-            return;
-        };
         self.shared.settling.fetch_add(1, Ordering::SeqCst);
-        let spool = self.clone();
-        let request_id = request_id.to_owned();
-        handle.spawn(async move {
-            tokio::time::sleep(DELIVERY_SETTLE).await;
-            spool.record_outcome(&request_id, true);
-            if spool.shared.settling.fetch_sub(1, Ordering::SeqCst) == 1 {
-                spool.shared.settled.notify_waiters();
-            }
-        });
+        let due = std::time::Instant::now() + DELIVERY_SETTLE;
+        let mut queue = self
+            .shared
+            .delivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let was_empty = queue.is_empty();
+        queue.push_back((due, request_id.to_owned()));
+        drop(queue);
+        if was_empty {
+            self.shared.delivered_added.notify_one();
+        }
     }
 
     /// Fsyncs everything appended so far (outcomes included, after waiting for those still
@@ -251,6 +246,85 @@ impl Spool {
 
     pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+}
+
+impl Shared {
+    fn new(dir: &Path, first_live_segment: u64) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            first_live_segment,
+            written: Notify::new(),
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            settled: Notify::new(),
+            delivered: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            delivered_added: std::sync::Condvar::new(),
+        }
+    }
+}
+
+/// Writes "delivered" outcomes once their settle time has passed, every due one in one
+/// append. Runs until the spool's writer is gone.
+fn settle_deliveries(shared: Arc<Shared>, commands: mpsc::WeakSender<Command>) {
+    use std::sync::atomic::Ordering;
+    let mut queue = shared.delivered.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let now = std::time::Instant::now();
+        let Some(&(first_due, _)) = queue.front() else {
+            if commands.strong_count() == 0 {
+                return;
+            }
+            queue = match shared
+                .delivered_added
+                .wait_timeout(queue, std::time::Duration::from_secs(1))
+            {
+                Ok((q, _)) => q,
+                Err(e) => e.into_inner().0,
+            };
+            continue;
+        };
+        if first_due > now {
+            let wait = first_due - now;
+            queue = match shared.delivered_added.wait_timeout(queue, wait) {
+                Ok((q, _)) => q,
+                Err(e) => e.into_inner().0,
+            };
+            continue;
+        }
+        let mut due = Vec::new();
+        while queue.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, id)) = queue.pop_front() {
+                due.push(id);
+            }
+        }
+        drop(queue);
+        let mut bytes = Vec::with_capacity(due.len() * 96);
+        for request_id in &due {
+            let entry = SpoolEntry::Outcome {
+                request_id: request_id.clone(),
+                delivered: true,
+            };
+            if segment::encode(&entry, &mut bytes).is_err() {
+                tracing::error!(%request_id, "encoding a delivery outcome failed");
+            }
+        }
+        // The writer may be busy: wait for room rather than drop outcomes.
+        let sent = commands.upgrade().is_some_and(|c| {
+            c.blocking_send(Command::Append {
+                bytes,
+                durable: None,
+            })
+            .is_ok()
+        });
+        if shared.settling.fetch_sub(due.len(), Ordering::SeqCst) == due.len() {
+            shared.settled.notify_waiters();
+        }
+        if !sent {
+            return;
+        }
+        // Let a few more gather: one append per ~10 ms at most.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        queue = shared.delivered.lock().unwrap_or_else(|e| e.into_inner());
     }
 }
 
