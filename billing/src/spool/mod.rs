@@ -67,6 +67,10 @@ pub(crate) struct Shared {
     /// Responses taken as delivered once their deadline passes, oldest first.
     pub delivered: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, String)>>,
     pub delivered_added: std::sync::Condvar,
+    /// The segment the writer appends to, and how many bytes it has written there (past
+    /// them lie zeros).
+    pub live: std::sync::atomic::AtomicU64,
+    pub live_len: std::sync::atomic::AtomicU64,
 }
 
 /// How long after the last byte is handed to the connection a response is taken as
@@ -259,6 +263,8 @@ impl Shared {
             settled: Notify::new(),
             delivered: std::sync::Mutex::new(std::collections::VecDeque::new()),
             delivered_added: std::sync::Condvar::new(),
+            live: std::sync::atomic::AtomicU64::new(u64::MAX),
+            live_len: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -336,20 +342,44 @@ struct Writer {
     size: u64,
     /// Bytes written since the last fsync.
     dirty: bool,
+    /// The next segment, being filled with zeros in the background.
+    next: Option<std::thread::JoinHandle<io::Result<File>>>,
 }
 
 impl Writer {
     fn create(shared: Arc<Shared>, segment_bytes: u64) -> io::Result<Self> {
+        // Half-made segments of an earlier process: never used, so nothing to keep.
+        for entry in fs::read_dir(&shared.dir)?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == PREPARING) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         let number = shared.first_live_segment;
-        let file = new_segment(&shared.dir, number)?;
-        Ok(Self {
+        let file = prepare_segment(&shared.dir, number, segment_bytes)?;
+        install_segment(&shared.dir, number)?;
+        shared
+            .live
+            .store(number, std::sync::atomic::Ordering::Release);
+        let mut writer = Self {
             shared,
             segment_bytes,
             number,
             file,
             size: 0,
             dirty: false,
-        })
+            next: None,
+        };
+        writer.prepare_next();
+        Ok(writer)
+    }
+
+    /// Starts zero-filling the segment after the current one.
+    fn prepare_next(&mut self) {
+        let (dir, number, bytes) = (self.shared.dir.clone(), self.number + 1, self.segment_bytes);
+        self.next = std::thread::Builder::new()
+            .name("usage-spool-prep".into())
+            .spawn(move || prepare_segment(&dir, number, bytes))
+            .ok();
     }
 
     fn run(mut self, mut queue: mpsc::Receiver<Command>) {
@@ -390,14 +420,23 @@ impl Writer {
             }
             self.shared.written.notify_one();
         }
-        // Every handle is gone: make what is left durable.
-        let _ = self.file.sync_data();
+        // Every handle is gone: cut the zeros off and make what is left durable.
+        let _ = self.file.set_len(self.size);
+        let _ = self.file.sync_all();
+        if let Some(next) = self.next.take() {
+            if next.join().is_ok() {
+                let _ = fs::remove_file(preparing_path(&self.shared.dir, self.number + 1));
+            }
+        }
     }
 
     fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        use std::sync::atomic::Ordering;
         if !bytes.is_empty() {
-            self.file.write_all(bytes)?;
+            self.file.write_all_at(bytes, self.size)?;
             self.size += bytes.len() as u64;
+            self.shared.live_len.store(self.size, Ordering::Release);
             self.dirty = true;
         }
         if sync && self.dirty {
@@ -405,22 +444,59 @@ impl Writer {
             self.dirty = false;
         }
         if self.size >= self.segment_bytes {
-            self.file.sync_data()?;
+            // The finished segment gets its exact length, then the prepared one takes over.
+            self.file.set_len(self.size)?;
+            self.file.sync_all()?;
+            let next = match self.next.take().map(std::thread::JoinHandle::join) {
+                Some(Ok(Ok(file))) => file,
+                Some(Ok(Err(e))) => return Err(e),
+                _ => prepare_segment(&self.shared.dir, self.number + 1, self.segment_bytes)?,
+            };
+            install_segment(&self.shared.dir, self.number + 1)?;
             self.number += 1;
-            self.file = new_segment(&self.shared.dir, self.number)?;
+            self.file = next;
             self.size = 0;
             self.dirty = false;
+            self.shared.live_len.store(0, Ordering::Release);
+            self.shared.live.store(self.number, Ordering::Release);
+            self.prepare_next();
         }
         Ok(())
     }
 }
 
-fn new_segment(dir: &Path, number: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
+/// Extension of a segment being zero-filled, before it gets its `.spool` name.
+const PREPARING: &str = "prep";
+
+fn preparing_path(dir: &Path, number: u64) -> PathBuf {
+    segment::segment_path(dir, number).with_extension(format!("spool.{PREPARING}"))
+}
+
+/// Creates segment `number` under its preparing name, `bytes` of zeros, on disk.
+fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> io::Result<File> {
+    let path = preparing_path(dir, number);
+    let _ = fs::remove_file(&path);
+    let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
-        .open(segment::segment_path(dir, number))?;
-    // Make the new name itself durable.
-    File::open(dir)?.sync_all()?;
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
     Ok(file)
+}
+
+/// Gives a prepared segment its name, durably: from then on readers see it.
+fn install_segment(dir: &Path, number: u64) -> io::Result<()> {
+    fs::rename(
+        preparing_path(dir, number),
+        segment::segment_path(dir, number),
+    )?;
+    File::open(dir)?.sync_all()
 }

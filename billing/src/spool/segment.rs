@@ -1,9 +1,12 @@
 //! On-disk framing of the spool: numbered segment files of records, each
 //! `[len: u32 LE][crc32: u32 LE][payload: len bytes of JSON]`.
 //!
-//! A crash can leave a torn record at the end of the last segment; readers stop at the
-//! first record whose length or checksum does not hold, and the writer never appends to a
-//! segment that existed before it started, so a torn tail is never followed by good data.
+//! Segments are created full of zeros (so an fsync after an append writes data blocks
+//! only, not the file's size) and cut to their used length when the writer moves on; a
+//! zero length marks the end of the records. A crash can leave a torn record at the end
+//! of the last segment; readers stop at the first record whose length or checksum does
+//! not hold, and the writer never appends to a segment that existed before it started,
+//! so a torn tail is never followed by good data.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -56,24 +59,30 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(numbers)
 }
 
-/// Reads whole records from `offset` on; returns them with the offset after each one.
-/// Stops quietly at the end or at a torn/corrupt record.
-pub fn read_from(path: &Path, offset: u64) -> io::Result<Vec<(SpoolEntry, u64)>> {
+/// Reads whole records from `offset` on, up to `limit` bytes into the file if given (the
+/// live segment's written length: past it lie zeros); returns them with the offset after
+/// each one. Stops quietly at the end, at a zero length, or at a torn/corrupt record.
+pub fn read_from(
+    path: &Path,
+    offset: u64,
+    limit: Option<u64>,
+) -> io::Result<Vec<(SpoolEntry, u64)>> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
+    let len = limit.map_or(len, |l| l.min(len));
     if offset >= len {
         return Ok(Vec::new());
     }
     file.seek(SeekFrom::Start(offset))?;
     let mut bytes = Vec::with_capacity((len - offset) as usize);
-    file.read_to_end(&mut bytes)?;
+    file.take(len - offset).read_to_end(&mut bytes)?;
     let mut entries = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= HEADER_LEN {
         let size =
             u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
         let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
-        if size > MAX_RECORD || bytes.len() - at - HEADER_LEN < size {
+        if size == 0 || size > MAX_RECORD || bytes.len() - at - HEADER_LEN < size {
             break;
         }
         let payload = &bytes[at + HEADER_LEN..at + HEADER_LEN + size];
@@ -124,21 +133,27 @@ mod tests {
         encode(&entry("c"), &mut bytes).unwrap();
         // Torn: the last record is cut short.
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let read = read_from(&path, 0).unwrap();
+        let read = read_from(&path, 0, None).unwrap();
         assert_eq!(read.len(), 2);
         assert_eq!(read[1].1, whole as u64);
         // Corrupt: a flipped payload byte fails the checksum.
         let mut corrupt = bytes.clone();
         corrupt[whole + HEADER_LEN + 2] ^= 0xff;
         fs::write(&path, &corrupt).unwrap();
-        assert_eq!(read_from(&path, 0).unwrap().len(), 2);
+        assert_eq!(read_from(&path, 0, None).unwrap().len(), 2);
         // Reading from an offset resumes there.
         fs::write(&path, &bytes).unwrap();
-        let rest = read_from(&path, read[0].1).unwrap();
+        let rest = read_from(&path, read[0].1, None).unwrap();
         assert_eq!(
             rest.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
             vec![entry("b"), entry("c")]
         );
+        // A zero-filled tail ends the records; a limit stops before it.
+        let mut padded = bytes.clone();
+        padded.resize(bytes.len() + 4096, 0);
+        fs::write(&path, &padded).unwrap();
+        assert_eq!(read_from(&path, 0, None).unwrap().len(), 3);
+        assert_eq!(read_from(&path, 0, Some(whole as u64)).unwrap().len(), 2);
         assert_eq!(segment_number(&path), Some(7));
         assert_eq!(list_segments(&dir).unwrap(), vec![7]);
         fs::remove_dir_all(&dir).unwrap();

@@ -105,7 +105,7 @@ impl Shipper {
         loop {
             let stopping = *stopped.borrow();
             // 1. Read whatever is new.
-            match read_new(&dir, &mut read_at) {
+            match read_new(&dir, &mut read_at, &self.shared) {
                 Ok(entries) => {
                     for (entry, start) in entries {
                         match entry {
@@ -236,7 +236,12 @@ impl Shipper {
 
 /// Reads every complete record after `at`, across segments, and moves `at` past them.
 /// Returns each entry with the position where it starts.
-fn read_new(dir: &Path, at: &mut Position) -> std::io::Result<Vec<(SpoolEntry, Position)>> {
+fn read_new(
+    dir: &Path,
+    at: &mut Position,
+    shared: &Shared,
+) -> std::io::Result<Vec<(SpoolEntry, Position)>> {
+    use std::sync::atomic::Ordering;
     let mut out = Vec::new();
     let segments = segment::list_segments(dir)?;
     for (i, &number) in segments.iter().enumerate() {
@@ -251,7 +256,14 @@ fn read_new(dir: &Path, at: &mut Position) -> std::io::Result<Vec<(SpoolEntry, P
         }
         let path = segment::segment_path(dir, number);
         let mut start = at.offset;
-        for (entry, end) in segment::read_from(&path, at.offset)? {
+        // The live segment (always the last listed) is read up to what the writer wrote:
+        // zeros follow. A limit that is stale or belongs to the previous segment is only
+        // larger, and reading stops at the zeros anyway. A segment that a newer one
+        // follows has its exact length and is read whole.
+        let written = shared.live_len.load(Ordering::Acquire);
+        let last = i + 1 == segments.len();
+        let limit = (last && shared.live.load(Ordering::Acquire) == number).then_some(written);
+        for (entry, end) in segment::read_from(&path, at.offset, limit)? {
             out.push((
                 entry,
                 Position {
@@ -301,5 +313,72 @@ fn delete_behind(dir: &Path, segment: u64) {
         for n in numbers.into_iter().filter(|n| *n < segment) {
             let _ = fs::remove_file(segment::segment_path(dir, n));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::UsageStatus;
+
+    fn event(i: usize) -> UsageEvent {
+        UsageEvent {
+            request_id: format!("req_{i:06}"),
+            tenant_id: "t".into(),
+            key_id: "k".into(),
+            model: "m".into(),
+            endpoint: "/v1/chat/completions".into(),
+            prompt_tokens: i as i64,
+            completion_tokens: 1,
+            started_at: 1,
+            finished_at: 2,
+            status: UsageStatus::Success,
+            delivery: Delivery::Unknown,
+        }
+    }
+
+    /// Appends across dozens of preallocated segments while a reader follows the live one:
+    /// every event is read once, in order, and finished segments carry no zero tail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_following_rotating_segments_sees_every_event_once() {
+        const EVENTS: usize = 400;
+        let dir = std::env::temp_dir().join(format!("spool-rotate-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let spool = Spool::open(&dir, 1024).unwrap();
+        let shared = spool.shared();
+        let reader = {
+            let (dir, shared) = (dir.clone(), shared.clone());
+            tokio::spawn(async move {
+                let mut at = Position {
+                    segment: 0,
+                    offset: 0,
+                };
+                let mut seen = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while seen.len() < EVENTS && Instant::now() < deadline {
+                    for (entry, _) in read_new(&dir, &mut at, &shared).unwrap() {
+                        if let SpoolEntry::Usage { event } = entry {
+                            seen.push(event.prompt_tokens as usize);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen
+            })
+        };
+        for i in 0..EVENTS {
+            spool.append_usage(&event(i)).await.unwrap();
+        }
+        let seen = reader.await.unwrap();
+        assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+        let segments = segment::list_segments(&dir).unwrap();
+        assert!(segments.len() > 20, "only {} segments", segments.len());
+        for n in &segments[..segments.len() - 1] {
+            let bytes = fs::read(segment::segment_path(&dir, *n)).unwrap();
+            assert!(bytes.len() >= 1024, "segment {n} cut short");
+            assert_ne!(bytes[bytes.len() - 1], 0, "segment {n} ends in zeros");
+        }
+        drop(spool);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
