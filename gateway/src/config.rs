@@ -81,6 +81,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Threads serving consumer connections, each with its own event loop and its own
+    /// connections to workers, so a request never changes thread; 0: one per CPU.
+    #[arg(long, env = "GATEWAY_SERVING_THREADS", default_value_t = 0)]
+    pub serving_threads: usize,
+
     /// Completion tokens reserved against quotas for a chat call without `max_tokens`
     /// (the served models' context window).
     #[arg(

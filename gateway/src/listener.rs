@@ -24,6 +24,81 @@ pub struct ServeOptions {
     /// Time in-flight requests get after shutdown begins.
     pub grace: Duration,
     pub tls: Option<TlsAcceptor>,
+    /// Threads to serve connections on; `None`: the caller's runtime.
+    pub threads: Option<Arc<ServingThreads>>,
+}
+
+thread_local! {
+    /// Which serving thread this is: 1.. on serving threads, 0 elsewhere.
+    static SERVING_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the serving thread the caller runs on (1..=n), or 0 off them: for
+/// per-thread resources such as connections to workers.
+pub fn serving_index() -> usize {
+    SERVING_INDEX.with(std::cell::Cell::get)
+}
+
+/// Threads each running a single-threaded event loop. A connection is handed to one of
+/// them and stays there with everything it spawns (its requests, their connections to
+/// workers), so serving a request costs no hand-off between threads; with several
+/// threads the work-stealing scheduler moved tasks and woke parked threads for each
+/// request.
+pub struct ServingThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ServingThreads {
+    pub fn start(n: usize) -> std::io::Result<Arc<Self>> {
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("gateway-serve-{}", i + 1))
+                .spawn(move || {
+                    SERVING_INDEX.with(|c| c.set(i + 1));
+                    let _ = runtime.block_on(stopped);
+                    // Tasks still there (idle connections to workers) are dropped here.
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?;
+        }
+        Ok(Arc::new(Self {
+            handles,
+            stops: std::sync::Mutex::new(stops),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The thread for the next connection, in turn.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+
+    /// Ends the threads' event loops (after the server has drained its connections).
+    /// Dropping the last handle does too.
+    pub fn stop(&self) {
+        let stops = std::mem::take(&mut *self.stops.lock().unwrap_or_else(|e| e.into_inner()));
+        for stop in stops {
+            let _ = stop.send(());
+        }
+    }
 }
 
 /// Builds a TLS acceptor from PEM files, offering HTTP/2 and HTTP/1.1 by ALPN.
@@ -39,6 +114,18 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Drop for ServingThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An accepted connection: served on this runtime, or moved to a serving thread.
+enum Accepted {
+    Here(tokio::net::TcpStream),
+    Moved(std::net::TcpStream),
 }
 
 /// Serves `app` until `stop` turns true, then drains for up to `options.grace`.
@@ -71,6 +158,19 @@ pub async fn serve(
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
         let _ = stream.set_nodelay(true);
+        let threads = options.threads.as_ref().filter(|t| !t.is_empty());
+        // A socket moves to a serving thread unregistered, to be registered with that
+        // thread's event loop: its readiness then never goes through this one.
+        let stream = match threads {
+            None => Accepted::Here(stream),
+            Some(_) => match stream.into_std() {
+                Ok(s) => Accepted::Moved(s),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "handing a connection over failed");
+                    continue;
+                }
+            },
+        };
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -78,7 +178,17 @@ pub async fn serve(
         let header_timeout = options.header_timeout;
         // Reap finished connection tasks so the set stays small.
         while connections.try_join_next().is_some() {}
-        connections.spawn(async move {
+        let connection = async move {
+            let stream = match stream {
+                Accepted::Here(s) => s,
+                Accepted::Moved(s) => match tokio::net::TcpStream::from_std(s) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "registering a connection failed");
+                        return;
+                    }
+                },
+            };
             let served = match tls {
                 None => {
                     let conn =
@@ -100,7 +210,15 @@ pub async fn serve(
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        });
+        };
+        match threads {
+            Some(threads) => {
+                connections.spawn_on(connection, threads.pick());
+            }
+            None => {
+                connections.spawn(connection);
+            }
+        }
     }
     tokio::select! {
         _ = graceful.shutdown() => {}

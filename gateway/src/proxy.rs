@@ -217,7 +217,9 @@ impl CallContext {
 
 pub struct Proxy {
     pub pool: Arc<WorkerPool>,
-    pub client: UpstreamClient,
+    /// One client per serving thread (index 0: any other thread), so a request's
+    /// connection to a worker lives on the thread that serves the request.
+    pub clients: Vec<UpstreamClient>,
     pub spool: Spool,
     pub limits: UpstreamLimits,
     pub metrics: Arc<GatewayMetrics>,
@@ -250,6 +252,11 @@ impl Reservation {
 }
 
 impl Proxy {
+    fn client(&self) -> &UpstreamClient {
+        let i = crate::listener::serving_index();
+        &self.clients[i.min(self.clients.len().saturating_sub(1))]
+    }
+
     /// Checks the model against the key and the pool, forwards, meters, answers.
     pub async fn handle(
         &self,
@@ -413,9 +420,11 @@ impl Proxy {
                 .body(Full::new(body.clone()))
                 .map_err(|e| GatewayError::Upstream(format!("worker address {worker}: {e}")))?;
             tried.push(worker.clone());
-            let sent =
-                tokio::time::timeout(self.limits.first_byte_timeout, self.client.request(request))
-                    .await;
+            let sent = tokio::time::timeout(
+                self.limits.first_byte_timeout,
+                self.client().request(request),
+            )
+            .await;
             match sent {
                 Err(_) => {
                     failed("timeout");

@@ -70,6 +70,10 @@ impl Gateway {
     }
 
     pub async fn build_with_db(config: &GatewayConfig, db: Db) -> anyhow::Result<Self> {
+        let serving_threads = listener::ServingThreads::start(match config.serving_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        })?;
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -99,10 +103,14 @@ impl Gateway {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
                 pool,
-                client: crate::proxy::upstream_client(
-                    Duration::from_secs(2),
-                    Duration::from_secs(60),
-                ),
+                clients: (0..=serving_threads.len())
+                    .map(|_| {
+                        crate::proxy::upstream_client(
+                            Duration::from_secs(2),
+                            Duration::from_secs(60),
+                        )
+                    })
+                    .collect(),
                 spool: spool.clone(),
                 metrics: metrics.clone(),
                 limits: UpstreamLimits {
@@ -132,6 +140,7 @@ impl Gateway {
             header_timeout: Duration::from_secs(config.header_read_timeout_secs),
             grace: Duration::from_secs(config.shutdown_grace_secs),
             tls,
+            threads: Some(serving_threads),
         };
         let listener = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
@@ -234,10 +243,14 @@ impl Gateway {
             tokio::spawn(listener::serve(
                 admin_listener,
                 crate::admin::router(admin_state),
-                self.serve_options.clone(),
+                ServeOptions {
+                    threads: None,
+                    ..self.serve_options.clone()
+                },
                 stop_rx.clone(),
             ))
         });
+        let serving_threads = self.serve_options.threads.clone();
         listener::serve(
             self.listener,
             router(self.state.clone()),
@@ -245,6 +258,9 @@ impl Gateway {
             stop_rx,
         )
         .await;
+        if let Some(threads) = serving_threads {
+            threads.stop();
+        }
         if let Some(admin_server) = admin_server {
             let _ = admin_server.await;
         }

@@ -553,6 +553,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         health_interval_ms: 200,
         key_cache_ms: 1000,
         shutdown_grace_secs: 5,
+        serving_threads: 0,
         header_read_timeout_secs: 10,
         body_read_timeout_secs: 30,
         tls_cert: None,

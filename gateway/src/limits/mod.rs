@@ -434,8 +434,6 @@ pub struct Admission {
 /// This replica's leases, by scope id.
 struct Leases {
     map: Mutex<HashMap<String, ScopeLease>>,
-    /// Wakes the keeper when a request found a lease short.
-    wake: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -495,7 +493,6 @@ impl Admission {
         tokio::spawn(applier.run(rx));
         let leases = Arc::new(Leases {
             map: Mutex::new(HashMap::new()),
-            wake: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         let (close, closing) = tokio::sync::mpsc::unbounded_channel();
@@ -507,6 +504,40 @@ impl Admission {
             leases,
             close: Mutex::new(Some(close)),
         })
+    }
+
+    /// Store-admitted headers count what the store has left, which excludes this
+    /// replica's own free lease units; add them (the least over the scopes with the
+    /// limit, so the figure never overstates).
+    fn with_lease_room(&self, mut headers: RateHeaders, scopes: &[Scope]) -> RateHeaders {
+        let map = self.leases.lock();
+        let room = |limited: fn(&Limits) -> bool, free: fn(&ScopeLease) -> i64| -> i64 {
+            scopes
+                .iter()
+                .filter(|s| limited(&s.limits))
+                .map(|s| {
+                    map.get(&s.id)
+                        .filter(|l| l.limits == s.limits)
+                        .map_or(0, free)
+                })
+                .min()
+                .unwrap_or(0)
+        };
+        if let Some(r) = headers.requests.as_mut() {
+            let extra = room(
+                |l| l.requests_per_minute.is_some(),
+                ScopeLease::free_requests,
+            );
+            r.remaining = (r.remaining + extra).min(r.limit);
+        }
+        if let Some(t) = headers.tokens.as_mut() {
+            let extra = room(
+                |l| l.tokens_per_minute.is_some(),
+                ScopeLease::free_rate_tokens,
+            );
+            t.remaining = (t.remaining + extra).min(t.limit);
+        }
+        headers
     }
 
     /// Admits from this replica's leases if they cover every scope; otherwise notes the
@@ -529,8 +560,8 @@ impl Admission {
                 lease.adopt(s.limits);
                 lease.note_shortfall(&s.limits, demand);
             }
-            drop(map);
-            self.leases.wake.notify_one();
+            // The keeper asks for more at its next tick, after this request's own trip to
+            // the store, so the request's headers show the store before the grant.
             return None;
         }
         let now_us = now_us();
@@ -604,6 +635,7 @@ impl Admission {
         match outcome {
             Ok(Ok(headers)) => {
                 self.metrics.admissions.with_label_values(&["store"]).inc();
+                let headers = self.with_lease_room(headers, &scopes);
                 Ok(Admitted {
                     headers,
                     permit: Some(Permit {
@@ -703,7 +735,6 @@ async fn keep_leases(
         let mut closing = None;
         tokio::select! {
             _ = tokio::time::sleep(KEEPER_TICK) => {}
-            _ = leases.wake.notified() => {}
             done = close.recv() => {
                 leases.closed.store(true, Ordering::Relaxed);
                 closing = Some(done);
