@@ -108,6 +108,11 @@ impl Ledger {
         Self { db }
     }
 
+    /// Whether the store is Postgres (many writers) rather than SQLite (one).
+    pub fn is_postgres(&self) -> bool {
+        self.db.is_postgres()
+    }
+
     /// Records one event. Idempotent: a second event with the same request id changes
     /// nothing (beyond resolving an `unknown` delivery) and returns `false`.
     pub async fn record(&self, event: &UsageEvent) -> Result<bool, DbError> {

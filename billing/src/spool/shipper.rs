@@ -171,7 +171,13 @@ impl Shipper {
             }
             // 3. Ship.
             let mut failed = false;
-            for batch in ready.chunks(BATCH) {
+            // SQLite has one writer: shorter transactions let admission's in between.
+            let batch_rows = if self.ledger.is_postgres() {
+                BATCH
+            } else {
+                BATCH / 5
+            };
+            for batch in ready.chunks(batch_rows) {
                 match self.ledger.record_batch(batch).await {
                     Ok(_) => {
                         self.stats

@@ -22,6 +22,8 @@ use super::{drained, rate_state, Demand, Limits, RateHeaders, RateState, WINDOW_
 
 /// How often a lease with settled usage reports it.
 pub const SYNC_EVERY: Duration = Duration::from_millis(100);
+/// A busy lease holds about this long's worth of its recent use.
+pub const HORIZON: Duration = Duration::from_secs(1);
 /// A lease unused this long gives its free units back.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// A lease holding anything is renewed at least this often (its row expires after
@@ -249,10 +251,12 @@ impl ScopeLease {
     }
 
     /// A request found this lease short; the next sync asks for enough for it (and more).
-    pub fn note_shortfall(&mut self, limits: &Limits, demand: Demand) {
+    pub fn note_shortfall(&mut self, limits: &Limits, demand: Demand, now: Instant) {
         if *limits != self.limits {
             self.stale = true;
         }
+        // Demand, even unmet, keeps the lease in use.
+        self.last_taken = now;
         let want = Units::of(demand).zip(Units::default(), |a, _| a * FIRST_GRANT_REQUESTS);
         self.short_of = Some(match self.short_of {
             Some(w) => w.zip(want, i64::max),
@@ -278,7 +282,8 @@ impl ScopeLease {
         if closing || self.stale || now.saturating_duration_since(self.last_taken) >= IDLE_RETURN {
             return Units::default();
         }
-        // Enough for about two sync intervals at the rate seen since the last one; after
+        // Enough for [`HORIZON`] at the rate seen since the last sync (so a sync that
+        // waits on a busy store does not leave the lease dry); after
         // a shortfall, at least twice the last target, so a busy scope's lease grows
         // geometrically instead of missing again and again.
         let elapsed = now
@@ -286,12 +291,10 @@ impl ScopeLease {
             .max(SYNC_EVERY / 10)
             .as_micros()
             .max(1) as i64;
-        let per_two_intervals = |v: i64| -> i64 {
-            ((v as i128 * 2 * SYNC_EVERY.as_micros() as i128) / elapsed as i128) as i64
+        let per_horizon = |v: i64| -> i64 {
+            ((v as i128 * HORIZON.as_micros() as i128) / elapsed as i128) as i64
         };
-        let mut target = self
-            .consumed
-            .zip(Units::default(), |a, _| per_two_intervals(a));
+        let mut target = self.consumed.zip(Units::default(), |a, _| per_horizon(a));
         if let Some(short) = self.short_of {
             let doubled = self
                 .last_target
@@ -437,7 +440,7 @@ mod tests {
         let limits = quota(1_000_000);
         let mut lease = ScopeLease::new(limits, now);
         assert!(!lease.covers(&limits, demand(10)));
-        lease.note_shortfall(&limits, demand(10));
+        lease.note_shortfall(&limits, demand(10), now);
         let sync = lease.begin_sync("t:a", "2026-11", now, false).unwrap();
         assert_eq!(sync.want.tokens, 160);
         assert_eq!(sync.want.slots, 16);
@@ -473,7 +476,7 @@ mod tests {
         let now = Instant::now();
         let limits = quota(1_000);
         let mut lease = ScopeLease::new(limits, now);
-        lease.note_shortfall(&limits, demand(10));
+        lease.note_shortfall(&limits, demand(10), now);
         let sync = lease.begin_sync("t:a", "p", now, false).unwrap();
         lease.fail_sync(&sync);
         assert!(!lease.covers(&limits, demand(1)));
@@ -494,7 +497,7 @@ mod tests {
         let now = Instant::now();
         let limits = quota(1_000_000);
         let mut lease = ScopeLease::new(limits, now);
-        lease.note_shortfall(&limits, demand(10));
+        lease.note_shortfall(&limits, demand(10), now);
         lease.begin_sync("t:a", "p", now, false).unwrap();
         lease.finish_sync(Grant {
             granted: Units {
@@ -510,6 +513,12 @@ mod tests {
         assert_eq!(sync.want, Units::default());
         lease.finish_sync(Grant::default());
         assert!(lease.is_empty());
+        // Demand after the idle spell asks for a lease again.
+        let back = later + Duration::from_secs(5);
+        assert!(!lease.covers(&limits, demand(10)));
+        lease.note_shortfall(&limits, demand(10), back);
+        let sync = lease.begin_sync("t:a", "p", back, false).unwrap();
+        assert_eq!(sync.want.tokens, 160);
     }
 
     #[test]

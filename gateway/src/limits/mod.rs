@@ -558,7 +558,7 @@ impl Admission {
                     .entry(s.id.clone())
                     .or_insert_with(|| ScopeLease::new(s.limits, now));
                 lease.adopt(s.limits);
-                lease.note_shortfall(&s.limits, demand);
+                lease.note_shortfall(&s.limits, demand, now);
             }
             // The keeper asks for more at its next tick, after this request's own trip to
             // the store, so the request's headers show the store before the grant.
