@@ -1,6 +1,10 @@
 //! Accepting consumer connections: HTTP/1.1 and HTTP/2 (cleartext or TLS with ALPN),
 //! a deadline on request headers so a slow client cannot hold a connection, and a
-//! graceful drain on shutdown.
+//! graceful drain on shutdown. Connections are served on [`ServingThreads`]: one
+//! single-threaded event loop per CPU, each connection handed to one and kept there.
+//!
+//! Must never: block a serving thread (no file or store I/O waits here; the spool and
+//! the store have their own threads and tasks).
 
 use std::path::Path;
 use std::sync::Arc;

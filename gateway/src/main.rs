@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the consumer API until SIGINT/SIGTERM.
-    Serve(GatewayConfig),
+    Serve(Box<GatewayConfig>),
     /// Create a tenant (if missing) and a key for it; prints the key once.
     CreateKey {
         #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
@@ -432,7 +432,7 @@ async fn run() -> anyhow::Result<()> {
         async move { billing::Db::connect(&url).await }
     };
     match cli.command {
-        Command::Serve(config) => serve(config).await,
+        Command::Serve(config) => serve(*config).await,
         Command::CreateKey {
             database_url,
             tenant,
