@@ -24,6 +24,9 @@ pub struct Caller {
 
 pub struct Authenticator {
     store: TenantStore,
+    /// Where store lookups run (the main runtime), so the store's connections are never
+    /// tied to a serving thread's event loop.
+    runtime: tokio::runtime::Handle,
     ttl: Duration,
     cache: RwLock<HashMap<String, (KeyRecord, Instant)>>,
     /// When the store last failed; for a short while after, cached keys are used without
@@ -40,9 +43,11 @@ const INVALID_KEY: &str = "Incorrect API key provided.";
 pub const STALE_IF_ERROR: Duration = Duration::from_secs(15 * 60);
 
 impl Authenticator {
+    /// Must be called within the runtime that store work should run on.
     pub fn new(store: TenantStore, ttl: Duration) -> Self {
         Self {
             store,
+            runtime: tokio::runtime::Handle::current(),
             ttl,
             cache: RwLock::new(HashMap::new()),
             store_failed_at: RwLock::new(None),
@@ -93,7 +98,17 @@ impl Authenticator {
                 return Ok(Some(record.clone()));
             }
         }
-        let looked_up = self.store.key(public_id).await;
+        let looked_up = {
+            let (store, id) = (self.store.clone(), public_id.to_owned());
+            match self
+                .runtime
+                .spawn(async move { store.key(&id).await })
+                .await
+            {
+                Ok(result) => result,
+                Err(e) => Err(billing::DbError::Io(std::io::Error::other(e))),
+            }
+        };
         if let Ok(mut failed) = self.store_failed_at.write() {
             *failed = looked_up.is_err().then(Instant::now);
         }

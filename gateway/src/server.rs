@@ -47,6 +47,8 @@ pub struct AppState {
     pub started_at: u64,
     pub metrics: Arc<GatewayMetrics>,
     pub shipper_stats: Arc<ShipperStats>,
+    /// The main runtime: store calls made while serving run there.
+    pub store_runtime: tokio::runtime::Handle,
 }
 
 pub struct Gateway {
@@ -130,6 +132,7 @@ impl Gateway {
             started_at: crate::unix_now(),
             metrics,
             shipper_stats: shipper.stats.clone(),
+            store_runtime: tokio::runtime::Handle::current(),
         });
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(listener::tls_acceptor(cert, key)?),
@@ -258,9 +261,6 @@ impl Gateway {
             stop_rx,
         )
         .await;
-        if let Some(threads) = serving_threads {
-            threads.stop();
-        }
         if let Some(admin_server) = admin_server {
             let _ = admin_server.await;
         }
@@ -283,6 +283,10 @@ impl Gateway {
         }
         self.shipper.stop().await;
         self.db.close().await;
+        // Last: anything a serving thread's event loop still drives is done with.
+        if let Some(threads) = serving_threads {
+            threads.stop();
+        }
         Ok(())
     }
 }
@@ -455,9 +459,17 @@ async fn own_usage(
             Some("start"),
         ));
     }
-    let totals = Ledger::new(state.tenants.db().clone())
-        .totals_by_model(&caller.key.tenant_id, start * 1000, end * 1000)
-        .await?;
+    // On the main runtime, like every store call (see `Authenticator`).
+    let (db, tenant) = (state.tenants.db().clone(), caller.key.tenant_id.clone());
+    let totals = state
+        .store_runtime
+        .spawn(async move {
+            Ledger::new(db)
+                .totals_by_model(&tenant, start * 1000, end * 1000)
+                .await
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))??;
     let data: Vec<serde_json::Value> = totals
         .into_iter()
         .map(|t| {

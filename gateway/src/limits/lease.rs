@@ -220,16 +220,6 @@ impl ScopeLease {
         )
     }
 
-    /// Free requests-per-minute units.
-    pub fn free_requests(&self) -> i64 {
-        self.free.requests.max(0)
-    }
-
-    /// Free tokens-per-minute units.
-    pub fn free_rate_tokens(&self) -> i64 {
-        self.free.rate_tokens.max(0)
-    }
-
     /// A request admitted from this lease ended having used `used` of its `bound`.
     pub fn settle(&mut self, bound: Demand, used: Demand) {
         let bound_units = Units::of(bound).only_limited(&self.limits);

@@ -434,6 +434,8 @@ pub struct Admission {
 /// This replica's leases, by scope id.
 struct Leases {
     map: Mutex<HashMap<String, ScopeLease>>,
+    /// Wakes the keeper when a request found a lease short.
+    wake: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -493,6 +495,7 @@ impl Admission {
         tokio::spawn(applier.run(rx));
         let leases = Arc::new(Leases {
             map: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         let (close, closing) = tokio::sync::mpsc::unbounded_channel();
@@ -504,40 +507,6 @@ impl Admission {
             leases,
             close: Mutex::new(Some(close)),
         })
-    }
-
-    /// Store-admitted headers count what the store has left, which excludes this
-    /// replica's own free lease units; add them (the least over the scopes with the
-    /// limit, so the figure never overstates).
-    fn with_lease_room(&self, mut headers: RateHeaders, scopes: &[Scope]) -> RateHeaders {
-        let map = self.leases.lock();
-        let room = |limited: fn(&Limits) -> bool, free: fn(&ScopeLease) -> i64| -> i64 {
-            scopes
-                .iter()
-                .filter(|s| limited(&s.limits))
-                .map(|s| {
-                    map.get(&s.id)
-                        .filter(|l| l.limits == s.limits)
-                        .map_or(0, free)
-                })
-                .min()
-                .unwrap_or(0)
-        };
-        if let Some(r) = headers.requests.as_mut() {
-            let extra = room(
-                |l| l.requests_per_minute.is_some(),
-                ScopeLease::free_requests,
-            );
-            r.remaining = (r.remaining + extra).min(r.limit);
-        }
-        if let Some(t) = headers.tokens.as_mut() {
-            let extra = room(
-                |l| l.tokens_per_minute.is_some(),
-                ScopeLease::free_rate_tokens,
-            );
-            t.remaining = (t.remaining + extra).min(t.limit);
-        }
-        headers
     }
 
     /// Admits from this replica's leases if they cover every scope; otherwise notes the
@@ -560,8 +529,8 @@ impl Admission {
                 lease.adopt(s.limits);
                 lease.note_shortfall(&s.limits, demand, now);
             }
-            // The keeper asks for more at its next tick, after this request's own trip to
-            // the store, so the request's headers show the store before the grant.
+            // The keeper is woken once this request's own admission is queued (see
+            // `admit`), so the store answers it before any grant it triggers.
             return None;
         }
         let now_us = now_us();
@@ -625,6 +594,7 @@ impl Admission {
             demand,
             reply,
         });
+        self.leases.wake.notify_one();
         let outcome = match sent {
             Ok(()) => answer.await.unwrap_or(Err(sqlx::Error::PoolClosed)),
             Err(_) => Err(sqlx::Error::PoolClosed),
@@ -635,7 +605,6 @@ impl Admission {
         match outcome {
             Ok(Ok(headers)) => {
                 self.metrics.admissions.with_label_values(&["store"]).inc();
-                let headers = self.with_lease_room(headers, &scopes);
                 Ok(Admitted {
                     headers,
                     permit: Some(Permit {
@@ -735,6 +704,7 @@ async fn keep_leases(
         let mut closing = None;
         tokio::select! {
             _ = tokio::time::sleep(KEEPER_TICK) => {}
+            _ = leases.wake.notified() => {}
             done = close.recv() => {
                 leases.closed.store(true, Ordering::Relaxed);
                 closing = Some(done);
@@ -960,6 +930,18 @@ impl Applier {
         let now = now_us();
         let period = period_of(now / 1000);
         let expires_at = now / 1000 + self.reservation_ttl.as_millis() as i64;
+        let mut answers = Vec::with_capacity(admits.len());
+        let mut reserved: Vec<(&str, String, Demand)> = Vec::new();
+        for (request_id, scopes, demand) in admits {
+            let answer = admit_one(&mut counters, scopes, *demand, now, &period);
+            if answer.is_ok() {
+                let ids: Vec<&str> = scopes.iter().map(|s| s.id.as_str()).collect();
+                reserved.push((request_id, ids.join(" "), *demand));
+            }
+            answers.push(answer);
+        }
+        // Leases after admissions: a request that found its lease short and came here
+        // is answered with the store as it was before this batch's grants.
         let mut grants = Vec::with_capacity(syncs.len());
         let mut lease_rows = Vec::with_capacity(syncs.len());
         for sync in syncs {
@@ -978,21 +960,13 @@ impl Applier {
                 None => (0, 0, 0),
             };
             let Some(c) = counters.get_mut(&sync.scope) else {
+                // Never: every sync's scope was read above. Keep grants aligned.
+                grants.push(Grant::default());
                 continue;
             };
             let (grant, row) = sync_lease(c, sync, held, now, &period);
             grants.push(grant);
             lease_rows.push((id, row));
-        }
-        let mut answers = Vec::with_capacity(admits.len());
-        let mut reserved: Vec<(&str, String, Demand)> = Vec::new();
-        for (request_id, scopes, demand) in admits {
-            let answer = admit_one(&mut counters, scopes, *demand, now, &period);
-            if answer.is_ok() {
-                let ids: Vec<&str> = scopes.iter().map(|s| s.id.as_str()).collect();
-                reserved.push((request_id, ids.join(" "), *demand));
-            }
-            answers.push(answer);
         }
         for (id, c) in &counters {
             if original.get(id) == Some(c) {
