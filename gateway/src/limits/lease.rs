@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{drained, rate_state, Demand, Limits, RateHeaders, RateState, WINDOW_US};
+use super::{drained, rate_state, Demand, Limits, RateState, WINDOW_US};
 
 /// How often a lease with settled usage reports it.
 pub const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -372,18 +372,18 @@ impl ScopeLease {
         self.used_spend = self.used_spend.saturating_add(request.used_spend);
     }
 
-    /// Takes new limits once everything under the old ones is settled and returned.
-    pub fn adopt(&mut self, limits: Limits) -> bool {
+    /// Takes new limits once everything under the old ones is settled and returned;
+    /// until then the lease is stale and gives everything back.
+    pub fn adopt(&mut self, limits: Limits) {
         if limits == self.limits {
-            return true;
+            return;
         }
         if self.free.is_zero() && self.in_flight.is_zero() && !self.syncing {
             self.limits = limits;
             self.stale = false;
-            return true;
+        } else {
+            self.stale = true;
         }
-        self.stale = true;
-        false
     }
 }
 
@@ -397,11 +397,6 @@ pub fn bucket_room(level: i64, limit: Option<i64>) -> i64 {
     limit.map_or(0, |l| {
         (l.saturating_mul(WINDOW_US) - level).max(0) / WINDOW_US
     })
-}
-
-/// Combines the header states of every scope a request was admitted under.
-pub fn tighten(headers: &mut RateHeaders, states: (Option<RateState>, Option<RateState>)) {
-    headers.tighten(states.0, states.1);
 }
 
 #[cfg(test)]

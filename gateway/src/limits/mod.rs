@@ -118,6 +118,17 @@ struct Counter {
     reserved_spend: i64,
 }
 
+impl Counter {
+    /// A new period forgets what was used, not what is still reserved.
+    fn roll_period(&mut self, period: &str) {
+        if self.period != period {
+            self.period = period.to_owned();
+            self.used_tokens = 0;
+            self.used_spend = 0;
+        }
+    }
+}
+
 /// One per-minute limit's state for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateState {
@@ -254,11 +265,7 @@ fn check(
     period: &str,
 ) -> Result<Checked, Denied> {
     let mut next = counter.clone();
-    if next.period != period {
-        next.period = period.to_owned();
-        next.used_tokens = 0;
-        next.used_spend = 0;
-    }
+    next.roll_period(period);
     if let Some(max) = limits.max_concurrent {
         if next.in_flight >= max {
             return Err((
@@ -537,7 +544,8 @@ impl Admission {
         let mut headers = RateHeaders::default();
         for s in scopes {
             if let Some(lease) = map.get_mut(&s.id) {
-                lease::tighten(&mut headers, lease.take(demand, now, now_us));
+                let (requests, tokens) = lease.take(demand, now, now_us);
+                headers.tighten(requests, tokens);
             }
         }
         drop(map);
@@ -1065,11 +1073,7 @@ fn sync_lease(
     period: &str,
 ) -> (Grant, (i64, i64, i64)) {
     let l = &sync.limits;
-    if c.period != period {
-        c.period = period.to_owned();
-        c.used_tokens = 0;
-        c.used_spend = 0;
-    }
+    c.roll_period(period);
     if c.period == sync.period {
         c.used_tokens = c.used_tokens.saturating_add(sync.used_tokens);
         c.used_spend = c.used_spend.saturating_add(sync.used_spend);
