@@ -73,6 +73,26 @@ def loadgen(url, rate, args, key=None):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def cpu_seconds(proc):
+    """User + system CPU time of a running process, in seconds."""
+    if proc is None:
+        return 0.0
+    with open(f"/proc/{proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metric(url, name):
+    """The value of an unlabelled metric from a Prometheus endpoint (0 if absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def gateway_cli(db_url, *argv):
     env = dict(os.environ, DATABASE_URL=db_url)
     return subprocess.run(
@@ -138,60 +158,89 @@ http {{
         # A tenant on no plan: the same gateway with admission skipped (metering still on).
         open_key = gateway_cli(db_url, "create-key", "--tenant", f"{tenant}-unlimited")
 
+        metrics_urls = {}
+
         def serve(extra, name):
             env = dict(os.environ, DATABASE_URL=db_url, RUST_LOG="warn")
+            metrics_port = free_port()
             proc, url = start(
                 [os.path.join(BIN, "gateway"), "serve", "--listen", "127.0.0.1:0",
-                 "--metrics-listen", "127.0.0.1:0", "--worker", stub_url,
+                 "--metrics-listen", f"127.0.0.1:{metrics_port}", "--worker", stub_url,
                  "--spool-dir", os.path.join(work, f"spool-{name}"), *extra],
                 "gateway listening on ", env=env)
             procs.append(proc)
+            metrics_urls[url] = f"http://127.0.0.1:{metrics_port}/metrics"
             time.sleep(0.5)
             return proc, url
 
-        targets = [("direct", stub_url, None), ("nginx", f"http://127.0.0.1:{nginx_port}", None)]
+        targets = [("direct", stub_url, None, stub), ("nginx", f"http://127.0.0.1:{nginx_port}", None, None)]
         gw_proc, gw_url = serve([], "metered")
-        targets.append(("gateway", gw_url, key))
-        targets.append(("gw-nolimit", gw_url, open_key))
-        _, unmetered_url = serve(["--benchmark-unmetered"], "unmetered")
-        targets.append(("gw-unmetered", unmetered_url, open_key))
+        targets.append(("gateway", gw_url, key, gw_proc))
+        targets.append(("gw-nolimit", gw_url, open_key, gw_proc))
+        unmetered_proc, unmetered_url = serve(["--benchmark-unmetered"], "unmetered")
+        targets.append(("gw-unmetered", unmetered_url, open_key, unmetered_proc))
         time.sleep(0.5)
 
         path = "/v1/chat/completions"
         results = {}
-        for name, url, k in targets:
+        metered_requests = 0
+        for name, url, k, proc in targets:
             log(f"{name}: maximum rate")
+            cpu = cpu_seconds(proc)
             results[name] = {"max": loadgen(url + path, 0, args, k)}
+            if proc is not None:
+                # CPU the serving process spent per request (its own threads only).
+                results[name]["cpu_us"] = (cpu_seconds(proc) - cpu) * 1e6 / max(1, results[name]["max"]["completed"])
             if results[name]["max"]["errors"]:
                 sys.exit(f"{name} answered errors: {results[name]['max']}")
+            if url == gw_url:
+                metered_requests += results[name]["max"]["completed"]
         gw_max = results["gateway"]["max"]["rate"]
         rates = sorted({max(100, int(gw_max * f) // 100 * 100) for f in (0.25, 0.5)})
-        for name, url, k in targets:
+        for name, url, k, _ in targets:
             for rate in rates:
                 log(f"{name}: {rate} req/s")
                 results[name][rate] = loadgen(url + path, rate, args, k)
-        # The metered gateway wrote its usage; check it all reached the store.
+                if url == gw_url:
+                    metered_requests += results[name][rate]["completed"]
+        # Metering is only kept up with if the store has every call soon after the load
+        # stops: wait for the shipper to catch up, and say how long it took.
+        load_ended = time.monotonic()
+        shipped = 0
+        while time.monotonic() - load_ended < 300:
+            shipped = metric(metrics_urls[gw_url], "gateway_usage_shipped_events")
+            if shipped >= metered_requests:
+                break
+            time.sleep(0.1)
+        drain_s = time.monotonic() - load_ended
         gw_proc.terminate()
         gw_proc.wait(timeout=60)
 
         print()
         print(f"Gateway overhead, {os.cpu_count()} CPUs, {args.connections} connections, "
               f"{args.seconds} s per run, store {db_url.split(':')[0]}")
-        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}")
-        for name, _, _ in targets:
+        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}{'CPU us/req':>12}")
+        for name, _, _, _ in targets:
             m = results[name]["max"]["rate"]
-            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}")
+            cpu = results[name].get("cpu_us")
+            cpu = f"{cpu:>12.1f}" if cpu is not None else f"{'':>12}"
+            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}{cpu}")
+        print("(CPU us/req: the serving process's own CPU time per request at its maximum rate;")
+        print(" the load generator and the stub share the same cores.)")
         metered = results["gw-nolimit"]["max"]["rate"]
         unmetered = results["gw-unmetered"]["max"]["rate"]
         print(f"metering cost: {1 - metered / unmetered:.1%} of throughput "
               f"({metered:.0f} metered vs {unmetered:.0f} unmetered req/s; target <= 5%)")
+        state = "all" if shipped >= metered_requests else "NOT all"
+        print(f"usage shipped to the store: {state} {metered_requests} metered calls "
+              f"({shipped:.0f} records) {drain_s:.1f} s after the load stopped")
         print()
         print("Latency counts from when each request was due (open loop); it includes up to")
         print("1 ms of timer granularity, the same for every target, so compare 'added'.")
         print(f"{'target':<13}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
         for rate in rates:
             direct = results["direct"][rate]
-            for name, _, _ in targets:
+            for name, _, _, _ in targets:
                 r = results[name][rate]
                 added50 = (r["p50_us"] - direct["p50_us"]) / 1000
                 added99 = (r["p99_us"] - direct["p99_us"]) / 1000

@@ -42,9 +42,36 @@ pub struct Db {
     backend: Backend,
 }
 
+/// What a handle is for, which sets its pools' sizes and whether it migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Everything a gateway or a command does; runs migrations first.
+    Serve,
+    /// Writing usage records only (the shipper): a connection or two of its own, opened on
+    /// the caller's runtime; the schema is already migrated by a serving handle.
+    ShipUsage,
+}
+
 impl Db {
     /// Connects, creating a SQLite file (and its folder) if missing, and runs migrations.
     pub async fn connect(url: &str) -> Result<Self, DbError> {
+        Self::open(url, Purpose::Serve).await
+    }
+
+    /// Connects for writing usage records only: small pools of its own, no migrations (a
+    /// handle from [`Db::connect`] must have run them). Connections are opened from the
+    /// calling thread, so a store thread (SQLite's) inherits that thread's CPU priority.
+    pub async fn connect_usage_writer(url: &str) -> Result<Self, DbError> {
+        Self::open(url, Purpose::ShipUsage).await
+    }
+
+    /// Whether `url` names an in-memory SQLite database, which each connection sees as a
+    /// database of its own (so another handle cannot share it).
+    pub fn is_in_memory(url: &str) -> bool {
+        url.starts_with("sqlite:") && sqlite_path(url).is_none()
+    }
+
+    async fn open(url: &str, purpose: Purpose) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -90,8 +117,13 @@ impl Db {
                 })
             })
             .connect_lazy_with(options.clone());
+        let pool_size = match (purpose, backend) {
+            (Purpose::Serve, Backend::Sqlite) => 4,
+            (Purpose::Serve, Backend::Postgres) => 16,
+            (Purpose::ShipUsage, _) => 1,
+        };
         let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
+            .max_connections(pool_size)
             .acquire_timeout(Duration::from_secs(3))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
@@ -108,14 +140,15 @@ impl Db {
             })
             .connect_with(options)
             .await?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        match (purpose, backend) {
+            (Purpose::Serve, Backend::Sqlite) => SQLITE_MIGRATIONS.run(&pool).await?,
+            (Purpose::Serve, Backend::Postgres) => POSTGRES_MIGRATIONS.run(&pool).await?,
+            (Purpose::ShipUsage, _) => {}
         }
         let pg = match backend {
             Backend::Postgres => Some(
                 sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(4)
+                    .max_connections(if purpose == Purpose::Serve { 4 } else { 2 })
                     .acquire_timeout(Duration::from_secs(3))
                     .connect(&url)
                     .await?,
@@ -128,7 +161,9 @@ impl Db {
             counters,
             backend,
         };
-        db.ensure_partitions().await?;
+        if purpose == Purpose::Serve {
+            db.ensure_partitions().await?;
+        }
         Ok(db)
     }
 

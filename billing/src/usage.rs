@@ -86,7 +86,6 @@ pub struct UsageEvent {
 
 const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
                        completion_tokens, started_at, finished_at, status, delivery";
-const COLUMN_COUNT: usize = 11;
 
 /// Usage of one model over a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,33 +127,39 @@ impl Ledger {
         if let Some(pg) = self.db.postgres() {
             return record_batch_postgres(pg, events).await;
         }
-        // SQLite: one transaction (one commit) per batch, in statements of 10 rows: binding
-        // looks each parameter's name up linearly (`sqlite3_bind_parameter_name` was 5 % of
-        // the gateway's CPU at 50 rows), so its cost grows with the square of a statement's
-        // parameters.
-        let rows_per_statement = 10;
-        let mut tx = self.db.pool().begin().await?;
-        let mut affected = 0;
-        for chunk in events.chunks(rows_per_statement) {
-            let sql = insert_sql(chunk.len());
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                query = query
-                    .bind(&e.request_id)
-                    .bind(&e.tenant_id)
-                    .bind(&e.key_id)
-                    .bind(&e.model)
-                    .bind(&e.endpoint)
-                    .bind(e.prompt_tokens)
-                    .bind(e.completion_tokens)
-                    .bind(e.started_at)
-                    .bind(e.finished_at)
-                    .bind(e.status.as_str())
-                    .bind(e.delivery.as_str());
-            }
-            affected += query.execute(&mut *tx).await?.rows_affected();
-        }
-        tx.commit().await?;
+        // SQLite: the whole batch is one statement (so one commit) with one parameter, the
+        // rows as a JSON array that `json_each` expands. Binding is what costs in SQLite: it
+        // looks each parameter's name up linearly, so many-row statements grow with the
+        // square of their parameters.
+        let rows: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    &e.request_id,
+                    &e.tenant_id,
+                    &e.key_id,
+                    &e.model,
+                    &e.endpoint,
+                    e.prompt_tokens,
+                    e.completion_tokens,
+                    e.started_at,
+                    e.finished_at,
+                    e.status.as_str(),
+                    e.delivery.as_str(),
+                )
+            })
+            .collect();
+        let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let affected = sqlx::query(&format!(
+            "INSERT INTO usage_records ({COLUMNS}) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+                    value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+             FROM json_each($1) WHERE true {UPSERT}"
+        ))
+        .bind(rows)
+        .execute(self.db.pool())
+        .await?
+        .rows_affected();
         Ok(affected)
     }
 
@@ -274,27 +279,11 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
     Ok(affected as u64)
 }
 
-/// `INSERT` of `rows` records with numbered placeholders; a replay may only resolve an
-/// `unknown` delivery, never change quantities.
-fn insert_sql(rows: usize) -> String {
-    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
-    for i in 0..rows {
-        sql.push_str(if i > 0 { ", (" } else { "(" });
-        for c in 0..COLUMN_COUNT {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", i * COLUMN_COUNT + c + 1));
-        }
-        sql.push(')');
-    }
-    sql.push_str(
-        " ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
-         WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
-         AND usage_records.invoice_id IS NULL",
-    );
-    sql
-}
+/// What a replayed request id may change: only an `unknown` delivery, never quantities.
+/// (`WHERE true` above keeps SQLite from reading `ON` as a join constraint.)
+const UPSERT: &str = "ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
+                      WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
+                      AND usage_records.invoice_id IS NULL";
 
 fn from_row(row: &sqlx::any::AnyRow) -> Result<UsageEvent, DbError> {
     let status: String = row.try_get("status")?;

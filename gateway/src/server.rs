@@ -92,8 +92,12 @@ impl Gateway {
         } else {
             Spool::open(&config.spool_dir, config.spool_segment_bytes)?
         };
-        let shipper =
-            Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
+        let outcome_wait = Duration::from_secs(30);
+        let shipper = if Db::is_in_memory(&config.database_url) {
+            Shipper::new(&spool, Ledger::new(db.clone()), outcome_wait).spawn()
+        } else {
+            Shipper::spawn_dedicated(&spool, &config.database_url, outcome_wait)?
+        };
         let metrics = Arc::new(GatewayMetrics::new()?);
         let admission = Admission::new(
             db.clone(),

@@ -29,6 +29,9 @@ use crate::usage::UsageEvent;
 const QUEUE: usize = 65_536;
 /// Most records one group commit takes.
 const MAX_GROUP: usize = 8_192;
+/// Most delivery outcomes written as one record (each id is at most ~64 bytes, so a record
+/// stays far below the framing's size limit).
+const OUTCOMES_PER_RECORD: usize = 4_096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -117,14 +120,8 @@ impl Spool {
         if self.discard {
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(256);
-        segment::encode(
-            &SpoolEntry::Usage {
-                event: event.clone(),
-            },
-            &mut bytes,
-        )
-        .map_err(|e| SpoolError::Io(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(160);
+        segment::encode_usage(event, &mut bytes).map_err(|e| SpoolError::Io(e.to_string()))?;
         let (durable, done) = oneshot::channel();
         self.commands
             .send(Command::Append {
@@ -145,15 +142,8 @@ impl Spool {
         if self.discard {
             return true;
         }
-        let mut bytes = Vec::with_capacity(256);
-        if segment::encode(
-            &SpoolEntry::Usage {
-                event: event.clone(),
-            },
-            &mut bytes,
-        )
-        .is_err()
-        {
+        let mut bytes = Vec::with_capacity(160);
+        if segment::encode_usage(event, &mut bytes).is_err() {
             return false;
         }
         self.enqueue(Command::Append {
@@ -188,12 +178,8 @@ impl Spool {
         if self.discard {
             return;
         }
-        let mut bytes = Vec::with_capacity(96);
-        let entry = SpoolEntry::Outcome {
-            request_id: request_id.to_owned(),
-            delivered,
-        };
-        if segment::encode(&entry, &mut bytes).is_err() {
+        let mut bytes = Vec::with_capacity(64);
+        if segment::encode_outcomes(std::iter::once(request_id), delivered, &mut bytes).is_err() {
             return;
         }
         self.enqueue(Command::Append {
@@ -304,14 +290,12 @@ fn settle_deliveries(shared: Arc<Shared>, commands: mpsc::WeakSender<Command>) {
             }
         }
         drop(queue);
-        let mut bytes = Vec::with_capacity(due.len() * 96);
-        for request_id in &due {
-            let entry = SpoolEntry::Outcome {
-                request_id: request_id.clone(),
-                delivered: true,
-            };
-            if segment::encode(&entry, &mut bytes).is_err() {
-                tracing::error!(%request_id, "encoding a delivery outcome failed");
+        let mut bytes = Vec::with_capacity(16 + due.len() * 40);
+        for ids in due.chunks(OUTCOMES_PER_RECORD) {
+            if let Err(e) =
+                segment::encode_outcomes(ids.iter().map(String::as_str), true, &mut bytes)
+            {
+                tracing::error!(error = %e, "encoding delivery outcomes failed");
             }
         }
         // The writer may be busy: wait for room rather than drop outcomes.

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::segment::{self, SpoolEntry};
 use super::{Shared, Spool};
+use crate::db::Db;
 use crate::usage::{Delivery, Ledger, UsageEvent};
 
 /// Most events written to the store in one transaction.
@@ -60,7 +61,8 @@ pub struct Shipper {
 /// Stops the shipper and waits for it.
 pub struct ShipperHandle {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Closed (sent or dropped) once the shipper has returned.
+    done: oneshot::Receiver<()>,
     pub stats: Arc<ShipperStats>,
 }
 
@@ -69,9 +71,13 @@ impl ShipperHandle {
     /// stops. If the store is down it stops without shipping; the spool keeps the events.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let _ = self.done.await;
     }
 }
+
+/// Niceness of the dedicated shipper's thread: serving threads (niceness 0) get about ten
+/// times its share of a contended CPU, and preempt it at once when they wake.
+const SHIPPER_NICENESS: i32 = 10;
 
 impl Shipper {
     pub fn new(spool: &Spool, ledger: Ledger, outcome_wait: Duration) -> Self {
@@ -83,11 +89,74 @@ impl Shipper {
         }
     }
 
+    /// Runs the shipper as a task of the current runtime.
     pub fn spawn(self) -> ShipperHandle {
         let (stop, stopped) = watch::channel(false);
+        let (finished, done) = oneshot::channel();
         let stats = self.stats.clone();
-        let task = tokio::spawn(self.run(stopped));
-        ShipperHandle { stop, task, stats }
+        tokio::spawn(async move {
+            self.run(stopped).await;
+            let _ = finished.send(());
+        });
+        ShipperHandle { stop, done, stats }
+    }
+
+    /// Runs a shipper on a thread of its own, below serving in CPU priority, with store
+    /// connections of its own opened there (so SQLite's connection thread is below serving
+    /// too). Shipping is bulk work that can wait milliseconds; a request cannot, and on a
+    /// busy machine a batch insert holding a core delayed requests queued behind it. When
+    /// the store cannot be reached at start, the thread keeps trying; events wait in the
+    /// spool meanwhile.
+    pub fn spawn_dedicated(
+        spool: &Spool,
+        store_url: &str,
+        outcome_wait: Duration,
+    ) -> std::io::Result<ShipperHandle> {
+        let (stop, mut stopped) = watch::channel(false);
+        let (finished, done) = oneshot::channel();
+        let stats = Arc::new(ShipperStats::default());
+        let (shared, url, shipper_stats) = (spool.shared(), store_url.to_owned(), stats.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("usage-shipper".into())
+            .spawn(move || {
+                // Linux keeps niceness per thread; threads started from here inherit it.
+                if let Err(e) = rustix::process::setpriority_process(None, SHIPPER_NICENESS) {
+                    tracing::warn!(error = %e, "could not lower the usage shipper's priority");
+                }
+                runtime.block_on(async move {
+                    let mut backoff = Duration::from_millis(100);
+                    let db = loop {
+                        match Db::connect_usage_writer(&url).await {
+                            Ok(db) => break db,
+                            Err(e) => {
+                                shipper_stats.failures.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, retry_in = ?backoff, "usage shipper cannot reach the store");
+                            }
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stopped.changed() => {}
+                        }
+                        if *stopped.borrow() {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    };
+                    let shipper = Shipper {
+                        shared,
+                        ledger: Ledger::new(db.clone()),
+                        outcome_wait,
+                        stats: shipper_stats,
+                    };
+                    shipper.run(stopped).await;
+                    db.close().await;
+                });
+                let _ = finished.send(());
+            })?;
+        Ok(ShipperHandle { stop, done, stats })
     }
 
     async fn run(self, mut stopped: watch::Receiver<bool>) {
@@ -382,7 +451,13 @@ mod tests {
         for n in &segments[..segments.len() - 1] {
             let bytes = fs::read(segment::segment_path(&dir, *n)).unwrap();
             assert!(bytes.len() >= 1024, "segment {n} cut short");
-            assert_ne!(bytes[bytes.len() - 1], 0, "segment {n} ends in zeros");
+            let path = segment::segment_path(&dir, *n);
+            let records = segment::read_from(&path, 0, None).unwrap();
+            assert_eq!(
+                records.last().map(|(_, end)| *end),
+                Some(bytes.len() as u64),
+                "segment {n} has bytes past its last record"
+            );
         }
         drop(spool);
         let _ = fs::remove_dir_all(&dir);
