@@ -100,6 +100,8 @@ async fn main() {
     let end = start + Duration::from_secs(args.seconds);
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Successes including the warm-up's: what a metered target must have recorded.
+    let ok_total = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
     // Open loop: a shared schedule of due times; each connection takes the next one.
     let next_due = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -108,11 +110,12 @@ async fn main() {
     let mut tasks = Vec::new();
     for _ in 0..args.connections {
         let (args, authority, path) = (args.clone(), authority.clone(), path.clone());
-        let (latencies, errors, first_error, next_due) = (
+        let (latencies, errors, first_error, next_due, ok_total) = (
             latencies.clone(),
             errors.clone(),
             first_error.clone(),
             next_due.clone(),
+            ok_total.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut sender = connect(&authority).await;
@@ -131,6 +134,9 @@ async fn main() {
                 }
                 let outcome = call(&mut sender, &args, &authority, &path).await;
                 let took = due.elapsed().as_micros() as u64;
+                if outcome.is_ok() {
+                    ok_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if due >= start {
                     match outcome {
                         Ok(()) => mine.push(took),
@@ -160,6 +166,7 @@ async fn main() {
             "target_rate": args.rate,
             "connections": args.connections,
             "completed": all.len(),
+            "ok_total": ok_total.load(std::sync::atomic::Ordering::Relaxed),
             "rate": all.len() as f64 / seconds,
             "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
             "first_error": *first_error.lock().await,
