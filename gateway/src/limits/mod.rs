@@ -156,20 +156,25 @@ impl RateHeaders {
     }
 
     pub fn apply(&self, headers: &mut HeaderMap) {
-        for (dimension, state) in [("requests", self.requests), ("tokens", self.tokens)] {
+        const NAMES: [[&str; 3]; 2] = [
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ];
+        for (names, state) in NAMES.iter().zip([self.requests, self.tokens]) {
             let Some(s) = state else { continue };
-            let values = [
-                ("limit", s.limit.to_string()),
-                ("remaining", s.remaining.max(0).to_string()),
-                ("reset", format_duration(s.reset_us)),
-            ];
-            for (what, value) in values {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::try_from(format!("x-ratelimit-{what}-{dimension}")),
-                    HeaderValue::try_from(value),
-                ) {
-                    headers.insert(name, value);
-                }
+            let [limit, remaining, reset] = names.map(HeaderName::from_static);
+            headers.insert(limit, HeaderValue::from(s.limit));
+            headers.insert(remaining, HeaderValue::from(s.remaining.max(0)));
+            if let Ok(value) = HeaderValue::try_from(format_duration(s.reset_us)) {
+                headers.insert(reset, value);
             }
         }
     }
