@@ -241,6 +241,11 @@ impl GatewayProcess {
         Self { child, url }
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`: no draining, no flushing.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
