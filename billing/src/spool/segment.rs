@@ -366,6 +366,15 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Frames `payload` as it is, whatever it holds.
+    fn frame_raw(payload: &[u8], out: &mut Vec<u8>) {
+        frame(out, |o| {
+            o.extend_from_slice(payload);
+            Ok(())
+        })
+        .unwrap();
+    }
+
     #[test]
     fn records_round_trip_and_json_records_of_earlier_versions_still_read() {
         let dir = std::env::temp_dir().join(format!("spool-seg-bin-{}", std::process::id()));
@@ -375,9 +384,7 @@ mod tests {
         // A record as an earlier version framed it: JSON payload.
         let old = entry("old");
         let payload = serde_json::to_vec(&old).unwrap();
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
+        frame_raw(&payload, &mut bytes);
         let after_old = bytes.len() as u64;
         let mut events = Vec::new();
         for (i, (status, delivery)) in [
@@ -464,9 +471,7 @@ mod tests {
             &[OUTCOMES, 1, 255, 255, 255, 255][..],
         ] {
             let mut bytes = good.clone();
-            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-            bytes.extend_from_slice(payload);
+            frame_raw(payload, &mut bytes);
             encode(&entry("b"), &mut bytes).unwrap();
             fs::write(&path, &bytes).unwrap();
             let read = read_from(&path, 0, None).unwrap();
