@@ -14,9 +14,13 @@ Side by side, in one run, on the same stub upstream that answers at once:
 
 For each target: the most it serves (closed loop), then latency at fixed request rates
 (open loop; latency counts from when a request was due). Prints throughput, p50/p99, the
-latency each proxy adds over direct, and ratios to nginx.
+latency each proxy adds over direct, and ratios to nginx. Every measurement is taken
+--rounds times, the targets taking turns within each round, and the median is reported
+(with the spread), so a neighbour's burst on a shared machine moves one sample, not the
+result. For the metered gateway it also prints where its CPU went, by thread (serving,
+spool, shipper with its store thread) and how many usage events each fsync covered.
 
-Usage: scripts/bench_gateway.py [--seconds 5] [--connections 32] [--database-url URL]
+Usage: scripts/bench_gateway.py [--seconds 5] [--connections 32] [--rounds 3] [--database-url URL]
 Needs: nginx on PATH (Debian: apt-get install nginx); builds the release binaries.
 """
 
@@ -82,6 +86,37 @@ def cpu_seconds(proc):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+THREAD_GROUPS = (
+    ("serving", ("gateway-serve",)),
+    ("spool", ("usage-spool", "usage-outcomes")),
+    ("shipper+store", ("usage-shipper", "sqlx-sqlite")),
+)
+
+
+def thread_cpu(proc):
+    """CPU seconds of a process's threads, summed by THREAD_GROUPS (the rest as 'other')."""
+    out = {}
+    task_dir = f"/proc/{proc.pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        group = next((g for g, prefixes in THREAD_GROUPS if name.startswith(prefixes)), "other")
+        out[group] = out.get(group, 0.0) + seconds
+    return out
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def metric(url, name):
     """The value of an unlabelled metric from a Prometheus endpoint (0 if absent)."""
     import urllib.request
@@ -104,6 +139,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="samples per measurement (median kept)")
     p.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     args = p.parse_args()
 
@@ -182,27 +218,60 @@ http {{
         time.sleep(0.5)
 
         path = "/v1/chat/completions"
-        results = {}
+        rounds = max(1, args.rounds)
+        samples = {name: {"max": []} for name, _, _, _ in targets}
         metered_requests = 0
-        for name, url, k, proc in targets:
-            log(f"{name}: maximum rate")
-            cpu = cpu_seconds(proc)
-            results[name] = {"max": loadgen(url + path, 0, args, k)}
-            if proc is not None:
-                # CPU the serving process spent per request (its own threads only).
-                results[name]["cpu_us"] = (cpu_seconds(proc) - cpu) * 1e6 / max(1, results[name]["max"]["completed"])
-            if results[name]["max"]["errors"]:
-                sys.exit(f"{name} answered errors: {results[name]['max']}")
-            if url == gw_url:
-                metered_requests += results[name]["max"]["ok_total"]
+        spool_before = (metric(metrics_urls[gw_url], "gateway_usage_spool_durable_appends_total"),
+                        metric(metrics_urls[gw_url], "gateway_usage_spool_fsyncs_total"))
+        for r in range(rounds):
+            for name, url, k, proc in targets:
+                log(f"round {r + 1}/{rounds} {name}: maximum rate")
+                cpu = cpu_seconds(proc)
+                threads = thread_cpu(proc) if proc is gw_proc else None
+                res = loadgen(url + path, 0, args, k)
+                if res["errors"]:
+                    sys.exit(f"{name} answered errors: {res}")
+                done = max(1, res["completed"])
+                if proc is not None:
+                    # CPU the serving process spent per request (its own threads only).
+                    res["cpu_us"] = (cpu_seconds(proc) - cpu) * 1e6 / done
+                if threads is not None:
+                    after = thread_cpu(proc)
+                    res["threads_us"] = {g: (after.get(g, 0.0) - threads.get(g, 0.0)) * 1e6 / done
+                                         for g in after}
+                samples[name]["max"].append(res)
+                if url == gw_url:
+                    metered_requests += res["ok_total"]
+        spool_after = (metric(metrics_urls[gw_url], "gateway_usage_spool_durable_appends_total"),
+                       metric(metrics_urls[gw_url], "gateway_usage_spool_fsyncs_total"))
+        results = {}
+        for name, _, _, _ in targets:
+            runs = samples[name]["max"]
+            best = sorted(runs, key=lambda x: x["rate"])[len(runs) // 2]
+            results[name] = {"max": dict(best, rate=median([x["rate"] for x in runs]),
+                                         rates=[x["rate"] for x in runs])}
+            if "cpu_us" in runs[0]:
+                results[name]["cpu_us"] = median([x["cpu_us"] for x in runs])
+            if "threads_us" in runs[0]:
+                groups = sorted({g for x in runs for g in x["threads_us"]})
+                results[name]["threads_us"] = {
+                    g: median([x["threads_us"].get(g, 0.0) for x in runs]) for g in groups}
         gw_max = results["gateway"]["max"]["rate"]
         rates = sorted({max(100, int(gw_max * f) // 100 * 100) for f in (0.25, 0.5)})
-        for name, url, k, _ in targets:
+        for r in range(rounds):
             for rate in rates:
-                log(f"{name}: {rate} req/s")
-                results[name][rate] = loadgen(url + path, rate, args, k)
-                if url == gw_url:
-                    metered_requests += results[name][rate]["ok_total"]
+                for name, url, k, _ in targets:
+                    log(f"round {r + 1}/{rounds} {name}: {rate} req/s")
+                    res = loadgen(url + path, rate, args, k)
+                    samples[name].setdefault(rate, []).append(res)
+                    if url == gw_url:
+                        metered_requests += res["ok_total"]
+        for name, _, _, _ in targets:
+            for rate in rates:
+                runs = samples[name][rate]
+                results[name][rate] = {
+                    key: median([x[key] for x in runs])
+                    for key in ("rate", "p50_us", "p90_us", "p99_us", "p999_us", "errors")}
         # Metering is only kept up with if the store has every call soon after the load
         # stops: wait for the shipper to catch up, and say how long it took. (Each success,
         # warm-up included, is one record; the shipped count also counts an `unknown`
@@ -221,15 +290,26 @@ http {{
 
         print()
         print(f"Gateway overhead, {os.cpu_count()} CPUs, {args.connections} connections, "
-              f"{args.seconds} s per run, store {db_url.split(':')[0]}")
-        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}{'CPU us/req':>12}")
+              f"{args.seconds} s per run, median of {rounds} rounds, store {db_url.split(':')[0]}")
+        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}{'CPU us/req':>12}   spread of rounds")
         for name, _, _, _ in targets:
             m = results[name]["max"]["rate"]
             cpu = results[name].get("cpu_us")
             cpu = f"{cpu:>12.1f}" if cpu is not None else f"{'':>12}"
-            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}{cpu}")
+            spread = results[name]["max"]["rates"]
+            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}{cpu}"
+                  f"   {min(spread):.0f}-{max(spread):.0f}")
         print("(CPU us/req: the serving process's own CPU time per request at its maximum rate;")
         print(" the load generator and the stub share the same cores.)")
+        for name in ("gateway", "gw-nolimit"):
+            split = results[name].get("threads_us", {})
+            print(f"{name} CPU us/req by thread: " + ", ".join(
+                f"{g} {v:.1f}" for g, v in sorted(split.items(), key=lambda x: -x[1])))
+        appends = spool_after[0] - spool_before[0]
+        fsyncs = spool_after[1] - spool_before[1]
+        if fsyncs:
+            print(f"spool group commits at maximum rate: {appends / fsyncs:.1f} usage events per fsync "
+                  f"({appends:.0f} events, {fsyncs:.0f} fsyncs)")
         metered = results["gw-nolimit"]["max"]["rate"]
         unmetered = results["gw-unmetered"]["max"]["rate"]
         print(f"metering cost: {1 - metered / unmetered:.1%} of throughput "

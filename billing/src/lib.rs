@@ -17,7 +17,9 @@ pub mod usage;
 pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
 pub use prices::{period_of, Micros, Price, PriceBook, PriceError, Tier};
-pub use spool::{Shipper, ShipperHandle, ShipperStats, Spool, SpoolError};
+pub use spool::{
+    Shipper, ShipperHandle, ShipperStats, Spool, SpoolError, SpoolOptions, SpoolStats,
+};
 pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
 
 /// Milliseconds since the Unix epoch: every timestamp in the store is one of these.

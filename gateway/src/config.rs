@@ -27,6 +27,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_SPOOL_SEGMENT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub spool_segment_bytes: u64,
 
+    /// Under load, the longest the spool waits before an fsync so that one covers more
+    /// usage events (microseconds; 0 never waits). It waits only while events arrive
+    /// often enough that another is due within this time, so a quiet gateway adds nothing.
+    #[arg(long, env = "GATEWAY_SPOOL_MAX_LINGER_US", default_value_t = 200)]
+    pub spool_max_linger_us: u64,
+
     /// Inference worker base URLs, comma-separated; `dns+http://name:port` stands for every
     /// address `name` resolves to, re-resolved at each health check (headless services).
     #[arg(

@@ -16,6 +16,8 @@ pub struct GatewayMetrics {
     pub worker_outstanding: IntGaugeVec,
     pub spool_backlog: IntGauge,
     pub usage_shipped: IntGauge,
+    pub spool_durable_appends: IntCounter,
+    pub spool_fsyncs: IntCounter,
     pub usage_ship_failures: IntGauge,
     pub limit_rejections: IntCounterVec,
     pub admission_fail_open: IntCounter,
@@ -76,6 +78,14 @@ impl GatewayMetrics {
             "gateway_usage_shipped_events",
             "Usage events written to the store since start",
         )?;
+        let spool_durable_appends = IntCounter::new(
+            "gateway_usage_spool_durable_appends_total",
+            "Usage events written to the local spool and fsynced before their response ended",
+        )?;
+        let spool_fsyncs = IntCounter::new(
+            "gateway_usage_spool_fsyncs_total",
+            "Group commits of the local usage spool (each one fsync covering every event since the last)",
+        )?;
         let usage_ship_failures = IntGauge::new(
             "gateway_usage_ship_failures",
             "Failed attempts to write usage to the store since start",
@@ -116,6 +126,8 @@ impl GatewayMetrics {
             Box::new(worker_outstanding.clone()),
             Box::new(spool_backlog.clone()),
             Box::new(usage_shipped.clone()),
+            Box::new(spool_durable_appends.clone()),
+            Box::new(spool_fsyncs.clone()),
             Box::new(usage_ship_failures.clone()),
             Box::new(limit_rejections.clone()),
             Box::new(admission_fail_open.clone()),
@@ -134,6 +146,8 @@ impl GatewayMetrics {
             worker_outstanding,
             spool_backlog,
             usage_shipped,
+            spool_durable_appends,
+            spool_fsyncs,
             usage_ship_failures,
             limit_rejections,
             admission_fail_open,

@@ -90,7 +90,13 @@ impl Gateway {
             std::fs::create_dir_all(&config.spool_dir)?;
             Spool::discarding(&config.spool_dir)
         } else {
-            Spool::open(&config.spool_dir, config.spool_segment_bytes)?
+            Spool::open_with(
+                &config.spool_dir,
+                billing::SpoolOptions {
+                    segment_bytes: config.spool_segment_bytes,
+                    max_linger: Duration::from_micros(config.spool_max_linger_us),
+                },
+            )?
         };
         let outcome_wait = Duration::from_secs(30);
         let shipper = if Db::is_in_memory(&config.database_url) {
@@ -368,6 +374,10 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     m.spool_backlog.set(load(&stats.backlog));
     m.usage_shipped.set(load(&stats.shipped));
     m.usage_ship_failures.set(load(&stats.failures));
+    let spool = state.proxy.spool.stats();
+    let advance = |c: &prometheus::IntCounter, to: u64| c.inc_by(to.saturating_sub(c.get()));
+    advance(&m.spool_durable_appends, spool.durable_appends);
+    advance(&m.spool_fsyncs, spool.fsyncs);
     (
         [(
             axum::http::header::CONTENT_TYPE,
