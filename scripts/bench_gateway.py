@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -77,13 +78,20 @@ def loadgen(url, rate, args, key=None):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def stat_cpu(path):
+    """(name, user + system CPU seconds) from a /proc stat file."""
+    with open(path) as f:
+        stat = f.read()
+    fields = stat.rsplit(")", 1)[1].split()
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(proc):
     """User + system CPU time of a running process, in seconds."""
     if proc is None:
         return 0.0
-    with open(f"/proc/{proc.pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(f"/proc/{proc.pid}/stat")[1]
 
 
 THREAD_GROUPS = (
@@ -99,22 +107,12 @@ def thread_cpu(proc):
     task_dir = f"/proc/{proc.pid}/task"
     for tid in os.listdir(task_dir):
         try:
-            with open(f"{task_dir}/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:
+            name, seconds = stat_cpu(f"{task_dir}/{tid}/stat")
+        except OSError:  # the thread ended
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         group = next((g for g, prefixes in THREAD_GROUPS if name.startswith(prefixes)), "other")
         out[group] = out.get(group, 0.0) + seconds
     return out
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def metric(url, name):

@@ -6,7 +6,7 @@
 //!
 //! Creates and drops its own database when given a Postgres URL; SQLite URLs are used as is.
 //! `GATEWAY_SPOOL_MAX_LINGER_US` sets the spool's linger before each fsync, as for the
-//! gateway (default 200).
+//! gateway (default `billing::spool::DEFAULT_MAX_LINGER`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let db = Db::connect(&db_url).await?;
     let linger_us: u64 = match std::env::var("GATEWAY_SPOOL_MAX_LINGER_US") {
         Ok(v) => v.parse()?,
-        Err(_) => 200,
+        Err(_) => billing::spool::DEFAULT_MAX_LINGER.as_micros() as u64,
     };
     let spool = Spool::open_with(
         &dir,

@@ -30,7 +30,11 @@ pub struct GatewayConfig {
     /// Under load, the longest the spool waits before an fsync so that one covers more
     /// usage events (microseconds; 0 never waits). It waits only while events arrive
     /// often enough that another is due within this time, so a quiet gateway adds nothing.
-    #[arg(long, env = "GATEWAY_SPOOL_MAX_LINGER_US", default_value_t = 200)]
+    #[arg(
+        long,
+        env = "GATEWAY_SPOOL_MAX_LINGER_US",
+        default_value_t = billing::spool::DEFAULT_MAX_LINGER.as_micros() as u64
+    )]
     pub spool_max_linger_us: u64,
 
     /// Inference worker base URLs, comma-separated; `dns+http://name:port` stands for every

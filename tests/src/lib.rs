@@ -551,7 +551,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         database_url: database_url.to_owned(),
         spool_dir,
         spool_segment_bytes: 1024 * 1024,
-        spool_max_linger_us: 200,
+        spool_max_linger_us: billing::spool::DEFAULT_MAX_LINGER.as_micros() as u64,
         workers: workers.to_vec(),
         max_body_bytes: 1024 * 1024,
         upstream_first_byte_timeout_secs: 60,

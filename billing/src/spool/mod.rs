@@ -449,42 +449,27 @@ impl Writer {
             let mut group = vec![first];
             drain(&mut queue, &mut group);
             // A flush (shutdown, tests) never waits; usage events may, under load.
-            let have = group
-                .iter()
-                .filter(|c| {
-                    matches!(
-                        c,
-                        Command::Append {
-                            durable: Some(_),
-                            ..
-                        }
-                    )
-                })
-                .count();
-            if have > 0 && !group.iter().any(|c| matches!(c, Command::Flush(_))) {
-                let linger = self.pacer.linger(have);
+            let flush = group.iter().any(|c| matches!(c, Command::Flush(_)));
+            let mut durable = durable_appends(&group);
+            if durable > 0 && !flush {
+                let linger = self.pacer.linger(durable);
                 if !linger.is_zero() {
                     std::thread::sleep(linger);
                     drain(&mut queue, &mut group);
-                }
-            }
-            buffer.clear();
-            let mut must_sync = false;
-            let mut durable = 0;
-            for command in &group {
-                match command {
-                    Command::Append { bytes, durable: d } => {
-                        buffer.extend_from_slice(bytes);
-                        must_sync |= d.is_some();
-                        durable += usize::from(d.is_some());
-                    }
-                    Command::Flush(_) => must_sync = true,
+                    durable = durable_appends(&group);
                 }
             }
             self.pacer.observe(durable, Instant::now());
             self.shared
                 .durable_appends
                 .fetch_add(durable as u64, Ordering::Relaxed);
+            buffer.clear();
+            for command in &group {
+                if let Command::Append { bytes, .. } = command {
+                    buffer.extend_from_slice(bytes);
+                }
+            }
+            let must_sync = durable > 0 || flush;
             let result = self.write(&buffer, must_sync).map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "usage spool write failed");
@@ -548,14 +533,29 @@ impl Writer {
     }
 }
 
+/// How many of a group's commands wait for the disk.
+fn durable_appends(group: &[Command]) -> usize {
+    group
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Append {
+                    durable: Some(_),
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
 /// Decides how long a group commit waits for more events before its fsync.
 ///
 /// It keeps a smoothed rate of durable appends and waits only while at least one more is
 /// expected within [`SpoolOptions::max_linger`]; then it waits until the group is expected
 /// to hold about [`GROUP_TARGET`], at most that long (a group already that large does not
-/// wait). The rate is smoothed over
-/// [`RATE_WINDOW`] of time, not a number of groups: after a pause the next event is not
-/// held on the strength of the burst before it.
+/// wait). The rate is smoothed over [`RATE_WINDOW`] of time, not a number of groups: after
+/// a pause the next event is not held on the strength of the burst before it.
 struct Pacer {
     max_linger: Duration,
     /// Durable appends per second over recent groups.
@@ -640,22 +640,6 @@ fn install_segment(dir: &Path, number: u64) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn event(n: usize) -> UsageEvent {
-        UsageEvent {
-            request_id: format!("req_{n:08}"),
-            tenant_id: "t".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            endpoint: "/v1/chat/completions".into(),
-            prompt_tokens: 1,
-            completion_tokens: 2,
-            started_at: 1,
-            finished_at: 2,
-            status: crate::usage::UsageStatus::Success,
-            delivery: crate::usage::Delivery::Unknown,
-        }
-    }
-
     #[test]
     fn pacer_waits_only_when_more_events_are_due_within_the_limit() {
         let limit = Duration::from_micros(200);
@@ -715,7 +699,10 @@ mod tests {
             let spool = spool.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..50 {
-                    spool.append_usage(&event(t * 1000 + i)).await.unwrap();
+                    spool
+                        .append_usage(&shipper::tests::event(t * 1000 + i))
+                        .await
+                        .unwrap();
                 }
             }));
         }

@@ -392,11 +392,12 @@ fn delete_behind(dir: &Path, segment: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::usage::UsageStatus;
 
-    fn event(i: usize) -> UsageEvent {
+    /// A usage event numbered `i` (its id and prompt tokens), for the spool's tests.
+    pub(in crate::spool) fn event(i: usize) -> UsageEvent {
         UsageEvent {
             request_id: format!("req_{i:06}"),
             tenant_id: "t".into(),
