@@ -9,6 +9,10 @@ Side by side, in one run, on the same stub upstream that answers at once:
            the store), a price, and metering (spool + shipper to the store)
   gw-nolimit  the same gateway process, with a key whose tenant has no plan: auth and
            metering, no admission (what limits cost)
+  gw-interval  everything on, as `gateway`, in a gateway started with
+           --spool-fsync-interval-ms 10: usage is written to the OS before each response
+           (safe through kill -9) and fsynced every 10 ms instead of before each response
+  gw-interval-nolimit  that gateway with the no-plan key (what metering costs there)
   gw-unmetered  a second gateway started with the benchmark-only switch that discards
            usage, same no-plan key: auth and forwarding only (what metering costs)
 
@@ -211,6 +215,9 @@ http {{
         gw_proc, gw_url = serve([], "metered")
         targets.append(("gateway", gw_url, key, gw_proc))
         targets.append(("gw-nolimit", gw_url, open_key, gw_proc))
+        iv_proc, iv_url = serve(["--spool-fsync-interval-ms", "10"], "interval")
+        targets.append(("gw-interval", iv_url, key, iv_proc))
+        targets.append(("gw-interval-nolimit", iv_url, open_key, iv_proc))
         unmetered_proc, unmetered_url = serve(["--benchmark-unmetered"], "unmetered")
         targets.append(("gw-unmetered", unmetered_url, open_key, unmetered_proc))
         time.sleep(0.5)
@@ -218,14 +225,14 @@ http {{
         path = "/v1/chat/completions"
         rounds = max(1, args.rounds)
         samples = {name: {"max": []} for name, _, _, _ in targets}
-        metered_requests = 0
+        metered_requests = {gw_url: 0, iv_url: 0}
         spool_before = (metric(metrics_urls[gw_url], "gateway_usage_spool_durable_appends_total"),
                         metric(metrics_urls[gw_url], "gateway_usage_spool_fsyncs_total"))
         for r in range(rounds):
             for name, url, k, proc in targets:
                 log(f"round {r + 1}/{rounds} {name}: maximum rate")
                 cpu = cpu_seconds(proc)
-                threads = thread_cpu(proc) if proc is gw_proc else None
+                threads = thread_cpu(proc) if proc in (gw_proc, iv_proc) else None
                 res = loadgen(url + path, 0, args, k)
                 if res["errors"]:
                     sys.exit(f"{name} answered errors: {res}")
@@ -238,8 +245,8 @@ http {{
                     res["threads_us"] = {g: (after.get(g, 0.0) - threads.get(g, 0.0)) * 1e6 / done
                                          for g in after}
                 samples[name]["max"].append(res)
-                if url == gw_url:
-                    metered_requests += res["ok_total"]
+                if url in (gw_url, iv_url):
+                    metered_requests[url] += res["ok_total"]
         spool_after = (metric(metrics_urls[gw_url], "gateway_usage_spool_durable_appends_total"),
                        metric(metrics_urls[gw_url], "gateway_usage_spool_fsyncs_total"))
         results = {}
@@ -254,16 +261,18 @@ http {{
                 groups = sorted({g for x in runs for g in x["threads_us"]})
                 results[name]["threads_us"] = {
                     g: median([x["threads_us"].get(g, 0.0) for x in runs]) for g in groups}
-        gw_max = results["gateway"]["max"]["rate"]
-        rates = sorted({max(100, int(gw_max * f) // 100 * 100) for f in (0.25, 0.5)})
+        # Half of each metered gateway's own maximum, for every target.
+        halves = {name: max(100, int(results[name]["max"]["rate"] * 0.5) // 100 * 100)
+                  for name in ("gateway", "gw-interval")}
+        rates = sorted(set(halves.values()))
         for r in range(rounds):
             for rate in rates:
                 for name, url, k, _ in targets:
                     log(f"round {r + 1}/{rounds} {name}: {rate} req/s")
                     res = loadgen(url + path, rate, args, k)
                     samples[name].setdefault(rate, []).append(res)
-                    if url == gw_url:
-                        metered_requests += res["ok_total"]
+                    if url in (gw_url, iv_url):
+                        metered_requests[url] += res["ok_total"]
         for name, _, _, _ in targets:
             for rate in rates:
                 runs = samples[name][rate]
@@ -275,31 +284,33 @@ http {{
         # warm-up included, is one record; the shipped count also counts an `unknown`
         # delivery resolved later, which a run this short never has.)
         load_ended = time.monotonic()
-        shipped = 0
-        while time.monotonic() - load_ended < 300:
-            shipped = metric(metrics_urls[gw_url], "gateway_usage_shipped_events")
-            if shipped >= metered_requests and metric(
-                    metrics_urls[gw_url], "gateway_usage_spool_backlog_events") == 0:
-                break
-            time.sleep(0.1)
-        drain_s = time.monotonic() - load_ended
-        gw_proc.terminate()
-        gw_proc.wait(timeout=60)
+        shipped = {}
+        drain_s = {}
+        for url, proc in ((gw_url, gw_proc), (iv_url, iv_proc)):
+            while time.monotonic() - load_ended < 300:
+                shipped[url] = metric(metrics_urls[url], "gateway_usage_shipped_events")
+                if shipped[url] >= metered_requests[url] and metric(
+                        metrics_urls[url], "gateway_usage_spool_backlog_events") == 0:
+                    break
+                time.sleep(0.1)
+            drain_s[url] = time.monotonic() - load_ended
+            proc.terminate()
+            proc.wait(timeout=60)
 
         print()
         print(f"Gateway overhead, {os.cpu_count()} CPUs, {args.connections} connections, "
               f"{args.seconds} s per run, median of {rounds} rounds, store {db_url.split(':')[0]}")
-        print(f"{'target':<13}{'max req/s':>12}{'vs nginx':>10}{'CPU us/req':>12}   spread of rounds")
+        print(f"{'target':<20}{'max req/s':>12}{'vs nginx':>10}{'CPU us/req':>12}   spread of rounds")
         for name, _, _, _ in targets:
             m = results[name]["max"]["rate"]
             cpu = results[name].get("cpu_us")
             cpu = f"{cpu:>12.1f}" if cpu is not None else f"{'':>12}"
             spread = results[name]["max"]["rates"]
-            print(f"{name:<13}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}{cpu}"
+            print(f"{name:<20}{m:>12.0f}{m / results['nginx']['max']['rate']:>10.2f}{cpu}"
                   f"   {min(spread):.0f}-{max(spread):.0f}")
         print("(CPU us/req: the serving process's own CPU time per request at its maximum rate;")
         print(" the load generator and the stub share the same cores.)")
-        for name in ("gateway", "gw-nolimit"):
+        for name in ("gateway", "gw-nolimit", "gw-interval", "gw-interval-nolimit"):
             split = results[name].get("threads_us", {})
             print(f"{name} CPU us/req by thread: " + ", ".join(
                 f"{g} {v:.1f}" for g, v in sorted(split.items(), key=lambda x: -x[1])))
@@ -308,31 +319,35 @@ http {{
         if fsyncs:
             print(f"spool group commits at maximum rate: {appends / fsyncs:.1f} usage events per fsync "
                   f"({appends:.0f} events, {fsyncs:.0f} fsyncs)")
-        metered = results["gw-nolimit"]["max"]["rate"]
         unmetered = results["gw-unmetered"]["max"]["rate"]
-        print(f"metering cost: {1 - metered / unmetered:.1%} of throughput "
-              f"({metered:.0f} metered vs {unmetered:.0f} unmetered req/s; target <= 5%)")
-        state = "all" if shipped >= metered_requests else "NOT all"
-        print(f"usage shipped to the store: {state} {metered_requests} metered calls "
-              f"({shipped:.0f} records) {drain_s:.1f} s after the load stopped")
+        for name, label in (("gw-nolimit", "fsync before each response"),
+                            ("gw-interval-nolimit", "fsync every 10 ms")):
+            metered = results[name]["max"]["rate"]
+            print(f"metering cost, {label}: {1 - metered / unmetered:.1%} of throughput "
+                  f"({metered:.0f} metered vs {unmetered:.0f} unmetered req/s; target <= 5%)")
+        for url, label in ((gw_url, "fsync before each response"), (iv_url, "fsync every 10 ms")):
+            state = "all" if shipped[url] >= metered_requests[url] else "NOT all"
+            print(f"usage shipped to the store, {label}: {state} {metered_requests[url]} metered calls "
+                  f"({shipped[url]:.0f} records) {drain_s[url]:.1f} s after the load stopped")
         print()
         print("Latency counts from when each request was due (open loop); it includes up to")
         print("1 ms of timer granularity, the same for every target, so compare 'added'.")
-        print(f"{'target':<13}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
+        print(f"{'target':<20}{'rate':>8}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'errors':>8}")
         for rate in rates:
             direct = results["direct"][rate]
             for name, _, _, _ in targets:
                 r = results[name][rate]
                 added50 = (r["p50_us"] - direct["p50_us"]) / 1000
                 added99 = (r["p99_us"] - direct["p99_us"]) / 1000
-                print(f"{name:<13}{rate:>8}{r['p50_us'] / 1000:>9.3f}{r['p99_us'] / 1000:>9.3f}"
+                print(f"{name:<20}{rate:>8}{r['p50_us'] / 1000:>9.3f}{r['p99_us'] / 1000:>9.3f}"
                       f"{added50:>11.3f}{added99:>11.3f}{r['errors']:>8}")
-        half = rates[-1]
-        ratio = results["gateway"]["max"]["rate"] / results["nginx"]["max"]["rate"]
-        added99 = (results["gateway"][half]["p99_us"] - results["direct"][half]["p99_us"]) / 1000
         print()
-        print(f"gateway/nginx throughput: {ratio:.2f} (target >= 0.80)")
-        print(f"gateway p99 added at {half} req/s (half its maximum): {added99:.3f} ms (target <= 0.5)")
+        for name in ("gateway", "gw-interval"):
+            half = halves[name]
+            ratio = results[name]["max"]["rate"] / results["nginx"]["max"]["rate"]
+            added99 = (results[name][half]["p99_us"] - results["direct"][half]["p99_us"]) / 1000
+            print(f"{name}/nginx throughput: {ratio:.2f} (target >= 0.80); "
+                  f"p99 added at {half} req/s: {added99:.3f} ms (target <= 0.5)")
         with open(os.path.join(ROOT, "target", "bench-gateway.json"), "w") as f:
             json.dump({str(k): v for k, v in results.items()}, f, indent=2)
     finally:

@@ -6,7 +6,8 @@
 //!
 //! Creates and drops its own database when given a Postgres URL; SQLite URLs are used as is.
 //! `GATEWAY_SPOOL_MAX_LINGER_US` sets the spool's linger before each fsync, as for the
-//! gateway (default `billing::spool::DEFAULT_MAX_LINGER`).
+//! gateway (default `billing::spool::DEFAULT_MAX_LINGER`); `GATEWAY_SPOOL_FSYNC_INTERVAL_MS`
+//! its fsync interval (default 0: an fsync before each append returns).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -61,11 +62,16 @@ async fn main() -> anyhow::Result<()> {
         Ok(v) => v.parse()?,
         Err(_) => billing::spool::DEFAULT_MAX_LINGER.as_micros() as u64,
     };
+    let fsync_interval_ms: u64 = match std::env::var("GATEWAY_SPOOL_FSYNC_INTERVAL_MS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 0,
+    };
     let spool = Spool::open_with(
         &dir,
         SpoolOptions {
             segment_bytes: 64 * 1024 * 1024,
             max_linger: Duration::from_micros(linger_us),
+            fsync_interval: Duration::from_millis(fsync_interval_ms),
         },
     )?;
 
@@ -90,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let fsyncs = spool.stats().fsyncs;
     println!(
         "spool: {total} durable appends from {appenders} concurrent callers in {append_secs:.2} s = {:.0} events/s \
-         ({fsyncs} fsyncs, {:.1} events each; linger up to {linger_us} us)",
+         ({fsyncs} fsyncs, {:.1} events each; linger up to {linger_us} us, fsync interval {fsync_interval_ms} ms)",
         total as f64 / append_secs,
         total as f64 / fsyncs.max(1) as f64
     );

@@ -95,6 +95,7 @@ impl Gateway {
                 billing::SpoolOptions {
                     segment_bytes: config.spool_segment_bytes,
                     max_linger: Duration::from_micros(config.spool_max_linger_us),
+                    fsync_interval: Duration::from_millis(config.spool_fsync_interval_ms),
                 },
             )?
         };

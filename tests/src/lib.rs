@@ -221,6 +221,16 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts a gateway on a free port over `database_url`, spooling into `spool_dir`.
     pub async fn start(database_url: &str, spool_dir: &Path, workers: &[String]) -> Self {
+        Self::start_with(database_url, spool_dir, workers, &[]).await
+    }
+
+    /// [`GatewayProcess::start`] with more `gateway serve` arguments.
+    pub async fn start_with(
+        database_url: &str,
+        spool_dir: &Path,
+        workers: &[String],
+        extra_args: &[&str],
+    ) -> Self {
         let mut child = Command::new(binary("gateway"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
@@ -233,6 +243,7 @@ impl GatewayProcess {
                 "--health-interval-ms",
                 "200",
             ])
+            .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -552,6 +563,7 @@ pub fn gateway_config(database_url: &str, workers: &[String]) -> GatewayConfig {
         spool_dir,
         spool_segment_bytes: 1024 * 1024,
         spool_max_linger_us: billing::spool::DEFAULT_MAX_LINGER.as_micros() as u64,
+        spool_fsync_interval_ms: 0,
         workers: workers.to_vec(),
         max_body_bytes: 1024 * 1024,
         upstream_first_byte_timeout_secs: 60,

@@ -1,7 +1,9 @@
 //! SPEC §6.1 under `kill -9`: a gateway process is killed at random moments during load,
 //! ten times, and restarted on the same spool and store. Afterwards every response that
 //! reached a client as a success has exactly one usage record, and the only extra records
-//! are requests that were in flight at a crash, marked `unknown`.
+//! are requests that were in flight at a crash, marked `unknown`. It holds with the default
+//! spool (an fsync before each response) and with an fsync interval (usage written to the
+//! operating system before each response, which a killed process cannot take back).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -31,6 +33,15 @@ struct Observed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_nine_during_load_loses_and_duplicates_nothing() {
+    kill_nine_during_load(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_nine_with_an_fsync_interval_loses_and_duplicates_nothing() {
+    kill_nine_during_load(&["--spool-fsync-interval-ms", "10"]).await;
+}
+
+async fn kill_nine_during_load(gateway_args: &[&str]) {
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -51,7 +62,8 @@ async fn kill_nine_during_load_loses_and_duplicates_nothing() {
     let key = key.expose().to_owned();
     let workers = vec![worker.url.clone()];
 
-    let mut gateway = GatewayProcess::start(&store.url, &spool_dir, &workers).await;
+    let mut gateway =
+        GatewayProcess::start_with(&store.url, &spool_dir, &workers, gateway_args).await;
     let current_url = Arc::new(RwLock::new(gateway.url.clone()));
     let observed = Arc::new(Observed::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,7 +124,7 @@ async fn kill_nine_during_load_loses_and_duplicates_nothing() {
         gateway.kill();
         kills.push(Instant::now());
         println!("round {round}: killed after {wait:?}");
-        gateway = GatewayProcess::start(&store.url, &spool_dir, &workers).await;
+        gateway = GatewayProcess::start_with(&store.url, &spool_dir, &workers, gateway_args).await;
         *current_url.write().unwrap() = gateway.url.clone();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

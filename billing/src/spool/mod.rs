@@ -11,6 +11,13 @@
 //! of CPU, and without the wait a busy gateway fsyncs every few requests. At low rates it
 //! does not wait, so an idle gateway adds no latency.
 //!
+//! An operator may trade the last few milliseconds of power-loss safety for throughput
+//! ([`SpoolOptions::fsync_interval`]): the event is then written to the operating system
+//! before the caller goes on, which keeps it through any crash of this process (`kill -9`
+//! included), and fsynced within the interval; only a crash of the machine itself can lose
+//! the events of that last interval. The caller writes it itself, so no thread hand-off
+//! sits on the request path.
+//!
 //! After a response's fate is known the gateway appends an outcome (delivered or not,
 //! without waiting for fsync). Events whose outcome never arrived because the process died
 //! are shipped with delivery `unknown`: at most the requests in flight at the crash.
@@ -22,7 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -49,6 +56,11 @@ pub struct SpoolOptions {
     /// fsyncs as soon as an event arrives. It only waits while durable appends arrive at
     /// a rate that brings at least one more within that time.
     pub max_linger: Duration,
+    /// Zero: every usage event is fsynced before [`Spool::append_usage`] returns (group
+    /// commit). Otherwise the event is written to the operating system before it returns
+    /// and fsynced within this interval: safe through a crash of the process, not through
+    /// one of the machine in that interval.
+    pub fsync_interval: Duration,
 }
 
 impl Default for SpoolOptions {
@@ -56,6 +68,7 @@ impl Default for SpoolOptions {
         Self {
             segment_bytes: 16 * 1024 * 1024,
             max_linger: DEFAULT_MAX_LINGER,
+            fsync_interval: Duration::ZERO,
         }
     }
 }
@@ -66,9 +79,10 @@ pub const DEFAULT_MAX_LINGER: Duration = Duration::from_micros(200);
 /// What the writer has done since the spool was opened.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolStats {
-    /// Appends that waited for the disk (usage events).
+    /// Usage events appended (each waited for the disk, or for the operating system under
+    /// a [`SpoolOptions::fsync_interval`]).
     pub durable_appends: u64,
-    /// Group commits: fsyncs of the live segment.
+    /// Fsyncs of the live segment: group commits, or the interval's syncs.
     pub fsyncs: u64,
 }
 
@@ -93,6 +107,9 @@ enum Command {
 pub struct Spool {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    /// Under a [`SpoolOptions::fsync_interval`], the log that callers append usage to
+    /// themselves; `None` when every append goes through the writer thread.
+    direct: Option<Arc<Mutex<Log>>>,
     /// Benchmarks only: accept every append and write nothing (see [`Spool::discarding`]).
     discard: bool,
 }
@@ -142,14 +159,27 @@ impl Spool {
         let first_live_segment = segment::list_segments(dir)?.last().map_or(0, |n| n + 1);
         let shared = Arc::new(Shared::new(dir, first_live_segment));
         let (commands, queue) = mpsc::channel(QUEUE);
-        let writer = Writer::create(
-            shared.clone(),
+        let log = Arc::new(Mutex::new(Log::create(
+            &shared,
             options.segment_bytes.max(1024),
-            Pacer::new(options.max_linger),
-        )?;
+        )?));
+        let periodic = !options.fsync_interval.is_zero();
+        let writer = Writer {
+            shared: shared.clone(),
+            log: log.clone(),
+            pacer: Pacer::new(options.max_linger),
+            sync_each: !periodic,
+        };
         std::thread::Builder::new()
             .name("usage-spool".into())
             .spawn(move || writer.run(queue))?;
+        if periodic {
+            let (shared, log, interval) =
+                (shared.clone(), Arc::downgrade(&log), options.fsync_interval);
+            std::thread::Builder::new()
+                .name("usage-spool-sync".into())
+                .spawn(move || sync_periodically(&shared, &log, interval))?;
+        }
         let outcomes = (shared.clone(), commands.downgrade());
         std::thread::Builder::new()
             .name("usage-outcomes".into())
@@ -157,6 +187,7 @@ impl Spool {
         Ok(Self {
             commands,
             shared,
+            direct: periodic.then_some(log),
             discard: false,
         })
     }
@@ -168,17 +199,28 @@ impl Spool {
         Self {
             commands,
             shared: Arc::new(Shared::new(dir, 0)),
+            direct: None,
             discard: true,
         }
     }
 
-    /// Appends a usage event and returns once it is on disk (fsynced).
+    /// Appends a usage event and returns once it is on disk (fsynced), or under a
+    /// [`SpoolOptions::fsync_interval`] once the operating system has it.
     pub async fn append_usage(&self, event: &UsageEvent) -> Result<(), SpoolError> {
         if self.discard {
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(160);
         segment::encode_usage(event, &mut bytes).map_err(|e| SpoolError::Io(e.to_string()))?;
+        if let Some(log) = &self.direct {
+            // A few microseconds of `pwrite` into the page cache, on the caller's thread.
+            lock(log)
+                .write(&self.shared, &bytes, false)
+                .map_err(|e| SpoolError::Io(e.to_string()))?;
+            self.shared.durable_appends.fetch_add(1, Ordering::Relaxed);
+            self.shared.written.notify_one();
+            return Ok(());
+        }
         let (durable, done) = oneshot::channel();
         self.commands
             .send(Command::Append {
@@ -385,56 +427,21 @@ fn settle_deliveries(shared: Arc<Shared>, commands: mpsc::WeakSender<Command>) {
     }
 }
 
+fn lock(log: &Mutex<Log>) -> MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The thread that takes queued appends and flushes, in groups.
 struct Writer {
     shared: Arc<Shared>,
-    segment_bytes: u64,
-    number: u64,
-    file: File,
-    size: u64,
-    /// Bytes written since the last fsync.
-    dirty: bool,
-    /// The next segment, being filled with zeros in the background.
-    next: Option<std::thread::JoinHandle<io::Result<File>>>,
+    log: Arc<Mutex<Log>>,
     pacer: Pacer,
+    /// Whether a group with usage events is fsynced before they are acknowledged (no
+    /// [`SpoolOptions::fsync_interval`]).
+    sync_each: bool,
 }
 
 impl Writer {
-    fn create(shared: Arc<Shared>, segment_bytes: u64, pacer: Pacer) -> io::Result<Self> {
-        // Half-made segments of an earlier process: never used, so nothing to keep.
-        for entry in fs::read_dir(&shared.dir)?.flatten() {
-            if entry.path().extension().is_some_and(|e| e == PREPARING) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        let number = shared.first_live_segment;
-        let file = prepare_segment(&shared.dir, number, segment_bytes)?;
-        install_segment(&shared.dir, number)?;
-        shared
-            .live
-            .store(number, std::sync::atomic::Ordering::Release);
-        let mut writer = Self {
-            shared,
-            segment_bytes,
-            number,
-            file,
-            size: 0,
-            dirty: false,
-            next: None,
-            pacer,
-        };
-        writer.prepare_next();
-        Ok(writer)
-    }
-
-    /// Starts zero-filling the segment after the current one.
-    fn prepare_next(&mut self) {
-        let (dir, number, bytes) = (self.shared.dir.clone(), self.number + 1, self.segment_bytes);
-        self.next = std::thread::Builder::new()
-            .name("usage-spool-prep".into())
-            .spawn(move || prepare_segment(&dir, number, bytes))
-            .ok();
-    }
-
     fn run(mut self, mut queue: mpsc::Receiver<Command>) {
         let mut buffer = Vec::with_capacity(1 << 16);
         let drain = |queue: &mut mpsc::Receiver<Command>, group: &mut Vec<Command>| {
@@ -451,7 +458,7 @@ impl Writer {
             // A flush (shutdown, tests) never waits; usage events may, under load.
             let flush = group.iter().any(|c| matches!(c, Command::Flush(_)));
             let mut durable = durable_appends(&group);
-            if durable > 0 && !flush {
+            if durable > 0 && !flush && self.sync_each {
                 let linger = self.pacer.linger(durable);
                 if !linger.is_zero() {
                     std::thread::sleep(linger);
@@ -469,8 +476,10 @@ impl Writer {
                     buffer.extend_from_slice(bytes);
                 }
             }
-            let must_sync = durable > 0 || flush;
-            let result = self.write(&buffer, must_sync).map_err(|e| e.to_string());
+            let must_sync = (durable > 0 && self.sync_each) || flush;
+            let result = lock(&self.log)
+                .write(&self.shared, &buffer, must_sync)
+                .map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "usage spool write failed");
             }
@@ -488,28 +497,97 @@ impl Writer {
             self.shared.written.notify_one();
         }
         // Every handle is gone: cut the zeros off and make what is left durable.
-        let _ = self.file.set_len(self.size);
-        let _ = self.file.sync_all();
-        if let Some(next) = self.next.take() {
-            if next.join().is_ok() {
-                let _ = fs::remove_file(preparing_path(&self.shared.dir, self.number + 1));
+        lock(&self.log).close();
+    }
+}
+
+/// Under a [`SpoolOptions::fsync_interval`]: fsyncs the live segment whenever something
+/// was written since the last time, once per interval, until the spool is gone. The fsync
+/// runs outside the lock, so appends never wait for the disk.
+fn sync_periodically(shared: &Shared, log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        let Some(log) = log.upgrade() else { return };
+        let file = {
+            let mut log = lock(&log);
+            if !log.dirty {
+                continue;
+            }
+            log.dirty = false;
+            log.file.try_clone()
+        };
+        match file.and_then(|f| f.sync_data()) {
+            Ok(()) => {
+                shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "usage spool fsync failed");
+                lock(&log).dirty = true;
             }
         }
     }
+}
 
-    fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
+/// The live segment and the one prepared after it.
+struct Log {
+    dir: PathBuf,
+    segment_bytes: u64,
+    number: u64,
+    file: File,
+    size: u64,
+    /// Bytes written since the last fsync.
+    dirty: bool,
+    /// The next segment, being filled with zeros in the background.
+    next: Option<std::thread::JoinHandle<io::Result<File>>>,
+}
+
+impl Log {
+    fn create(shared: &Shared, segment_bytes: u64) -> io::Result<Self> {
+        // Half-made segments of an earlier process: never used, so nothing to keep.
+        for entry in fs::read_dir(&shared.dir)?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == PREPARING) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let number = shared.first_live_segment;
+        let file = prepare_segment(&shared.dir, number, segment_bytes)?;
+        install_segment(&shared.dir, number)?;
+        shared.live.store(number, Ordering::Release);
+        let mut log = Self {
+            dir: shared.dir.clone(),
+            segment_bytes,
+            number,
+            file,
+            size: 0,
+            dirty: false,
+            next: None,
+        };
+        log.prepare_next();
+        Ok(log)
+    }
+
+    /// Starts zero-filling the segment after the current one.
+    fn prepare_next(&mut self) {
+        let (dir, number, bytes) = (self.dir.clone(), self.number + 1, self.segment_bytes);
+        self.next = std::thread::Builder::new()
+            .name("usage-spool-prep".into())
+            .spawn(move || prepare_segment(&dir, number, bytes))
+            .ok();
+    }
+
+    /// Appends `bytes` (whole records) and, if `sync`, fsyncs everything written so far.
+    fn write(&mut self, shared: &Shared, bytes: &[u8], sync: bool) -> io::Result<()> {
         use std::os::unix::fs::FileExt as _;
-        use std::sync::atomic::Ordering;
         if !bytes.is_empty() {
             self.file.write_all_at(bytes, self.size)?;
             self.size += bytes.len() as u64;
-            self.shared.live_len.store(self.size, Ordering::Release);
+            shared.live_len.store(self.size, Ordering::Release);
             self.dirty = true;
         }
         if sync && self.dirty {
             self.file.sync_data()?;
             self.dirty = false;
-            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         if self.size >= self.segment_bytes {
             // The finished segment gets its exact length, then the prepared one takes over.
@@ -518,18 +596,29 @@ impl Writer {
             let next = match self.next.take().map(std::thread::JoinHandle::join) {
                 Some(Ok(Ok(file))) => file,
                 Some(Ok(Err(e))) => return Err(e),
-                _ => prepare_segment(&self.shared.dir, self.number + 1, self.segment_bytes)?,
+                _ => prepare_segment(&self.dir, self.number + 1, self.segment_bytes)?,
             };
-            install_segment(&self.shared.dir, self.number + 1)?;
+            install_segment(&self.dir, self.number + 1)?;
             self.number += 1;
             self.file = next;
             self.size = 0;
             self.dirty = false;
-            self.shared.live_len.store(0, Ordering::Release);
-            self.shared.live.store(self.number, Ordering::Release);
+            shared.live_len.store(0, Ordering::Release);
+            shared.live.store(self.number, Ordering::Release);
             self.prepare_next();
         }
         Ok(())
+    }
+
+    /// Cuts the zeros off the live segment and makes it durable; drops the prepared one.
+    fn close(&mut self) {
+        let _ = self.file.set_len(self.size);
+        let _ = self.file.sync_all();
+        if let Some(next) = self.next.take() {
+            if next.join().is_ok() {
+                let _ = fs::remove_file(preparing_path(&self.dir, self.number + 1));
+            }
+        }
     }
 }
 
@@ -682,6 +771,80 @@ mod tests {
         assert_eq!(pacer.linger(1), Duration::ZERO);
     }
 
+    /// `tasks` concurrent appenders, `each` usage events apiece, all acknowledged.
+    async fn append_concurrently(spool: &Spool, tasks: usize, each: usize) {
+        let mut running = Vec::new();
+        for t in 0..tasks {
+            let spool = spool.clone();
+            running.push(tokio::spawn(async move {
+                for i in 0..each {
+                    spool
+                        .append_usage(&shipper::tests::event(t * 1000 + i))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in running {
+            t.await.unwrap();
+        }
+    }
+
+    fn usage_in(dir: &Path) -> usize {
+        let mut read = 0;
+        for n in segment::list_segments(dir).unwrap() {
+            read += segment::read_from(&segment::segment_path(dir, n), 0, None)
+                .unwrap()
+                .into_iter()
+                .filter(|(e, _)| matches!(e, SpoolEntry::Usage { .. }))
+                .count();
+        }
+        read
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_an_fsync_interval_appends_are_written_at_once_and_synced_later() {
+        let dir = std::env::temp_dir().join(format!("spool-interval-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let options = |interval| SpoolOptions {
+            segment_bytes: 16 * 1024,
+            fsync_interval: interval,
+            ..SpoolOptions::default()
+        };
+        // An interval no test run reaches: appends return with no fsync at all, and every
+        // one is already in the segments (across rotations: 300 events overflow 16 KiB).
+        let spool = Spool::open_with(&dir, options(Duration::from_secs(3600))).unwrap();
+        append_concurrently(&spool, 10, 30).await;
+        assert_eq!(spool.stats().durable_appends, 300);
+        assert_eq!(spool.stats().fsyncs, 0, "nothing waited for the disk");
+        assert!(segment::list_segments(&dir).unwrap().len() > 1, "rotated");
+        assert_eq!(usage_in(&dir), 300);
+        // A flush makes them durable now.
+        spool.flush().await.unwrap();
+        assert_eq!(spool.stats().fsyncs, 1);
+        drop(spool);
+        let _ = fs::remove_dir_all(&dir);
+
+        // A short interval: the syncer fsyncs soon after a write, and not while idle.
+        let spool = Spool::open_with(&dir, options(Duration::from_millis(10))).unwrap();
+        spool.append_usage(&shipper::tests::event(1)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while spool.stats().fsyncs == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let synced = spool.stats().fsyncs;
+        assert_eq!(synced, 1, "one fsync for the one write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            spool.stats().fsyncs,
+            synced,
+            "no fsync while nothing is written"
+        );
+        assert_eq!(usage_in(&dir), 1);
+        drop(spool);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_share_fsyncs_and_every_one_is_counted() {
         let dir = std::env::temp_dir().join(format!("spool-share-{}", std::process::id()));
@@ -691,24 +854,11 @@ mod tests {
             SpoolOptions {
                 segment_bytes: 1 << 20,
                 max_linger: Duration::from_millis(2),
+                ..SpoolOptions::default()
             },
         )
         .unwrap();
-        let mut tasks = Vec::new();
-        for t in 0..32 {
-            let spool = spool.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..50 {
-                    spool
-                        .append_usage(&shipper::tests::event(t * 1000 + i))
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
+        append_concurrently(&spool, 32, 50).await;
         let stats = spool.stats();
         assert_eq!(stats.durable_appends, 32 * 50);
         assert!(stats.fsyncs >= 1, "{stats:?}");
@@ -717,15 +867,7 @@ mod tests {
             "32 appenders should share fsyncs: {stats:?}"
         );
         // Everything acknowledged is in the segments.
-        let mut read = 0;
-        for n in segment::list_segments(&dir).unwrap() {
-            read += segment::read_from(&segment::segment_path(&dir, n), 0, None)
-                .unwrap()
-                .into_iter()
-                .filter(|(e, _)| matches!(e, SpoolEntry::Usage { .. }))
-                .count();
-        }
-        assert_eq!(read, 32 * 50);
+        assert_eq!(usage_in(&dir), 32 * 50);
         drop(spool);
         let _ = fs::remove_dir_all(&dir);
     }
