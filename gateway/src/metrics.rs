@@ -80,11 +80,11 @@ impl GatewayMetrics {
         )?;
         let spool_durable_appends = IntCounter::new(
             "gateway_usage_spool_durable_appends_total",
-            "Usage events written to the local spool and fsynced before their response ended",
+            "Usage events written to the local spool before their response ended (and fsynced first, unless GATEWAY_SPOOL_FSYNC_INTERVAL_MS is set)",
         )?;
         let spool_fsyncs = IntCounter::new(
             "gateway_usage_spool_fsyncs_total",
-            "Group commits of the local usage spool (each one fsync covering every event since the last)",
+            "Fsyncs of the local usage spool, each covering every event written since the last (group commits, or one per fsync interval)",
         )?;
         let usage_ship_failures = IntGauge::new(
             "gateway_usage_ship_failures",
