@@ -245,7 +245,7 @@ http {{
                     res["threads_us"] = {g: (after.get(g, 0.0) - threads.get(g, 0.0)) * 1e6 / done
                                          for g in after}
                 samples[name]["max"].append(res)
-                if url in (gw_url, iv_url):
+                if url in metered_requests:
                     metered_requests[url] += res["ok_total"]
         spool_after = (metric(metrics_urls[gw_url], "gateway_usage_spool_durable_appends_total"),
                        metric(metrics_urls[gw_url], "gateway_usage_spool_fsyncs_total"))
@@ -271,7 +271,7 @@ http {{
                     log(f"round {r + 1}/{rounds} {name}: {rate} req/s")
                     res = loadgen(url + path, rate, args, k)
                     samples[name].setdefault(rate, []).append(res)
-                    if url in (gw_url, iv_url):
+                    if url in metered_requests:
                         metered_requests[url] += res["ok_total"]
         for name, _, _, _ in targets:
             for rate in rates:

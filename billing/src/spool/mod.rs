@@ -160,7 +160,7 @@ impl Spool {
         let shared = Arc::new(Shared::new(dir, first_live_segment));
         let (commands, queue) = mpsc::channel(QUEUE);
         let log = Arc::new(Mutex::new(Log::create(
-            &shared,
+            shared.clone(),
             options.segment_bytes.max(1024),
         )?));
         let periodic = !options.fsync_interval.is_zero();
@@ -174,11 +174,10 @@ impl Spool {
             .name("usage-spool".into())
             .spawn(move || writer.run(queue))?;
         if periodic {
-            let (shared, log, interval) =
-                (shared.clone(), Arc::downgrade(&log), options.fsync_interval);
+            let (log, interval) = (Arc::downgrade(&log), options.fsync_interval);
             std::thread::Builder::new()
                 .name("usage-spool-sync".into())
-                .spawn(move || sync_periodically(&shared, &log, interval))?;
+                .spawn(move || sync_periodically(&log, interval))?;
         }
         let outcomes = (shared.clone(), commands.downgrade());
         std::thread::Builder::new()
@@ -215,7 +214,7 @@ impl Spool {
         if let Some(log) = &self.direct {
             // A few microseconds of `pwrite` into the page cache, on the caller's thread.
             lock(log)
-                .write(&self.shared, &bytes, false)
+                .write(&bytes, false)
                 .map_err(|e| SpoolError::Io(e.to_string()))?;
             self.shared.durable_appends.fetch_add(1, Ordering::Relaxed);
             self.shared.written.notify_one();
@@ -478,7 +477,7 @@ impl Writer {
             }
             let must_sync = (durable > 0 && self.sync_each) || flush;
             let result = lock(&self.log)
-                .write(&self.shared, &buffer, must_sync)
+                .write(&buffer, must_sync)
                 .map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "usage spool write failed");
@@ -504,17 +503,17 @@ impl Writer {
 /// Under a [`SpoolOptions::fsync_interval`]: fsyncs the live segment whenever something
 /// was written since the last time, once per interval, until the spool is gone. The fsync
 /// runs outside the lock, so appends never wait for the disk.
-fn sync_periodically(shared: &Shared, log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
+fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
     loop {
         std::thread::sleep(interval);
         let Some(log) = log.upgrade() else { return };
-        let file = {
+        let (file, shared) = {
             let mut log = lock(&log);
             if !log.dirty {
                 continue;
             }
             log.dirty = false;
-            log.file.try_clone()
+            (log.file.try_clone(), log.shared.clone())
         };
         match file.and_then(|f| f.sync_data()) {
             Ok(()) => {
@@ -530,7 +529,7 @@ fn sync_periodically(shared: &Shared, log: &std::sync::Weak<Mutex<Log>>, interva
 
 /// The live segment and the one prepared after it.
 struct Log {
-    dir: PathBuf,
+    shared: Arc<Shared>,
     segment_bytes: u64,
     number: u64,
     file: File,
@@ -542,7 +541,7 @@ struct Log {
 }
 
 impl Log {
-    fn create(shared: &Shared, segment_bytes: u64) -> io::Result<Self> {
+    fn create(shared: Arc<Shared>, segment_bytes: u64) -> io::Result<Self> {
         // Half-made segments of an earlier process: never used, so nothing to keep.
         for entry in fs::read_dir(&shared.dir)?.flatten() {
             if entry.path().extension().is_some_and(|e| e == PREPARING) {
@@ -554,7 +553,7 @@ impl Log {
         install_segment(&shared.dir, number)?;
         shared.live.store(number, Ordering::Release);
         let mut log = Self {
-            dir: shared.dir.clone(),
+            shared,
             segment_bytes,
             number,
             file,
@@ -568,7 +567,7 @@ impl Log {
 
     /// Starts zero-filling the segment after the current one.
     fn prepare_next(&mut self) {
-        let (dir, number, bytes) = (self.dir.clone(), self.number + 1, self.segment_bytes);
+        let (dir, number, bytes) = (self.shared.dir.clone(), self.number + 1, self.segment_bytes);
         self.next = std::thread::Builder::new()
             .name("usage-spool-prep".into())
             .spawn(move || prepare_segment(&dir, number, bytes))
@@ -576,8 +575,9 @@ impl Log {
     }
 
     /// Appends `bytes` (whole records) and, if `sync`, fsyncs everything written so far.
-    fn write(&mut self, shared: &Shared, bytes: &[u8], sync: bool) -> io::Result<()> {
+    fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
         use std::os::unix::fs::FileExt as _;
+        let shared = &self.shared;
         if !bytes.is_empty() {
             self.file.write_all_at(bytes, self.size)?;
             self.size += bytes.len() as u64;
@@ -596,9 +596,9 @@ impl Log {
             let next = match self.next.take().map(std::thread::JoinHandle::join) {
                 Some(Ok(Ok(file))) => file,
                 Some(Ok(Err(e))) => return Err(e),
-                _ => prepare_segment(&self.dir, self.number + 1, self.segment_bytes)?,
+                _ => prepare_segment(&shared.dir, self.number + 1, self.segment_bytes)?,
             };
-            install_segment(&self.dir, self.number + 1)?;
+            install_segment(&shared.dir, self.number + 1)?;
             self.number += 1;
             self.file = next;
             self.size = 0;
@@ -616,7 +616,7 @@ impl Log {
         let _ = self.file.sync_all();
         if let Some(next) = self.next.take() {
             if next.join().is_ok() {
-                let _ = fs::remove_file(preparing_path(&self.dir, self.number + 1));
+                let _ = fs::remove_file(preparing_path(&self.shared.dir, self.number + 1));
             }
         }
     }
