@@ -212,7 +212,7 @@ impl Spool {
         let mut bytes = Vec::with_capacity(160);
         segment::encode_usage(event, &mut bytes).map_err(|e| SpoolError::Io(e.to_string()))?;
         if let Some(log) = &self.direct {
-            // A few microseconds of `pwrite` into the page cache, on the caller's thread.
+            // A copy into the mapped segment (the page cache), on the caller's thread.
             lock(log)
                 .write(&bytes, false)
                 .map_err(|e| SpoolError::Io(e.to_string()))?;
@@ -533,6 +533,10 @@ struct Log {
     segment_bytes: u64,
     number: u64,
     file: File,
+    /// The live segment's zero-filled length, mapped: records are copied in, so an append
+    /// costs no system call. `None` where mapping failed; records that do not fit in
+    /// what is left of the mapping are written with `pwrite` instead.
+    map: Option<memmap2::MmapMut>,
     size: u64,
     /// Bytes written since the last fsync.
     dirty: bool,
@@ -552,11 +556,13 @@ impl Log {
         let file = prepare_segment(&shared.dir, number, segment_bytes)?;
         install_segment(&shared.dir, number)?;
         shared.live.store(number, Ordering::Release);
+        let map = map_segment(&file);
         let mut log = Self {
             shared,
             segment_bytes,
             number,
             file,
+            map,
             size: 0,
             dirty: false,
             next: None,
@@ -579,7 +585,15 @@ impl Log {
         use std::os::unix::fs::FileExt as _;
         let shared = &self.shared;
         if !bytes.is_empty() {
-            self.file.write_all_at(bytes, self.size)?;
+            let at = self.size as usize;
+            match self
+                .map
+                .as_mut()
+                .and_then(|m| m.get_mut(at..at + bytes.len()))
+            {
+                Some(room) => room.copy_from_slice(bytes),
+                None => self.file.write_all_at(bytes, self.size)?,
+            }
             self.size += bytes.len() as u64;
             shared.live_len.store(self.size, Ordering::Release);
             self.dirty = true;
@@ -591,6 +605,8 @@ impl Log {
         }
         if self.size >= self.segment_bytes {
             // The finished segment gets its exact length, then the prepared one takes over.
+            // Unmapped first: the file must not change length under a mapping.
+            self.map = None;
             self.file.set_len(self.size)?;
             self.file.sync_all()?;
             let next = match self.next.take().map(std::thread::JoinHandle::join) {
@@ -600,6 +616,7 @@ impl Log {
             };
             install_segment(&shared.dir, self.number + 1)?;
             self.number += 1;
+            self.map = map_segment(&next);
             self.file = next;
             self.size = 0;
             self.dirty = false;
@@ -612,6 +629,7 @@ impl Log {
 
     /// Cuts the zeros off the live segment and makes it durable; drops the prepared one.
     fn close(&mut self) {
+        self.map = None;
         let _ = self.file.set_len(self.size);
         let _ = self.file.sync_all();
         if let Some(next) = self.next.take() {
@@ -714,6 +732,27 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> io::Result<File> {
     }
     file.sync_all()?;
     Ok(file)
+}
+
+/// Maps a prepared segment for writing, or `None` (appends then use `pwrite`).
+///
+/// The mapping is shared: what is copied into it is in the operating system's page cache
+/// at once, as with `write`, so it survives a crash of this process, and `fdatasync` on the
+/// file writes it to disk.
+#[allow(unsafe_code)]
+fn map_segment(file: &File) -> Option<memmap2::MmapMut> {
+    // SAFETY: mapping a file is unsafe because another party could truncate or rewrite it
+    // while mapped. The segment was created by this process (`create_new`) and only its
+    // `Log` writes it; readers (the shipper) only read it; the `Log` drops the mapping
+    // before it changes the file's length. Writes through the mapping go to bytes past
+    // every complete record, which readers do not read until `live_len` says so.
+    match unsafe { memmap2::MmapMut::map_mut(file) } {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::warn!(error = %e, "mapping a spool segment failed; appends use pwrite");
+            None
+        }
+    }
 }
 
 /// Gives a prepared segment its name, durably: from then on readers see it.
