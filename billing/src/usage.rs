@@ -118,7 +118,7 @@ impl Ledger {
         Ok(self.record_batch(std::slice::from_ref(event)).await? == 1)
     }
 
-    /// Records a batch in one statement; returns how many rows were inserted or had an
+    /// Records a batch in one transaction; returns how many rows were inserted or had an
     /// `unknown` delivery resolved. Quantities of an existing record never change.
     pub async fn record_batch(&self, events: &[UsageEvent]) -> Result<u64, DbError> {
         if events.is_empty() {
@@ -127,39 +127,19 @@ impl Ledger {
         if let Some(pg) = self.db.postgres() {
             return record_batch_postgres(pg, events).await;
         }
-        // SQLite: the whole batch is one statement (so one commit) with one parameter, the
-        // rows as a JSON array that `json_each` expands. Binding is what costs in SQLite: it
-        // looks each parameter's name up linearly, so many-row statements grow with the
-        // square of their parameters.
-        let rows: Vec<_> = events
-            .iter()
-            .map(|e| {
-                (
-                    &e.request_id,
-                    &e.tenant_id,
-                    &e.key_id,
-                    &e.model,
-                    &e.endpoint,
-                    e.prompt_tokens,
-                    e.completion_tokens,
-                    e.started_at,
-                    e.finished_at,
-                    e.status.as_str(),
-                    e.delivery.as_str(),
-                )
-            })
-            .collect();
-        let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let affected = sqlx::query(&format!(
-            "INSERT INTO usage_records ({COLUMNS}) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-                    value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM json_each($1) WHERE true {UPSERT}"
-        ))
-        .bind(rows)
-        .execute(self.db.pool())
-        .await?
-        .rows_affected();
+        // SQLite: one transaction (one commit) of multi-row inserts with anonymous `?`
+        // parameters, bound by position. (Named or numbered ones are looked up by name, a
+        // scan that makes a many-row statement cost the square of its parameters; rows as
+        // one JSON parameter expanded by `json_each` re-parse each row once per column.)
+        if events.len() <= SQLITE_ROWS_PER_INSERT {
+            return Ok(sqlite_insert(self.db.pool(), events).await?);
+        }
+        let mut tx = self.db.pool().begin().await?;
+        let mut affected = 0;
+        for chunk in events.chunks(SQLITE_ROWS_PER_INSERT) {
+            affected += sqlite_insert(&mut *tx, chunk).await?;
+        }
+        tx.commit().await?;
         Ok(affected)
     }
 
@@ -279,8 +259,47 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
     Ok(affected as u64)
 }
 
+/// An SQLite insert of `rows` rows, each bound by [`bind_row`].
+fn sqlite_insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ",(" });
+        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
+    }
+    sql.push(' ');
+    sql.push_str(UPSERT);
+    sql
+}
+
+/// Runs one SQLite insert of `events` (at most [`SQLITE_ROWS_PER_INSERT`]), not kept
+/// prepared: each batch has its own number of rows.
+async fn sqlite_insert<'c, E>(executor: E, events: &[UsageEvent]) -> Result<u64, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    let sql = sqlite_insert_sql(events.len());
+    let mut query = sqlx::query(&sql).persistent(false);
+    for e in events {
+        query = query
+            .bind(e.request_id.as_str())
+            .bind(e.tenant_id.as_str())
+            .bind(e.key_id.as_str())
+            .bind(e.model.as_str())
+            .bind(e.endpoint.as_str())
+            .bind(e.prompt_tokens)
+            .bind(e.completion_tokens)
+            .bind(e.started_at)
+            .bind(e.finished_at)
+            .bind(e.status.as_str())
+            .bind(e.delivery.as_str());
+    }
+    Ok(query.execute(executor).await?.rows_affected())
+}
+
+/// Rows in one SQLite insert: 11 parameters each, 11,000 in all, below SQLite's 32,766.
+const SQLITE_ROWS_PER_INSERT: usize = 1_000;
+
 /// What a replayed request id may change: only an `unknown` delivery, never quantities.
-/// (`WHERE true` above keeps SQLite from reading `ON` as a join constraint.)
 const UPSERT: &str = "ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \
                       WHERE usage_records.delivery = 'unknown' AND excluded.delivery <> 'unknown' \
                       AND usage_records.invoice_id IS NULL";

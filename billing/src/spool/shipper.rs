@@ -199,32 +199,30 @@ impl Shipper {
             //    recovered segments are read: their process is gone.
             let recovered_read = read_at.segment >= self.shared.first_live_segment;
             let mut ready: Vec<UsageEvent> = Vec::new();
-            waiting.retain_mut(|w| {
-                if w.event.delivery != Delivery::Unknown {
-                    ready.push(w.event.clone());
-                    return false;
-                }
-                if let Some(delivered) = outcomes.remove(&w.event.request_id) {
-                    w.event.delivery = if delivered {
-                        Delivery::Delivered
+            let mut still: Vec<Waiting> = Vec::with_capacity(waiting.len());
+            for mut w in waiting.drain(..) {
+                if w.event.delivery == Delivery::Unknown {
+                    if let Some(delivered) = outcomes.remove(&w.event.request_id) {
+                        w.event.delivery = if delivered {
+                            Delivery::Delivered
+                        } else {
+                            Delivery::Undelivered
+                        };
+                    } else if (w.recovered && recovered_read)
+                        || w.seen.elapsed() >= self.outcome_wait
+                        || stopping
+                    {
+                        if !w.recovered {
+                            shipped_unknown.insert(w.event.request_id.clone(), w.event.clone());
+                        }
                     } else {
-                        Delivery::Undelivered
-                    };
-                    ready.push(w.event.clone());
-                    return false;
-                }
-                if (w.recovered && recovered_read)
-                    || w.seen.elapsed() >= self.outcome_wait
-                    || stopping
-                {
-                    if !w.recovered {
-                        shipped_unknown.insert(w.event.request_id.clone(), w.event.clone());
+                        still.push(w);
+                        continue;
                     }
-                    ready.push(w.event.clone());
-                    return false;
                 }
-                true
-            });
+                ready.push(w.event);
+            }
+            waiting = still;
             for (request_id, delivered) in outcomes.drain() {
                 if let Some(mut event) = shipped_unknown.remove(&request_id) {
                     event.delivery = if delivered {
