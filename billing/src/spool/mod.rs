@@ -159,11 +159,12 @@ impl Spool {
         let first_live_segment = segment::list_segments(dir)?.last().map_or(0, |n| n + 1);
         let shared = Arc::new(Shared::new(dir, first_live_segment));
         let (commands, queue) = mpsc::channel(QUEUE);
+        let periodic = !options.fsync_interval.is_zero();
         let log = Arc::new(Mutex::new(Log::create(
             shared.clone(),
             options.segment_bytes.max(1024),
+            periodic,
         )?));
-        let periodic = !options.fsync_interval.is_zero();
         let writer = Writer {
             shared: shared.clone(),
             log: log.clone(),
@@ -533,9 +534,13 @@ struct Log {
     segment_bytes: u64,
     number: u64,
     file: File,
+    /// Whether segments are mapped (under an fsync interval; see [`Log::map`]).
+    mapped: bool,
     /// The live segment's zero-filled length, mapped: records are copied in, so an append
-    /// costs no system call. `None` where mapping failed; records that do not fit in
-    /// what is left of the mapping are written with `pwrite` instead.
+    /// costs no system call. Only under an fsync interval: when every group is fsynced,
+    /// writing back a mapped page write-protects it and the next group's copy faults, which
+    /// costs more than the `pwrite` it saves. `None` also where mapping failed; records
+    /// that do not fit in what is left of the mapping are written with `pwrite`.
     map: Option<memmap2::MmapMut>,
     size: u64,
     /// Bytes written since the last fsync.
@@ -545,7 +550,7 @@ struct Log {
 }
 
 impl Log {
-    fn create(shared: Arc<Shared>, segment_bytes: u64) -> io::Result<Self> {
+    fn create(shared: Arc<Shared>, segment_bytes: u64, mapped: bool) -> io::Result<Self> {
         // Half-made segments of an earlier process: never used, so nothing to keep.
         for entry in fs::read_dir(&shared.dir)?.flatten() {
             if entry.path().extension().is_some_and(|e| e == PREPARING) {
@@ -556,12 +561,13 @@ impl Log {
         let file = prepare_segment(&shared.dir, number, segment_bytes)?;
         install_segment(&shared.dir, number)?;
         shared.live.store(number, Ordering::Release);
-        let map = map_segment(&file);
+        let map = mapped.then(|| map_segment(&file)).flatten();
         let mut log = Self {
             shared,
             segment_bytes,
             number,
             file,
+            mapped,
             map,
             size: 0,
             dirty: false,
@@ -616,7 +622,7 @@ impl Log {
             };
             install_segment(&shared.dir, self.number + 1)?;
             self.number += 1;
-            self.map = map_segment(&next);
+            self.map = self.mapped.then(|| map_segment(&next)).flatten();
             self.file = next;
             self.size = 0;
             self.dirty = false;
