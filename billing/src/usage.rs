@@ -131,9 +131,6 @@ impl Ledger {
         // parameters, bound by position. (Named or numbered ones are looked up by name, a
         // scan that makes a many-row statement cost the square of its parameters; rows as
         // one JSON parameter expanded by `json_each` re-parse each row once per column.)
-        if events.len() <= SQLITE_ROWS_PER_INSERT {
-            return Ok(sqlite_insert(self.db.pool(), events).await?);
-        }
         let mut tx = self.db.pool().begin().await?;
         let mut affected = 0;
         for chunk in events.chunks(SQLITE_ROWS_PER_INSERT) {
@@ -259,25 +256,19 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
     Ok(affected as u64)
 }
 
-/// An SQLite insert of `rows` rows, each bound by [`bind_row`].
-fn sqlite_insert_sql(rows: usize) -> String {
-    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
-    for i in 0..rows {
-        sql.push_str(if i == 0 { "(" } else { ",(" });
-        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
-    }
-    sql.push(' ');
-    sql.push_str(UPSERT);
-    sql
-}
-
 /// Runs one SQLite insert of `events` (at most [`SQLITE_ROWS_PER_INSERT`]), not kept
 /// prepared: each batch has its own number of rows.
 async fn sqlite_insert<'c, E>(executor: E, events: &[UsageEvent]) -> Result<u64, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Any>,
 {
-    let sql = sqlite_insert_sql(events.len());
+    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+    for i in 0..events.len() {
+        sql.push_str(if i == 0 { "(" } else { ",(" });
+        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
+    }
+    sql.push(' ');
+    sql.push_str(UPSERT);
     let mut query = sqlx::query(&sql).persistent(false);
     for e in events {
         query = query
