@@ -131,10 +131,20 @@ impl Ledger {
         // parameters, bound by position. (Named or numbered ones are looked up by name, a
         // scan that makes a many-row statement cost the square of its parameters; rows as
         // one JSON parameter expanded by `json_each` re-parse each row once per column.)
+        //
+        // Statements come in a few fixed sizes, kept prepared on the connection: parsing
+        // an insert of a thousand rows for every batch cost a tenth of the insert.
         let mut tx = self.db.pool().begin().await?;
         let mut affected = 0;
-        for chunk in events.chunks(SQLITE_ROWS_PER_INSERT) {
-            affected += sqlite_insert(&mut *tx, chunk).await?;
+        let mut rest = events;
+        while !rest.is_empty() {
+            let size = SQLITE_INSERT_SIZES
+                .iter()
+                .position(|&rows| rows <= rest.len());
+            let rows = size.map_or(rest.len(), |size| SQLITE_INSERT_SIZES[size]);
+            let (chunk, tail) = rest.split_at(rows);
+            affected += sqlite_insert(&mut *tx, size, chunk).await?;
+            rest = tail;
         }
         tx.commit().await?;
         Ok(affected)
@@ -256,20 +266,38 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
     Ok(affected as u64)
 }
 
-/// Runs one SQLite insert of `events` (at most [`SQLITE_ROWS_PER_INSERT`]), not kept
-/// prepared: each batch has its own number of rows.
-async fn sqlite_insert<'c, E>(executor: E, events: &[UsageEvent]) -> Result<u64, sqlx::Error>
+/// Runs one SQLite insert of `events`: with `Some(size)`, exactly
+/// `SQLITE_INSERT_SIZES[size]` of them, as a statement the connection keeps prepared;
+/// with `None`, the few left over, as a statement parsed for this once.
+async fn sqlite_insert<'c, E>(
+    executor: E,
+    size: Option<usize>,
+    events: &[UsageEvent],
+) -> Result<u64, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Any>,
 {
-    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
-    for i in 0..events.len() {
-        sql.push_str(if i == 0 { "(" } else { ",(" });
-        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
-    }
-    sql.push(' ');
-    sql.push_str(UPSERT);
-    let mut query = sqlx::query(&sql).persistent(false);
+    static SQL: [std::sync::OnceLock<String>; SQLITE_INSERT_SIZES.len()] =
+        [const { std::sync::OnceLock::new() }; SQLITE_INSERT_SIZES.len()];
+    let insert_of = |rows: usize| {
+        let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+        for i in 0..rows {
+            sql.push_str(if i == 0 { "(" } else { ",(" });
+            sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
+        }
+        sql.push(' ');
+        sql.push_str(UPSERT);
+        sql
+    };
+    let once;
+    let query = match size {
+        Some(size) => sqlx::query(SQL[size].get_or_init(|| insert_of(SQLITE_INSERT_SIZES[size]))),
+        None => {
+            once = insert_of(events.len());
+            sqlx::query(&once).persistent(false)
+        }
+    };
+    let mut query = query;
     for e in events {
         query = query
             .bind(e.request_id.as_str())
@@ -287,8 +315,10 @@ where
     Ok(query.execute(executor).await?.rows_affected())
 }
 
-/// Rows in one SQLite insert: 11 parameters each, 11,000 in all, below SQLite's 32,766.
-const SQLITE_ROWS_PER_INSERT: usize = 1_000;
+/// Rows per prepared SQLite insert, largest first: a batch is split into as many of the
+/// largest as fit, then the next size down; fewer than the smallest go as one statement
+/// parsed once. The largest binds 11,000 parameters, below SQLite's 32,766.
+const SQLITE_INSERT_SIZES: [usize; 3] = [1_000, 100, 10];
 
 /// What a replayed request id may change: only an `unknown` delivery, never quantities.
 const UPSERT: &str = "ON CONFLICT (request_id) DO UPDATE SET delivery = excluded.delivery \

@@ -272,16 +272,36 @@ pub fn read_from(
     offset: u64,
     limit: Option<u64>,
 ) -> io::Result<Vec<(SpoolEntry, u64)>> {
+    let mut entries = Vec::new();
+    visit_from(path, offset, limit, &mut Vec::new(), |entry, end| {
+        entries.push((entry, end))
+    })?;
+    Ok(entries)
+}
+
+/// As [`read_from`], handing each entry (with the offset where its record ends) to
+/// `visit` instead of collecting them, and reading through `scratch`, whose capacity a
+/// caller that reads often keeps: a fresh buffer of a few hundred kilobytes per read is
+/// fresh pages, which the kernel zeroes on first touch. Returns the offset after the last
+/// complete record.
+pub fn visit_from(
+    path: &Path,
+    offset: u64,
+    limit: Option<u64>,
+    scratch: &mut Vec<u8>,
+    mut visit: impl FnMut(SpoolEntry, u64),
+) -> io::Result<u64> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     let len = limit.map_or(len, |l| l.min(len));
     if offset >= len {
-        return Ok(Vec::new());
+        return Ok(offset);
     }
     file.seek(SeekFrom::Start(offset))?;
-    let mut bytes = Vec::with_capacity((len - offset) as usize);
-    file.take(len - offset).read_to_end(&mut bytes)?;
-    let mut entries = Vec::new();
+    scratch.clear();
+    scratch.reserve((len - offset) as usize);
+    file.take(len - offset).read_to_end(scratch)?;
+    let bytes = scratch.as_slice();
     let mut decoded = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= HEADER_LEN {
@@ -301,9 +321,11 @@ pub fn read_from(
         }
         at += HEADER_LEN + size;
         let end = offset + at as u64;
-        entries.extend(decoded.drain(..).map(|entry| (entry, end)));
+        for entry in decoded.drain(..) {
+            visit(entry, end);
+        }
     }
-    Ok(entries)
+    Ok(offset + at as u64)
 }
 
 #[cfg(test)]

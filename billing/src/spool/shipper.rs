@@ -26,6 +26,11 @@ const BATCH: usize = 5_000;
 const CURSOR_FILE: &str = "cursor";
 /// How long the shipper lets events gather after being woken.
 const COALESCE: Duration = Duration::from_millis(50);
+/// How often, at most, the shipper persists its cursor while it stays in one segment.
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
+/// The most read buffer the shipper keeps between rounds (a round at full load reads a
+/// few hundred kilobytes).
+const SCRATCH_KEPT: usize = 4 << 20;
 
 /// A position in the spool: segment number and byte offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -161,7 +166,9 @@ impl Shipper {
 
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let dir = self.shared.dir.clone();
-        let mut read_at = read_cursor(&dir).unwrap_or(Position {
+        let mut persisted = read_cursor(&dir);
+        let mut persisted_at = Instant::now();
+        let mut read_at = persisted.unwrap_or(Position {
             segment: 0,
             offset: 0,
         });
@@ -171,35 +178,48 @@ impl Shipper {
         // upgrades them.
         let mut shipped_unknown: HashMap<String, UsageEvent> = HashMap::new();
         let mut backoff = Duration::from_millis(100);
+        // Kept across rounds, so their capacity is reused rather than allocated afresh.
+        let mut scratch: Vec<u8> = Vec::new();
+        let mut ready: Vec<UsageEvent> = Vec::new();
+        let mut still: Vec<Waiting> = Vec::new();
         loop {
             let stopping = *stopped.borrow();
-            // 1. Read whatever is new.
-            match read_new(&dir, &mut read_at, &self.shared) {
-                Ok(entries) => {
-                    for (entry, start) in entries {
-                        match entry {
-                            SpoolEntry::Usage { event } => waiting.push(Waiting {
-                                start,
-                                recovered: start.segment < self.shared.first_live_segment,
-                                event,
-                                seen: Instant::now(),
-                            }),
-                            SpoolEntry::Outcome {
-                                request_id,
-                                delivered,
-                            } => {
-                                outcomes.insert(request_id, delivered);
-                            }
-                        }
+            // 1. Read whatever is new. One clock reading stamps the round's events (and
+            //    ages the waiting ones below): the clock per event was a visible cost.
+            let now = Instant::now();
+            let first_live = self.shared.first_live_segment;
+            let read = read_new(
+                &dir,
+                &mut read_at,
+                &self.shared,
+                &mut scratch,
+                |entry, start| match entry {
+                    SpoolEntry::Usage { event } => waiting.push(Waiting {
+                        start,
+                        recovered: start.segment < first_live,
+                        event,
+                        seen: now,
+                    }),
+                    SpoolEntry::Outcome {
+                        request_id,
+                        delivered,
+                    } => {
+                        outcomes.insert(request_id, delivered);
                     }
-                }
-                Err(e) => tracing::error!(error = %e, "reading the usage spool failed"),
+                },
+            );
+            if let Err(e) = read {
+                tracing::error!(error = %e, "reading the usage spool failed");
+            }
+            // A backlog read at once (after an outage) can be a whole segment: not kept.
+            if scratch.capacity() > SCRATCH_KEPT {
+                scratch = Vec::new();
             }
             // 2. Decide which events are ready. Recovered events are complete once all
             //    recovered segments are read: their process is gone.
             let recovered_read = read_at.segment >= self.shared.first_live_segment;
-            let mut ready: Vec<UsageEvent> = Vec::new();
-            let mut still: Vec<Waiting> = Vec::with_capacity(waiting.len());
+            ready.clear();
+            still.clear();
             for mut w in waiting.drain(..) {
                 if w.event.delivery == Delivery::Unknown {
                     if let Some(delivered) = outcomes.remove(&w.event.request_id) {
@@ -209,7 +229,7 @@ impl Shipper {
                             Delivery::Undelivered
                         };
                     } else if (w.recovered && recovered_read)
-                        || w.seen.elapsed() >= self.outcome_wait
+                        || now.saturating_duration_since(w.seen) >= self.outcome_wait
                         || stopping
                     {
                         if !w.recovered {
@@ -222,7 +242,7 @@ impl Shipper {
                 }
                 ready.push(w.event);
             }
-            waiting = still;
+            std::mem::swap(&mut waiting, &mut still);
             for (request_id, delivered) in outcomes.drain() {
                 if let Some(mut event) = shipped_unknown.remove(&request_id) {
                     event.delivery = if delivered {
@@ -261,7 +281,8 @@ impl Shipper {
             }
             if failed {
                 // Nothing is lost: rewind to re-read everything not yet shipped.
-                read_at = read_cursor(&dir).unwrap_or(Position {
+                persisted = read_cursor(&dir);
+                read_at = persisted.unwrap_or(Position {
                     segment: 0,
                     offset: 0,
                 });
@@ -280,11 +301,23 @@ impl Shipper {
             }
             backoff = Duration::from_millis(100);
             // 4. Persist the cursor: everything before the oldest waiting event is shipped.
+            //    It costs two fsyncs, so it is written at most every `CURSOR_EVERY`, unless
+            //    it enters a new segment (the ones behind can then go) or the shipper
+            //    stops. A cursor left behind by a crash only means events shipped again,
+            //    which the store ignores.
             let cursor = waiting.iter().map(|w| w.start).min().unwrap_or(read_at);
-            if let Err(e) = write_cursor(&dir, cursor) {
-                tracing::error!(error = %e, "persisting the spool cursor failed");
-            } else {
-                delete_behind(&dir, cursor.segment);
+            let due = persisted.is_none_or(|p| p.segment != cursor.segment)
+                || persisted_at.elapsed() >= CURSOR_EVERY
+                || (stopping && waiting.is_empty());
+            if due && persisted != Some(cursor) {
+                match write_cursor(&dir, cursor) {
+                    Ok(()) => {
+                        persisted = Some(cursor);
+                        persisted_at = Instant::now();
+                        delete_behind(&dir, cursor.segment);
+                    }
+                    Err(e) => tracing::error!(error = %e, "persisting the spool cursor failed"),
+                }
             }
             self.stats
                 .backlog
@@ -307,15 +340,16 @@ impl Shipper {
     }
 }
 
-/// Reads every complete record after `at`, across segments, and moves `at` past them.
-/// Returns each entry with the position where it starts.
+/// Reads every complete record after `at`, across segments, and moves `at` past them,
+/// handing each entry to `visit` with the position where its record starts.
 fn read_new(
     dir: &Path,
     at: &mut Position,
     shared: &Shared,
-) -> std::io::Result<Vec<(SpoolEntry, Position)>> {
+    scratch: &mut Vec<u8>,
+    mut visit: impl FnMut(SpoolEntry, Position),
+) -> std::io::Result<()> {
     use std::sync::atomic::Ordering;
-    let mut out = Vec::new();
     let segments = segment::list_segments(dir)?;
     for (i, &number) in segments.iter().enumerate() {
         if number < at.segment {
@@ -328,7 +362,6 @@ fn read_new(
             };
         }
         let path = segment::segment_path(dir, number);
-        let mut start = at.offset;
         // The live segment (always the last listed) is read up to what the writer wrote:
         // zeros follow. A limit that is stale or belongs to the previous segment is only
         // larger, and reading stops at the zeros anyway. A segment that a newer one
@@ -336,23 +369,23 @@ fn read_new(
         let written = shared.live_len.load(Ordering::Acquire);
         let last = i + 1 == segments.len();
         let limit = (last && shared.live.load(Ordering::Acquire) == number).then_some(written);
-        for (entry, end) in segment::read_from(&path, at.offset, limit)? {
-            out.push((
+        let mut start = at.offset;
+        at.offset = segment::visit_from(&path, at.offset, limit, scratch, |entry, end| {
+            visit(
                 entry,
                 Position {
                     segment: number,
                     offset: start,
                 },
-            ));
+            );
             start = end;
-        }
-        at.offset = start;
+        })?;
         // Move on only from a segment that a newer one follows (the writer is done with it).
-        if i + 1 == segments.len() {
+        if last {
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn cursor_path(dir: &Path) -> PathBuf {
@@ -369,9 +402,6 @@ fn read_cursor(dir: &Path) -> Option<Position> {
 }
 
 fn write_cursor(dir: &Path, cursor: Position) -> std::io::Result<()> {
-    if read_cursor(dir) == Some(cursor) {
-        return Ok(());
-    }
     let tmp = dir.join("cursor.tmp");
     let mut file = fs::File::create(&tmp)?;
     writeln!(file, "{} {}", cursor.segment, cursor.offset)?;
@@ -428,13 +458,15 @@ pub(super) mod tests {
                     offset: 0,
                 };
                 let mut seen = Vec::new();
+                let mut scratch = Vec::new();
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while seen.len() < EVENTS && Instant::now() < deadline {
-                    for (entry, _) in read_new(&dir, &mut at, &shared).unwrap() {
+                    read_new(&dir, &mut at, &shared, &mut scratch, |entry, _| {
                         if let SpoolEntry::Usage { event } = entry {
                             seen.push(event.prompt_tokens as usize);
                         }
-                    }
+                    })
+                    .unwrap();
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 seen
