@@ -504,17 +504,30 @@ impl Writer {
 /// Under a [`SpoolOptions::fsync_interval`]: fsyncs the live segment whenever something
 /// was written since the last time, once per interval, until the spool is gone. The fsync
 /// runs outside the lock, so appends never wait for the disk.
+///
+/// With the segment mapped, writing back its pages write-protects them, and the first
+/// copy into each page after that (or into a page never touched) faults; in the kernel
+/// that fault is a journalled inode update, tens of microseconds. So after each fsync this
+/// thread faults in, writable, the pages the next interval is expected to fill (twice
+/// what the last one wrote), and serving threads copy into pages that are ready.
 fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
+    // Where the previous prefault started, in which segment.
+    let mut last: Option<(u64, u64)> = None;
     loop {
         std::thread::sleep(interval);
         let Some(log) = log.upgrade() else { return };
-        let (file, shared) = {
+        let (file, shared, map, number) = {
             let mut log = lock(&log);
             if !log.dirty {
                 continue;
             }
             log.dirty = false;
-            (log.file.try_clone(), log.shared.clone())
+            (
+                log.file.try_clone(),
+                log.shared.clone(),
+                log.map.clone(),
+                log.number,
+            )
         };
         match file.and_then(|f| f.sync_data()) {
             Ok(()) => {
@@ -523,10 +536,34 @@ fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
             Err(e) => {
                 tracing::error!(error = %e, "usage spool fsync failed");
                 lock(&log).dirty = true;
+                continue;
             }
+        }
+        let Some(map) = map else { continue };
+        if shared.live.load(Ordering::Acquire) != number {
+            last = None;
+            continue;
+        }
+        let at = shared.live_len.load(Ordering::Acquire);
+        let written = match last {
+            Some((segment, from)) if segment == number => at.saturating_sub(from),
+            _ => 0,
+        };
+        last = Some((number, at));
+        let ahead = (2 * written).clamp(PREFAULT_MIN, PREFAULT_MAX) as usize;
+        let start = (at as usize).min(map.len());
+        let len = ahead.min(map.len() - start);
+        if len > 0 {
+            // Fails harmlessly where the kernel lacks it (before 5.14); copies then fault.
+            let _ = map.advise_range(memmap2::Advice::PopulateWrite, start, len);
         }
     }
 }
+
+/// Bytes of a mapped segment made writable ahead of the writer after each fsync: at
+/// least a few pages, at most a megabyte.
+const PREFAULT_MIN: u64 = 16 << 10;
+const PREFAULT_MAX: u64 = 1 << 20;
 
 /// The live segment and the one prepared after it.
 struct Log {
@@ -541,7 +578,9 @@ struct Log {
     /// writing back a mapped page write-protects it and the next group's copy faults, which
     /// costs more than the `pwrite` it saves. `None` also where mapping failed; records
     /// that do not fit in what is left of the mapping are written with `pwrite`.
-    map: Option<memmap2::MmapMut>,
+    /// Shared with the sync thread, which only prefaults it (see [`sync_periodically`]);
+    /// only this `Log`, under its lock, copies into it.
+    map: Option<Arc<memmap2::MmapRaw>>,
     size: u64,
     /// Bytes written since the last fsync.
     dirty: bool,
@@ -592,13 +631,9 @@ impl Log {
         let shared = &self.shared;
         if !bytes.is_empty() {
             let at = self.size as usize;
-            match self
-                .map
-                .as_mut()
-                .and_then(|m| m.get_mut(at..at + bytes.len()))
-            {
-                Some(room) => room.copy_from_slice(bytes),
-                None => self.file.write_all_at(bytes, self.size)?,
+            let copied = self.map.as_ref().is_some_and(|m| copy_into(m, at, bytes));
+            if !copied {
+                self.file.write_all_at(bytes, self.size)?;
             }
             self.size += bytes.len() as u64;
             shared.live_len.store(self.size, Ordering::Release);
@@ -611,7 +646,7 @@ impl Log {
         }
         if self.size >= self.segment_bytes {
             // The finished segment gets its exact length, then the prepared one takes over.
-            // Unmapped first: the file must not change length under a mapping.
+            // The mapping let go of first: nothing copies into it once the length changes.
             self.map = None;
             self.file.set_len(self.size)?;
             self.file.sync_all()?;
@@ -745,20 +780,37 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> io::Result<File> {
 /// The mapping is shared: what is copied into it is in the operating system's page cache
 /// at once, as with `write`, so it survives a crash of this process, and `fdatasync` on the
 /// file writes it to disk.
-#[allow(unsafe_code)]
-fn map_segment(file: &File) -> Option<memmap2::MmapMut> {
-    // SAFETY: mapping a file is unsafe because another party could truncate or rewrite it
-    // while mapped. The segment was created by this process (`create_new`) and only its
-    // `Log` writes it; readers (the shipper) only read it; the `Log` drops the mapping
-    // before it changes the file's length. Writes through the mapping go to bytes past
-    // every complete record, which readers do not read until `live_len` says so.
-    match unsafe { memmap2::MmapMut::map_mut(file) } {
-        Ok(map) => Some(map),
+fn map_segment(file: &File) -> Option<Arc<memmap2::MmapRaw>> {
+    match memmap2::MmapRaw::map_raw(file) {
+        Ok(map) => Some(Arc::new(map)),
         Err(e) => {
             tracing::warn!(error = %e, "mapping a spool segment failed; appends use pwrite");
             None
         }
     }
+}
+
+/// Copies `bytes` into `map` at `at`, if they fit; returns whether they were copied.
+#[allow(unsafe_code)]
+fn copy_into(map: &memmap2::MmapRaw, at: usize, bytes: &[u8]) -> bool {
+    if at
+        .checked_add(bytes.len())
+        .is_none_or(|end| end > map.len())
+    {
+        return false;
+    }
+    // SAFETY: the range is inside the mapping (checked above), which stays mapped while
+    // `map` is borrowed. Only the `Log` copies into a segment's mapping, under its lock,
+    // so no two copies overlap in time; the sync thread's prefault (`madvise`) reads and
+    // writes no bytes. The segment was created by this process (`create_new`) and nothing
+    // else writes it; the `Log` lets go of the mapping before it changes the file's
+    // length, and a prefault still holding it then only gets an error for pages past the
+    // end, never a signal. Readers (the shipper) read the file, not the mapping, and only
+    // up to `live_len`, which moves past these bytes after the copy.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_mut_ptr().add(at), bytes.len());
+    }
+    true
 }
 
 /// Gives a prepared segment its name, durably: from then on readers see it.
