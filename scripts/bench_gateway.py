@@ -130,6 +130,17 @@ def metric(url, name):
     return 0.0
 
 
+def stop_all(procs):
+    """Terminates the processes still running (killing any that do not stop in 10 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def gateway_cli(db_url, *argv):
     env = dict(os.environ, DATABASE_URL=db_url)
     return subprocess.run(
@@ -351,13 +362,7 @@ http {{
         with open(os.path.join(ROOT, "target", "bench-gateway.json"), "w") as f:
             json.dump({str(k): v for k, v in results.items()}, f, indent=2)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
