@@ -266,6 +266,18 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
     Ok(affected as u64)
 }
 
+/// An SQLite insert of `rows` rows, bound by position.
+fn sqlite_insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ",(" });
+        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
+    }
+    sql.push(' ');
+    sql.push_str(UPSERT);
+    sql
+}
+
 /// Runs one SQLite insert of `events`: with `Some(size)`, exactly
 /// `SQLITE_INSERT_SIZES[size]` of them, as a statement the connection keeps prepared;
 /// with `None`, the few left over, as a statement parsed for this once.
@@ -279,25 +291,16 @@ where
 {
     static SQL: [std::sync::OnceLock<String>; SQLITE_INSERT_SIZES.len()] =
         [const { std::sync::OnceLock::new() }; SQLITE_INSERT_SIZES.len()];
-    let insert_of = |rows: usize| {
-        let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
-        for i in 0..rows {
-            sql.push_str(if i == 0 { "(" } else { ",(" });
-            sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
-        }
-        sql.push(' ');
-        sql.push_str(UPSERT);
-        sql
-    };
     let once;
-    let query = match size {
-        Some(size) => sqlx::query(SQL[size].get_or_init(|| insert_of(SQLITE_INSERT_SIZES[size]))),
+    let mut query = match size {
+        Some(size) => {
+            sqlx::query(SQL[size].get_or_init(|| sqlite_insert_sql(SQLITE_INSERT_SIZES[size])))
+        }
         None => {
-            once = insert_of(events.len());
+            once = sqlite_insert_sql(events.len());
             sqlx::query(&once).persistent(false)
         }
     };
-    let mut query = query;
     for e in events {
         query = query
             .bind(e.request_id.as_str())

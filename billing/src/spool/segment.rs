@@ -263,10 +263,8 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(numbers)
 }
 
-/// Reads whole records from `offset` on, up to `limit` bytes into the file if given (the
-/// live segment's written length: past it lie zeros); returns their entries, each with the
-/// offset after the record it came from (an outcomes record gives several entries with one
-/// offset). Stops quietly at the end, at a zero length, or at a torn/corrupt record.
+/// [`visit_from`] collected: every entry with the offset after its record.
+#[cfg(test)]
 pub fn read_from(
     path: &Path,
     offset: u64,
@@ -279,11 +277,13 @@ pub fn read_from(
     Ok(entries)
 }
 
-/// As [`read_from`], handing each entry (with the offset where its record ends) to
-/// `visit` instead of collecting them, and reading through `scratch`, whose capacity a
-/// caller that reads often keeps: a fresh buffer of a few hundred kilobytes per read is
-/// fresh pages, which the kernel zeroes on first touch. Returns the offset after the last
-/// complete record.
+/// Reads whole records from `offset` on, up to `limit` bytes into the file if given (the
+/// live segment's written length: past it lie zeros), and hands each entry to `visit` with
+/// the offset after the record it came from (an outcomes record gives several entries with
+/// one offset). Stops quietly at the end, at a zero length, or at a torn/corrupt record;
+/// returns the offset after the last complete record. Reads through `scratch`, whose
+/// capacity a caller that reads often keeps: a fresh buffer of a few hundred kilobytes per
+/// read is fresh pages, which the kernel zeroes on first touch.
 pub fn visit_from(
     path: &Path,
     offset: u64,
