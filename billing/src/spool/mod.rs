@@ -502,8 +502,9 @@ impl Writer {
 }
 
 /// Under a [`SpoolOptions::fsync_interval`]: fsyncs the live segment whenever something
-/// was written since the last time, once per interval, until the spool is gone. The fsync
-/// runs outside the lock, so appends never wait for the disk.
+/// was written since the last time, once per interval, until the spool is gone, after the
+/// fsyncs that moving on from a segment left due ([`Log::due`]). They run outside the
+/// lock, so appends never wait for the disk.
 ///
 /// With the segment mapped, writing back its pages write-protects them, and the first
 /// copy into each page after that (or into a page never touched) faults; in the kernel
@@ -511,33 +512,46 @@ impl Writer {
 /// thread faults in, writable, the pages the next interval is expected to fill (twice
 /// what the last one wrote), and serving threads copy into pages that are ready.
 fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
-    // Where the previous prefault started, in which segment.
+    // Where the previous prefault started, in which segment, and what the last interval
+    // wrote (the pace to expect when the live segment has just changed).
     let mut last: Option<(u64, u64)> = None;
+    let mut pace = 0;
     loop {
         std::thread::sleep(interval);
         let Some(log) = log.upgrade() else { return };
-        let (file, shared, map, number) = {
+        let (file, shared, map, number, mut due, dirty) = {
             let mut log = lock(&log);
-            if !log.dirty {
+            if !log.dirty && log.due.is_empty() {
                 continue;
             }
-            log.dirty = false;
+            let dirty = std::mem::take(&mut log.dirty);
             (
                 log.file.try_clone(),
                 log.shared.clone(),
                 log.map.clone(),
                 log.number,
+                std::mem::take(&mut log.due),
+                dirty,
             )
         };
-        match file.and_then(|f| f.sync_data()) {
-            Ok(()) => {
-                shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        // Segments moved on from first, then the directory, then the live one: records
+        // become durable in the order they were written.
+        let synced = due.finish(&shared.dir).and_then(|()| {
+            if dirty {
+                file.and_then(|f| f.sync_data())
+            } else {
+                Ok(())
             }
-            Err(e) => {
-                tracing::error!(error = %e, "usage spool fsync failed");
-                lock(&log).dirty = true;
-                continue;
-            }
+        });
+        if let Err(e) = synced {
+            tracing::error!(error = %e, "usage spool fsync failed");
+            let mut log = lock(&log);
+            log.due.put_back(due);
+            log.dirty |= dirty;
+            continue;
+        }
+        if dirty {
+            shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         let Some(map) = map else { continue };
         if shared.live.load(Ordering::Acquire) != number {
@@ -547,9 +561,10 @@ fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
         let at = shared.live_len.load(Ordering::Acquire);
         let written = match last {
             Some((segment, from)) if segment == number => at.saturating_sub(from),
-            _ => 0,
+            _ => pace.max(at),
         };
         last = Some((number, at));
+        pace = written;
         let ahead = (2 * written).clamp(PREFAULT_MIN, PREFAULT_MAX) as usize;
         let start = (at as usize).min(map.len());
         let len = ahead.min(map.len() - start);
@@ -571,7 +586,8 @@ struct Log {
     segment_bytes: u64,
     number: u64,
     file: File,
-    /// Whether segments are mapped (under an fsync interval; see [`Log::map`]).
+    /// Whether segments are mapped, under an fsync interval (see [`Log::map`]). Then the
+    /// sync thread also finishes the segments this log moves on from (see [`Log::due`]).
     mapped: bool,
     /// The live segment's zero-filled length, mapped: records are copied in, so an append
     /// costs no system call. Only under an fsync interval: when every group is fsynced,
@@ -584,8 +600,48 @@ struct Log {
     size: u64,
     /// Bytes written since the last fsync.
     dirty: bool,
-    /// The next segment, being filled with zeros in the background.
-    next: Option<std::thread::JoinHandle<io::Result<File>>>,
+    /// The next segment, being filled with zeros (and mapped) in the background.
+    next: Option<std::thread::JoinHandle<io::Result<Prepared>>>,
+    /// Under an fsync interval: what moving on from a segment left to do. Appends run on
+    /// serving threads there, so moving on costs them only a rename; the sync thread does
+    /// the rest on its next round, before it syncs the live segment.
+    due: Due,
+}
+
+/// Fsyncs owed by moving on from segments: the finished segments', then the directory's
+/// for their successors' names.
+#[derive(Default)]
+struct Due {
+    /// Finished segments, oldest first, each with its mapping (unmapped once synced).
+    retired: Vec<(File, Option<Arc<memmap2::MmapRaw>>)>,
+    dir: bool,
+}
+
+impl Due {
+    fn is_empty(&self) -> bool {
+        self.retired.is_empty() && !self.dir
+    }
+
+    /// Does what is due, oldest first, so a segment's successor's name is durable before
+    /// any of its records are; what fails stays due.
+    fn finish(&mut self, dir: &Path) -> io::Result<()> {
+        while let Some((file, _)) = self.retired.first() {
+            file.sync_all()?;
+            self.retired.remove(0);
+        }
+        if self.dir {
+            sync_dir(dir)?;
+            self.dir = false;
+        }
+        Ok(())
+    }
+
+    /// Takes back what a failed [`Due::finish`] left, ahead of what came due since.
+    fn put_back(&mut self, mut earlier: Due) {
+        earlier.retired.append(&mut self.retired);
+        self.retired = earlier.retired;
+        self.dir |= earlier.dir;
+    }
 }
 
 impl Log {
@@ -597,20 +653,21 @@ impl Log {
             }
         }
         let number = shared.first_live_segment;
-        let file = prepare_segment(&shared.dir, number, segment_bytes)?;
+        let first = prepare_segment(&shared.dir, number, segment_bytes, mapped)?;
         install_segment(&shared.dir, number)?;
+        sync_dir(&shared.dir)?;
         shared.live.store(number, Ordering::Release);
-        let map = mapped.then(|| map_segment(&file)).flatten();
         let mut log = Self {
             shared,
             segment_bytes,
             number,
-            file,
+            file: first.file,
             mapped,
-            map,
+            map: first.map,
             size: 0,
             dirty: false,
             next: None,
+            due: Due::default(),
         };
         log.prepare_next();
         Ok(log)
@@ -619,16 +676,17 @@ impl Log {
     /// Starts zero-filling the segment after the current one.
     fn prepare_next(&mut self) {
         let (dir, number, bytes) = (self.shared.dir.clone(), self.number + 1, self.segment_bytes);
+        let mapped = self.mapped;
         self.next = std::thread::Builder::new()
             .name("usage-spool-prep".into())
-            .spawn(move || prepare_segment(&dir, number, bytes))
+            .spawn(move || prepare_segment(&dir, number, bytes, mapped))
             .ok();
     }
 
-    /// Appends `bytes` (whole records) and, if `sync`, fsyncs everything written so far.
+    /// Appends `bytes` (whole records) and, if `sync`, fsyncs everything written so far
+    /// (segments moved on from included).
     fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
         use std::os::unix::fs::FileExt as _;
-        let shared = &self.shared;
         if !bytes.is_empty() {
             let at = self.size as usize;
             let copied = self.map.as_ref().is_some_and(|m| copy_into(m, at, bytes));
@@ -636,34 +694,60 @@ impl Log {
                 self.file.write_all_at(bytes, self.size)?;
             }
             self.size += bytes.len() as u64;
-            shared.live_len.store(self.size, Ordering::Release);
+            self.shared.live_len.store(self.size, Ordering::Release);
             self.dirty = true;
+        }
+        if sync {
+            self.due.finish(&self.shared.dir)?;
         }
         if sync && self.dirty {
             self.file.sync_data()?;
             self.dirty = false;
-            shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         if self.size >= self.segment_bytes {
-            // The finished segment gets its exact length, then the prepared one takes over.
-            // The mapping let go of first: nothing copies into it once the length changes.
-            self.map = None;
-            self.file.set_len(self.size)?;
-            self.file.sync_all()?;
-            let next = match self.next.take().map(std::thread::JoinHandle::join) {
-                Some(Ok(Ok(file))) => file,
-                Some(Ok(Err(e))) => return Err(e),
-                _ => prepare_segment(&shared.dir, self.number + 1, self.segment_bytes)?,
-            };
-            install_segment(&shared.dir, self.number + 1)?;
-            self.number += 1;
-            self.map = self.mapped.then(|| map_segment(&next)).flatten();
-            self.file = next;
-            self.size = 0;
-            self.dirty = false;
-            shared.live_len.store(0, Ordering::Release);
-            shared.live.store(self.number, Ordering::Release);
-            self.prepare_next();
+            self.move_on()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the prepared segment the live one. The finished segment already has its exact
+    /// length (its last record was written past the zeros, or ended on them), so it only
+    /// needs an `fsync`, and the directory one for the rename: at once when every group is
+    /// fsynced, else by the sync thread (see [`Log::due`]).
+    fn move_on(&mut self) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let next = match self.next.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(next))) => next,
+            Some(Ok(Err(e))) => return Err(e),
+            _ => prepare_segment(
+                &shared.dir,
+                self.number + 1,
+                self.segment_bytes,
+                self.mapped,
+            )?,
+        };
+        // Named first: if that fails nothing has changed, and the next append tries again
+        // with a segment prepared afresh.
+        install_segment(&shared.dir, self.number + 1)?;
+        // Nothing copies into the old mapping from here on.
+        let finished = (
+            std::mem::replace(&mut self.file, next.file),
+            std::mem::replace(&mut self.map, next.map),
+        );
+        self.due.retired.push(finished);
+        self.due.dir = true;
+        self.number += 1;
+        self.size = 0;
+        self.dirty = false;
+        shared.live_len.store(0, Ordering::Release);
+        shared.live.store(self.number, Ordering::Release);
+        self.prepare_next();
+        if !self.mapped {
+            // What fails stays due; the next group's fsync tries it again first.
+            if let Err(e) = self.due.finish(&shared.dir) {
+                tracing::error!(error = %e, "usage spool fsync failed");
+            }
         }
         Ok(())
     }
@@ -671,6 +755,9 @@ impl Log {
     /// Cuts the zeros off the live segment and makes it durable; drops the prepared one.
     fn close(&mut self) {
         self.map = None;
+        if let Err(e) = self.due.finish(&self.shared.dir) {
+            tracing::error!(error = %e, "usage spool fsync failed");
+        }
         let _ = self.file.set_len(self.size);
         let _ = self.file.sync_all();
         if let Some(next) = self.next.take() {
@@ -755,8 +842,17 @@ fn preparing_path(dir: &Path, number: u64) -> PathBuf {
     segment::segment_path(dir, number).with_extension(format!("spool.{PREPARING}"))
 }
 
-/// Creates segment `number` under its preparing name, `bytes` of zeros, on disk.
-fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> io::Result<File> {
+/// A segment ready to take over: zeros on disk under its preparing name, and when `mapped`
+/// its mapping, with the first pages already writable (see [`prepare_segment`]).
+struct Prepared {
+    file: File,
+    map: Option<Arc<memmap2::MmapRaw>>,
+}
+
+/// Creates segment `number` under its preparing name, `bytes` of zeros, on disk; with
+/// `mapped`, maps it and faults in, writable, the pages the first interval after it takes
+/// over will fill (so the serving thread that moves on to it does not take those faults).
+fn prepare_segment(dir: &Path, number: u64, bytes: u64, mapped: bool) -> io::Result<Prepared> {
     let path = preparing_path(dir, number);
     let _ = fs::remove_file(&path);
     let mut file = OpenOptions::new()
@@ -772,7 +868,16 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> io::Result<File> {
         left -= n as u64;
     }
     file.sync_all()?;
-    Ok(file)
+    let map = mapped.then(|| map_segment(&file)).flatten();
+    if let Some(map) = &map {
+        // Fails harmlessly where the kernel lacks it (before 5.14); copies then fault.
+        let _ = map.advise_range(
+            memmap2::Advice::PopulateWrite,
+            0,
+            map.len().min(PREFAULT_MAX as usize),
+        );
+    }
+    Ok(Prepared { file, map })
 }
 
 /// Maps a prepared segment for writing, or `None` (appends then use `pwrite`).
@@ -813,12 +918,16 @@ fn copy_into(map: &memmap2::MmapRaw, at: usize, bytes: &[u8]) -> bool {
     true
 }
 
-/// Gives a prepared segment its name, durably: from then on readers see it.
+/// Gives a prepared segment its name: from then on readers see it. The name is durable
+/// after the next [`sync_dir`].
 fn install_segment(dir: &Path, number: u64) -> io::Result<()> {
     fs::rename(
         preparing_path(dir, number),
         segment::segment_path(dir, number),
-    )?;
+    )
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -914,11 +1023,23 @@ mod tests {
         append_concurrently(&spool, 10, 30).await;
         assert_eq!(spool.stats().durable_appends, 300);
         assert_eq!(spool.stats().fsyncs, 0, "nothing waited for the disk");
-        assert!(segment::list_segments(&dir).unwrap().len() > 1, "rotated");
+        let segments = segment::list_segments(&dir).unwrap().len();
+        assert!(segments > 1, "rotated");
         assert_eq!(usage_in(&dir), 300);
+        let due = |spool: &Spool| {
+            let log = lock(spool.direct.as_ref().unwrap());
+            (log.due.retired.len(), log.due.dir)
+        };
+        // Moving on left the finished segments' fsyncs to the sync thread.
+        assert_eq!(due(&spool), (segments - 1, true));
         // A flush makes them durable now.
         spool.flush().await.unwrap();
         assert_eq!(spool.stats().fsyncs, 1);
+        assert_eq!(
+            due(&spool),
+            (0, false),
+            "a flush syncs the finished segments too"
+        );
         drop(spool);
         let _ = fs::remove_dir_all(&dir);
 
@@ -938,6 +1059,15 @@ mod tests {
             "no fsync while nothing is written"
         );
         assert_eq!(usage_in(&dir), 1);
+        // Moving on: the sync thread fsyncs the finished segments within an interval.
+        append_concurrently(&spool, 10, 30).await;
+        assert!(segment::list_segments(&dir).unwrap().len() > 1, "rotated");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while due(&spool) != (0, false) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(due(&spool), (0, false));
+        assert_eq!(usage_in(&dir), 301);
         drop(spool);
         let _ = fs::remove_dir_all(&dir);
     }
