@@ -568,10 +568,15 @@ fn sync_periodically(log: &std::sync::Weak<Mutex<Log>>, interval: Duration) {
         let ahead = (2 * written).clamp(PREFAULT_MIN, PREFAULT_MAX) as usize;
         let start = (at as usize).min(map.len());
         let len = ahead.min(map.len() - start);
-        if len > 0 {
-            // Fails harmlessly where the kernel lacks it (before 5.14); copies then fault.
-            let _ = map.advise_range(memmap2::Advice::PopulateWrite, start, len);
-        }
+        prefault(&map, start, len);
+    }
+}
+
+/// Faults in `len` bytes of `map` from `start`, writable. Fails harmlessly where the
+/// kernel lacks it (before 5.14); copies then fault.
+fn prefault(map: &memmap2::MmapRaw, start: usize, len: usize) {
+    if len > 0 {
+        let _ = map.advise_range(memmap2::Advice::PopulateWrite, start, len);
     }
 }
 
@@ -699,11 +704,11 @@ impl Log {
         }
         if sync {
             self.due.finish(&self.shared.dir)?;
-        }
-        if sync && self.dirty {
-            self.file.sync_data()?;
-            self.dirty = false;
-            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            if self.dirty {
+                self.file.sync_data()?;
+                self.dirty = false;
+                self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if self.size >= self.segment_bytes {
             self.move_on()?;
@@ -870,12 +875,7 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64, mapped: bool) -> io::Res
     file.sync_all()?;
     let map = mapped.then(|| map_segment(&file)).flatten();
     if let Some(map) = &map {
-        // Fails harmlessly where the kernel lacks it (before 5.14); copies then fault.
-        let _ = map.advise_range(
-            memmap2::Advice::PopulateWrite,
-            0,
-            map.len().min(PREFAULT_MAX as usize),
-        );
+        prefault(map, 0, map.len().min(PREFAULT_MAX as usize));
     }
     Ok(Prepared { file, map })
 }
