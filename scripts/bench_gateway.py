@@ -4,6 +4,9 @@
 Side by side, in one run, on the same stub upstream that answers at once:
   direct   the stub itself
   nginx    nginx proxying to the stub (keep-alive upstream, access log off)
+  hyper-bare  the floor of the gateway's HTTP stack: a hyper server forwarding every request
+           as it came through hyper's pooled client, one event loop per CPU like the gateway,
+           and nothing else (no auth, JSON, limits, metering or metrics)
   gateway  our gateway with everything on: key auth, a plan with rate limits, concurrency,
            monthly quota and spend cap (so every request is admitted and settled against
            the store), a price, and metering (spool + shipper to the store)
@@ -222,7 +225,11 @@ http {{
             time.sleep(0.5)
             return proc, url
 
-        targets = [("direct", stub_url, None, stub), ("nginx", f"http://127.0.0.1:{nginx_port}", None, None)]
+        bare, bare_url = start([os.path.join(BIN, "bare-proxy"), stub_url], "bare-proxy listening on ")
+        procs.append(bare)
+
+        targets = [("direct", stub_url, None, stub), ("nginx", f"http://127.0.0.1:{nginx_port}", None, None),
+                   ("hyper-bare", bare_url, None, bare)]
         gw_proc, gw_url = serve([], "metered")
         targets.append(("gateway", gw_url, key, gw_proc))
         targets.append(("gw-nolimit", gw_url, open_key, gw_proc))
@@ -359,6 +366,11 @@ http {{
             added99 = (results[name][half]["p99_us"] - results["direct"][half]["p99_us"]) / 1000
             print(f"{name}/nginx throughput: {ratio:.2f} (target >= 0.80); "
                   f"p99 added at {half} req/s: {added99:.3f} ms (target <= 0.5)")
+        bare_max = results["hyper-bare"]["max"]["rate"]
+        print(f"hyper-bare/nginx throughput: {bare_max / results['nginx']['max']['rate']:.2f} "
+              "(the stack with nothing on it); the gateway's share of it: " + ", ".join(
+                  f"{name} {results[name]['max']['rate'] / bare_max:.2f}"
+                  for name in ("gateway", "gw-interval", "gw-interval-nolimit", "gw-unmetered")))
         with open(os.path.join(ROOT, "target", "bench-gateway.json"), "w") as f:
             json.dump({str(k): v for k, v in results.items()}, f, indent=2)
     finally:
