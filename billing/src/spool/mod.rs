@@ -580,6 +580,10 @@ fn prefault(map: &memmap2::MmapRaw, start: usize, len: usize) {
     }
 }
 
+/// The page size of the systems we serve on: the unit of the page cache, of faults and of
+/// writeback.
+const PAGE: usize = 4096;
+
 /// Bytes of a mapped segment made writable ahead of the writer after each fsync: at
 /// least a few pages, at most a megabyte.
 const PREFAULT_MIN: u64 = 16 << 10;
@@ -865,10 +869,15 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64, mapped: bool) -> io::Res
         .read(true)
         .write(true)
         .open(&path)?;
-    let zeros = vec![0u8; 1 << 20];
+    // One page per write. The page cache keeps a file in folios as large as the writes
+    // that made them (ext4 since Linux 6.16), and writeback writes a dirty folio whole:
+    // zeros written a megabyte at a time made every fsync of a record or two write a
+    // megabyte. Pages written one by one stay pages, so an fsync writes the pages that
+    // changed.
+    let zeros = [0u8; PAGE];
     let mut left = bytes;
     while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
+        let n = left.min(PAGE as u64) as usize;
         file.write_all(&zeros[..n])?;
         left -= n as u64;
     }
@@ -885,9 +894,17 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64, mapped: bool) -> io::Res
 /// The mapping is shared: what is copied into it is in the operating system's page cache
 /// at once, as with `write`, so it survives a crash of this process, and `fdatasync` on the
 /// file writes it to disk.
+///
+/// Faults never read ahead (`MADV_RANDOM`): if the segment's pages left the page cache
+/// before they were written, read-ahead would bring them back as large folios, and each
+/// fsync would write a whole folio for the few records that changed in it (see
+/// [`prepare_segment`]).
 fn map_segment(file: &File) -> Option<Arc<memmap2::MmapRaw>> {
     match memmap2::MmapRaw::map_raw(file) {
-        Ok(map) => Some(Arc::new(map)),
+        Ok(map) => {
+            let _ = map.advise(memmap2::Advice::Random);
+            Some(Arc::new(map))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "mapping a spool segment failed; appends use pwrite");
             None
@@ -934,6 +951,48 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes this thread has caused to be written to storage (Linux's task I/O accounting:
+    /// counted when a page cache folio turns dirty, the whole folio).
+    fn thread_write_bytes() -> Option<u64> {
+        let io = fs::read_to_string("/proc/thread-self/io").ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_small_write_to_a_prepared_segment_dirties_pages_not_a_large_folio() {
+        use std::os::unix::fs::FileExt as _;
+        let dir = std::env::temp_dir().join(format!("spool-folios-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        for mapped in [false, true] {
+            let prepared = prepare_segment(&dir, 7, 16 << 20, mapped).unwrap();
+            let before = thread_write_bytes().expect("task I/O accounting (/proc/thread-self/io)");
+            // A record or two at a time, synced after each, as the spool writes them.
+            for i in 0..64u64 {
+                let record = [0xA5u8; 300];
+                match &prepared.map {
+                    Some(map) => assert!(copy_into(map, (i * 300) as usize, &record)),
+                    None => prepared.file.write_all_at(&record, i * 300).unwrap(),
+                }
+                prepared.file.sync_data().unwrap();
+            }
+            let dirtied = thread_write_bytes().unwrap() - before;
+            // 64 writes of 300 bytes touch 5 pages; each sync cleans the page being
+            // written, so it turns dirty again at most once per write. Folios of a
+            // megabyte would make this 64 MiB.
+            assert!(
+                dirtied <= 64 * PAGE as u64 + 5 * PAGE as u64,
+                "mapped {mapped}: 64 small synced writes dirtied {dirtied} bytes"
+            );
+            assert_eq!(mapped, prepared.map.is_some());
+            drop(prepared);
+            fs::remove_file(preparing_path(&dir, 7)).unwrap();
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn pacer_waits_only_when_more_events_are_due_within_the_limit() {
