@@ -76,18 +76,17 @@ fn serve(socket: std::net::TcpListener, upstream: hyper::Uri) {
             stream.set_nodelay(true).unwrap();
             let (client, upstream) = (client.clone(), upstream.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |mut req: hyper::Request<Incoming>| {
-                    let client = client.clone();
-                    let path = req
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_owned();
-                    let mut parts = upstream.clone().into_parts();
-                    parts.path_and_query = Some(path.parse().unwrap());
-                    *req.uri_mut() = hyper::Uri::from_parts(parts).unwrap();
-                    async move { client.request(req).await }
-                });
+                let service =
+                    service_fn(move |mut req: hyper::Request<Incoming>| {
+                        let client = client.clone();
+                        let mut parts = upstream.clone().into_parts();
+                        parts.path_and_query =
+                            Some(req.uri().path_and_query().cloned().unwrap_or_else(|| {
+                                hyper::http::uri::PathAndQuery::from_static("/")
+                            }));
+                        *req.uri_mut() = hyper::Uri::from_parts(parts).unwrap();
+                        async move { client.request(req).await }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
