@@ -6,20 +6,21 @@
 //! stop the API (usage goes to the spool meanwhile).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use billing::now_ms;
 
 use crate::error::GatewayError;
-use crate::keys::{self, PlaintextKey};
+use crate::keys::PresentedKey;
 use crate::tenants::{KeyRecord, TenantStore};
 
 /// Who is calling, once the key checks out.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub key: KeyRecord,
+    /// Shared with the key cache: a request reads it, never copies it.
+    pub key: Arc<KeyRecord>,
 }
 
 pub struct Authenticator {
@@ -28,7 +29,7 @@ pub struct Authenticator {
     /// tied to a serving thread's event loop.
     runtime: tokio::runtime::Handle,
     ttl: Duration,
-    cache: RwLock<HashMap<String, (KeyRecord, Instant)>>,
+    cache: RwLock<HashMap<String, (Arc<KeyRecord>, Instant)>>,
     /// When the store last failed; for a short while after, cached keys are used without
     /// asking it again, so an outage does not make every request wait on a dead store.
     store_failed_at: RwLock<Option<Instant>>,
@@ -64,12 +65,12 @@ impl Authenticator {
             .ok_or(GatewayError::Unauthorized(
                 "Missing API key: send `Authorization: Bearer <key>`.",
             ))?;
-        let key = PlaintextKey::parse(raw).ok_or(GatewayError::Unauthorized(INVALID_KEY))?;
+        let key = PresentedKey::parse(raw).ok_or(GatewayError::Unauthorized(INVALID_KEY))?;
         let record = self
             .lookup(key.public_id())
             .await?
             .ok_or(GatewayError::Unauthorized(INVALID_KEY))?;
-        if !keys::hash_matches(&key, &record.secret_hash) {
+        if !key.matches(&record.secret_hash) {
             return Err(GatewayError::Unauthorized(INVALID_KEY));
         }
         if record.revoked_at.is_some() {
@@ -81,20 +82,22 @@ impl Authenticator {
         Ok(Caller { key: record })
     }
 
-    async fn lookup(&self, public_id: &str) -> Result<Option<KeyRecord>, GatewayError> {
+    async fn lookup(&self, public_id: &str) -> Result<Option<Arc<KeyRecord>>, GatewayError> {
         let cached = self
             .cache
             .read()
             .ok()
             .and_then(|cache| cache.get(public_id).cloned());
         if let Some((record, at)) = &cached {
-            let store_down = self
-                .store_failed_at
-                .read()
-                .ok()
-                .and_then(|t| *t)
-                .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER);
-            if at.elapsed() < self.ttl || (store_down && at.elapsed() < STALE_IF_ERROR) {
+            let age = at.elapsed();
+            let store_down = || {
+                self.store_failed_at
+                    .read()
+                    .ok()
+                    .and_then(|t| *t)
+                    .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER)
+            };
+            if age < self.ttl || (age < STALE_IF_ERROR && store_down()) {
                 return Ok(Some(record.clone()));
             }
         }
@@ -113,7 +116,7 @@ impl Authenticator {
             *failed = looked_up.is_err().then(Instant::now);
         }
         let record = match looked_up {
-            Ok(record) => record,
+            Ok(record) => record.map(Arc::new),
             Err(e) => match cached {
                 Some((record, at)) if at.elapsed() < STALE_IF_ERROR => {
                     tracing::warn!(error = %e, "key store unreachable; using the cached key");

@@ -16,7 +16,7 @@ pub async fn ensure_demo_key(store: &TenantStore, file: &Path) -> anyhow::Result
     if let Ok(text) = std::fs::read_to_string(file) {
         if let Some(key) = PlaintextKey::parse(text.trim()) {
             if let Some(record) = store.key(key.public_id()).await? {
-                if crate::keys::hash_matches(&key, &record.secret_hash)
+                if key.presented().matches(&record.secret_hash)
                     && record.is_active(billing::now_ms())
                 {
                     return Ok(key);

@@ -27,14 +27,22 @@ impl PlaintextKey {
         let id = random_base62(ID_LEN);
         let secret = random_base62(SECRET_LEN);
         let body = format!("{KEY_PREFIX}{id}-{secret}");
-        let checksum = checksum(&body);
-        Self(format!("{body}{checksum}"))
+        let mut key = body.clone();
+        key.extend(checksum(&body).map(char::from));
+        Self(key)
     }
 
     /// Wraps a presented key after checking its shape and checksum.
     pub fn parse(raw: &str) -> Option<Self> {
-        parse_parts(raw)?;
-        Some(Self(raw.to_owned()))
+        PresentedKey::parse(raw).map(|k| Self(k.raw.to_owned()))
+    }
+
+    /// The key as presented, to check against its stored hash.
+    pub fn presented(&self) -> PresentedKey<'_> {
+        PresentedKey {
+            raw: &self.0,
+            id: parse_parts(&self.0).map_or("", |(id, _)| id),
+        }
     }
 
     pub fn public_id(&self) -> &str {
@@ -62,6 +70,41 @@ impl fmt::Debug for PlaintextKey {
     }
 }
 
+/// A key as a caller presented it, borrowed from the request: its shape and checksum are
+/// right; whether it is a key we issued is [`PresentedKey::matches`]. Not copied anywhere,
+/// so the plaintext lives only in the request. `Debug` never prints the secret.
+#[derive(Clone, Copy)]
+pub struct PresentedKey<'a> {
+    raw: &'a str,
+    id: &'a str,
+}
+
+impl<'a> PresentedKey<'a> {
+    pub fn parse(raw: &'a str) -> Option<Self> {
+        let (id, _) = parse_parts(raw)?;
+        Some(Self { raw, id })
+    }
+
+    pub fn public_id(&self) -> &'a str {
+        self.id
+    }
+
+    /// Constant-time comparison of this key's hash with the stored one (hex SHA-256).
+    pub fn matches(&self, stored_hash: &str) -> bool {
+        let mut hex = [0u8; 64];
+        if hex::encode_to_slice(Sha256::digest(self.raw.as_bytes()), &mut hex).is_err() {
+            return false;
+        }
+        hex.ct_eq(stored_hash.as_bytes()).into()
+    }
+}
+
+impl fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PresentedKey({KEY_PREFIX}{}-[redacted])", self.id)
+    }
+}
+
 /// Splits a key into (public id, secret+checksum) if its shape and checksum are right.
 fn parse_parts(raw: &str) -> Option<(&str, &str)> {
     let rest = raw.strip_prefix(KEY_PREFIX)?;
@@ -77,7 +120,7 @@ fn parse_parts(raw: &str) -> Option<(&str, &str)> {
         return None;
     }
     let (body, sum) = raw.split_at(raw.len() - CHECKSUM_LEN);
-    if checksum(body).as_bytes().ct_eq(sum.as_bytes()).unwrap_u8() != 1 {
+    if checksum(body).ct_eq(sum.as_bytes()).unwrap_u8() != 1 {
         return None;
     }
     Some((id, tail))
@@ -87,23 +130,15 @@ pub fn hash_key(raw: &str) -> String {
     hex::encode(Sha256::digest(raw.as_bytes()))
 }
 
-/// Constant-time comparison of a presented key's hash with the stored one.
-pub fn hash_matches(presented: &PlaintextKey, stored_hash: &str) -> bool {
-    presented
-        .hash()
-        .as_bytes()
-        .ct_eq(stored_hash.as_bytes())
-        .into()
-}
-
-fn checksum(body: &str) -> String {
+/// The checksum's characters (base62 of the CRC-32 of `body`).
+fn checksum(body: &str) -> [u8; CHECKSUM_LEN] {
     let mut n = crc32fast::hash(body.as_bytes()) as u64;
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 fn random_base62(len: usize) -> String {
@@ -130,8 +165,24 @@ mod tests {
         let parsed = PlaintextKey::parse(key.expose()).unwrap();
         assert_eq!(parsed.public_id(), key.public_id());
         assert_eq!(key.public_id().len(), ID_LEN);
-        assert!(hash_matches(&parsed, &key.hash()));
-        assert!(!format!("{key:?}").contains(&key.expose()[KEY_PREFIX.len() + ID_LEN + 1..]));
+        assert!(parsed.presented().matches(&key.hash()));
+        let secret = &key.expose()[KEY_PREFIX.len() + ID_LEN + 1..];
+        assert!(!format!("{key:?}").contains(secret));
+        let presented = PresentedKey::parse(key.expose()).unwrap();
+        assert_eq!(presented.public_id(), key.public_id());
+        assert!(!format!("{presented:?}").contains(secret));
+        assert!(format!("{presented:?}").contains(key.public_id()));
+    }
+
+    #[test]
+    fn a_key_matches_its_own_hash_only() {
+        let (a, b) = (PlaintextKey::generate(), PlaintextKey::generate());
+        assert!(a.presented().matches(&a.hash()));
+        assert!(!a.presented().matches(&b.hash()));
+        assert!(!a.presented().matches(&a.hash().to_uppercase()));
+        assert!(!a.presented().matches(&a.hash()[..63]));
+        assert!(!a.presented().matches(""));
+        assert_eq!(a.hash(), hash_key(a.expose()));
     }
 
     #[test]

@@ -18,12 +18,25 @@ use rand::Rng;
 
 pub struct WorkerNode {
     pub base_url: String,
+    /// The worker's address for each consumer endpoint, parsed once.
+    uris: Vec<(&'static str, hyper::Uri)>,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
     models: RwLock<BTreeSet<String>>,
 }
 
+/// The endpoints consumer calls are forwarded to.
+const FORWARDED: [&str; 3] = ["/v1/chat/completions", "/v1/embeddings", "/v1/classify"];
+
 impl WorkerNode {
+    /// The worker's URI for `endpoint`.
+    pub fn uri(&self, endpoint: &str) -> Result<hyper::Uri, hyper::http::uri::InvalidUri> {
+        match self.uris.iter().find(|(e, _)| *e == endpoint) {
+            Some((_, uri)) => Ok(uri.clone()),
+            None => format!("{}{endpoint}", self.base_url).parse(),
+        }
+    }
+
     fn serves(&self, model: &str) -> bool {
         self.models.read().is_ok_and(|m| m.contains(model))
     }
@@ -102,8 +115,13 @@ pub struct WorkerPool {
 }
 
 fn node(base_url: String) -> Arc<WorkerNode> {
+    let uris = FORWARDED
+        .iter()
+        .filter_map(|e| Some((*e, format!("{base_url}{e}").parse().ok()?)))
+        .collect();
     Arc::new(WorkerNode {
         base_url,
+        uris,
         healthy: AtomicBool::new(false),
         outstanding: AtomicUsize::new(0),
         models: RwLock::new(BTreeSet::new()),

@@ -156,21 +156,22 @@ impl RateHeaders {
     }
 
     pub fn apply(&self, headers: &mut HeaderMap) {
-        const NAMES: [[&str; 3]; 2] = [
+        const NAMES: [[HeaderName; 3]; 2] = [
             [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
             ],
             [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
             ],
         ];
-        for (names, state) in NAMES.iter().zip([self.requests, self.tokens]) {
+        let states = [self.requests, self.tokens];
+        headers.reserve(3 * states.iter().flatten().count());
+        for ([limit, remaining, reset], state) in NAMES.into_iter().zip(states) {
             let Some(s) = state else { continue };
-            let [limit, remaining, reset] = names.map(HeaderName::from_static);
             headers.insert(limit, HeaderValue::from(s.limit));
             headers.insert(remaining, HeaderValue::from(s.remaining.max(0)));
             if let Ok(value) = HeaderValue::try_from(format_duration(s.reset_us)) {
@@ -187,26 +188,31 @@ fn ceil_div(a: i64, b: i64) -> i64 {
 
 /// `6m0s`, `1.5s`, `120ms`: the duration style of OpenAI's reset headers.
 fn format_duration(us: i64) -> String {
+    use std::fmt::Write as _;
     let us = us.max(0);
+    let mut out = String::with_capacity(16);
     if us < 1_000_000 {
-        return format!("{}ms", ceil_div(us, 1000));
+        let _ = write!(out, "{}ms", ceil_div(us, 1000));
+        return out;
     }
     let ms = ceil_div(us, 1000);
-    let minutes = ms / 60_000;
-    let rest_ms = ms % 60_000;
-    let secs = rest_ms / 1000;
-    let frac = rest_ms % 1000;
-    let secs = if frac == 0 {
-        format!("{secs}s")
-    } else {
-        let digits = format!("{frac:03}");
-        format!("{secs}.{}s", digits.trim_end_matches('0'))
-    };
+    let (minutes, rest_ms) = (ms / 60_000, ms % 60_000);
+    let (secs, mut frac) = (rest_ms / 1000, rest_ms % 1000);
     if minutes > 0 {
-        format!("{minutes}m{secs}")
-    } else {
-        secs
+        let _ = write!(out, "{minutes}m");
     }
+    let _ = write!(out, "{secs}");
+    if frac != 0 {
+        // Milliseconds as a decimal fraction without trailing zeros: 250 -> ".25".
+        let mut digits = 3;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, ".{frac:0digits$}");
+    }
+    out.push('s');
+    out
 }
 
 /// Why a request was refused, with what the client is told.
@@ -1425,6 +1431,14 @@ mod tests {
         assert_eq!(format_duration(1_500_000), "1.5s");
         assert_eq!(format_duration(360_000_000), "6m0s");
         assert_eq!(format_duration(61_250_000), "1m1.25s");
+        assert_eq!(format_duration(0), "0ms");
+        assert_eq!(format_duration(-5), "0ms");
+        assert_eq!(format_duration(999_999), "1000ms");
+        assert_eq!(format_duration(1_005_000), "1.005s");
+        assert_eq!(format_duration(1_050_000), "1.05s");
+        assert_eq!(format_duration(1_000_001), "1.001s");
+        assert_eq!(format_duration(60_000_000), "1m0s");
+        assert_eq!(format_duration(125_100_000), "2m5.1s");
     }
 
     #[test]
