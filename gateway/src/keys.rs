@@ -46,7 +46,7 @@ impl PlaintextKey {
     }
 
     pub fn public_id(&self) -> &str {
-        parse_parts(&self.0).map_or("", |(id, _)| id)
+        self.presented().public_id()
     }
 
     /// The value stored in the database.
@@ -91,11 +91,7 @@ impl<'a> PresentedKey<'a> {
 
     /// Constant-time comparison of this key's hash with the stored one (hex SHA-256).
     pub fn matches(&self, stored_hash: &str) -> bool {
-        let mut hex = [0u8; 64];
-        if hex::encode_to_slice(Sha256::digest(self.raw.as_bytes()), &mut hex).is_err() {
-            return false;
-        }
-        hex.ct_eq(stored_hash.as_bytes()).into()
+        hash_hex(self.raw).ct_eq(stored_hash.as_bytes()).into()
     }
 }
 
@@ -127,7 +123,15 @@ fn parse_parts(raw: &str) -> Option<(&str, &str)> {
 }
 
 pub fn hash_key(raw: &str) -> String {
-    hex::encode(Sha256::digest(raw.as_bytes()))
+    String::from_utf8_lossy(&hash_hex(raw)).into_owned()
+}
+
+/// The stored form of a key's hash: SHA-256 of the whole key, in lowercase hex.
+fn hash_hex(raw: &str) -> [u8; 64] {
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(raw.as_bytes()), &mut hex);
+    hex
 }
 
 /// The checksum's characters (base62 of the CRC-32 of `body`).

@@ -100,7 +100,7 @@ impl ProxiedCall {
     pub fn parse(endpoint: &'static str, bytes: Bytes) -> Result<Self, GatewayError> {
         if endpoint == "/v1/chat/completions" {
             if let Some(call) = Self::parse_chat(&bytes) {
-                return Ok(Self { raw: bytes, ..call });
+                return Ok(call);
             }
         }
         let value: Value = serde_json::from_slice(&bytes)
@@ -137,9 +137,8 @@ impl ProxiedCall {
         })
     }
 
-    /// The one-pass read of a plain chat body, or `None` for the general way. (The
-    /// returned call's `raw` is empty; the caller puts the bytes there.)
-    fn parse_chat(bytes: &[u8]) -> Option<Self> {
+    /// The one-pass read of a plain chat body, or `None` for the general way.
+    fn parse_chat(bytes: &Bytes) -> Option<Self> {
         // A struct also deserializes from an array; only an object is a body.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return None;
@@ -155,7 +154,7 @@ impl ProxiedCall {
         Some(Self {
             endpoint: "/v1/chat/completions",
             model: fields.model.into_owned(),
-            raw: Bytes::new(),
+            raw: bytes.clone(),
             body: Parsed::Chat {
                 messages_bytes: fields.messages.map_or(0, |m| compact_len(m.get())),
                 max_tokens: int(fields.max_completion_tokens).or(int(fields.max_tokens)),
