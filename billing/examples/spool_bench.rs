@@ -7,7 +7,9 @@
 //! Creates and drops its own database when given a Postgres URL; SQLite URLs are used as is.
 //! `GATEWAY_SPOOL_MAX_LINGER_US` sets the spool's linger before each fsync, as for the
 //! gateway (default `billing::spool::DEFAULT_MAX_LINGER`); `GATEWAY_SPOOL_FSYNC_INTERVAL_MS`
-//! its fsync interval (default 0: an fsync before each append returns).
+//! its fsync interval (default 0: an fsync before each append returns);
+//! `SPOOL_BENCH_SHIPPER=inline` ships through the serving connections instead of the
+//! gateway's dedicated shipper thread.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -103,7 +105,14 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Shipping: everything spooled above, into the store.
     let started = Instant::now();
-    let shipper = Shipper::new(&spool, Ledger::new(db.clone()), Duration::from_secs(30)).spawn();
+    // As the gateway ships to a store it can reach again: from a thread of its own with
+    // connections of its own. `SPOOL_BENCH_SHIPPER=inline` ships through the serving pool
+    // on this runtime instead (the gateway's way with an in-memory store).
+    let outcome_wait = Duration::from_secs(30);
+    let shipper = match std::env::var("SPOOL_BENCH_SHIPPER").as_deref() {
+        Ok("inline") => Shipper::new(&spool, Ledger::new(db.clone()), outcome_wait).spawn(),
+        _ => Shipper::spawn_dedicated(&spool, &db_url, outcome_wait)?,
+    };
     let stats = Arc::clone(&shipper.stats);
     while stats.shipped.load(Ordering::Relaxed) < total as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;

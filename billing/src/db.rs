@@ -36,6 +36,10 @@ pub struct Db {
     /// A native pool beside the `Any` one, on Postgres only: bulk writes bind arrays,
     /// which the `Any` driver cannot.
     pg: Option<sqlx::PgPool>,
+    /// A native pool beside the `Any` one, for the usage shipper on an SQLite file: its
+    /// batch inserts bind tens of thousands of values, and the `Any` driver converts each
+    /// one into its own value and then into SQLite's, which cost a tenth of an insert.
+    sqlite: Option<sqlx::SqlitePool>,
     /// Connections for admission counters, which trade durability of the last commits for
     /// latency: a store crash may forget the last moments of counting, never a usage record.
     counters: AnyPool,
@@ -155,9 +159,27 @@ impl Db {
             ),
             Backend::Sqlite => None,
         };
+        let sqlite = match (purpose, backend) {
+            (Purpose::ShipUsage, Backend::Sqlite) if sqlite_path(&url).is_some() => {
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true);
+                Some(
+                    sqlx::sqlite::SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(Duration::from_secs(3))
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+            _ => None,
+        };
         let db = Self {
             pool,
             pg,
+            sqlite,
             counters,
             backend,
         };
@@ -201,9 +223,17 @@ impl Db {
         self.pg.as_ref()
     }
 
+    /// The native SQLite pool of a usage writer on an SQLite file.
+    pub fn sqlite(&self) -> Option<&sqlx::SqlitePool> {
+        self.sqlite.as_ref()
+    }
+
     pub async fn close(&self) {
         if let Some(pg) = &self.pg {
             pg.close().await;
+        }
+        if let Some(lite) = &self.sqlite {
+            lite.close().await;
         }
         self.counters.close().await;
         self.pool.close().await;

@@ -133,21 +133,13 @@ impl Ledger {
         // one JSON parameter expanded by `json_each` re-parse each row once per column.)
         //
         // Statements come in a few fixed sizes, kept prepared on the connection: parsing
-        // an insert of a thousand rows for every batch cost a tenth of the insert.
-        let mut tx = self.db.pool().begin().await?;
-        let mut affected = 0;
-        let mut rest = events;
-        while !rest.is_empty() {
-            let size = SQLITE_INSERT_SIZES
-                .iter()
-                .position(|&rows| rows <= rest.len());
-            let rows = size.map_or(rest.len(), |size| SQLITE_INSERT_SIZES[size]);
-            let (chunk, tail) = rest.split_at(rows);
-            affected += sqlite_insert(&mut *tx, size, chunk).await?;
-            rest = tail;
+        // an insert of a thousand rows for every batch cost a tenth of the insert. The
+        // shipper's handle on an SQLite file binds through the native driver (see
+        // `Db::sqlite`); others, an in-memory store among them, through `Any`.
+        match self.db.sqlite() {
+            Some(lite) => sqlite_record_batch!(lite, events, sqlx::Sqlite),
+            None => sqlite_record_batch!(self.db.pool(), events, sqlx::Any),
         }
-        tx.commit().await?;
-        Ok(affected)
     }
 
     /// A tenant's totals per model for records started in `[from_ms, to_ms)`.
@@ -278,45 +270,72 @@ fn sqlite_insert_sql(rows: usize) -> String {
     sql
 }
 
-/// Runs one SQLite insert of `events`: with `Some(size)`, exactly
-/// `SQLITE_INSERT_SIZES[size]` of them, as a statement the connection keeps prepared;
-/// with `None`, the few left over, as a statement parsed for this once.
-async fn sqlite_insert<'c, E>(
-    executor: E,
-    size: Option<usize>,
-    events: &[UsageEvent],
-) -> Result<u64, sqlx::Error>
-where
-    E: sqlx::Executor<'c, Database = sqlx::Any>,
-{
+/// Splits a batch into SQLite inserts: as many of the largest prepared size as fit, then
+/// the next size down; each chunk comes with its index into [`SQLITE_INSERT_SIZES`], or
+/// `None` for the few left over.
+fn sqlite_chunks(events: &[UsageEvent]) -> impl Iterator<Item = (Option<usize>, &[UsageEvent])> {
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = SQLITE_INSERT_SIZES
+            .iter()
+            .position(|&rows| rows <= rest.len());
+        let rows = size.map_or(rest.len(), |size| SQLITE_INSERT_SIZES[size]);
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        Some((size, chunk))
+    })
+}
+
+/// The SQL of an SQLite insert of a chunk from [`sqlite_chunks`]: for a prepared size,
+/// built once per process (the connection keeps the statement prepared); for the few left
+/// over, built for this once.
+fn sqlite_insert_sql_for(size: Option<usize>, rows: usize) -> std::borrow::Cow<'static, str> {
     static SQL: [std::sync::OnceLock<String>; SQLITE_INSERT_SIZES.len()] =
         [const { std::sync::OnceLock::new() }; SQLITE_INSERT_SIZES.len()];
-    let once;
-    let mut query = match size {
-        Some(size) => {
-            sqlx::query(SQL[size].get_or_init(|| sqlite_insert_sql(SQLITE_INSERT_SIZES[size])))
-        }
-        None => {
-            once = sqlite_insert_sql(events.len());
-            sqlx::query(&once).persistent(false)
-        }
-    };
-    for e in events {
-        query = query
-            .bind(e.request_id.as_str())
-            .bind(e.tenant_id.as_str())
-            .bind(e.key_id.as_str())
-            .bind(e.model.as_str())
-            .bind(e.endpoint.as_str())
-            .bind(e.prompt_tokens)
-            .bind(e.completion_tokens)
-            .bind(e.started_at)
-            .bind(e.finished_at)
-            .bind(e.status.as_str())
-            .bind(e.delivery.as_str());
+    match size {
+        Some(size) => SQL[size]
+            .get_or_init(|| sqlite_insert_sql(SQLITE_INSERT_SIZES[size]))
+            .as_str()
+            .into(),
+        None => sqlite_insert_sql(rows).into(),
     }
-    Ok(query.execute(executor).await?.rows_affected())
 }
+
+/// Records `events` on SQLite through `$pool` of driver `$db` (the native one, or `Any`)
+/// in one transaction, as inserts from [`sqlite_chunks`], bound by position; evaluates to
+/// the rows inserted or resolved. A macro because the two drivers' queries share no trait
+/// to bind through.
+macro_rules! sqlite_record_batch {
+    ($pool:expr, $events:expr, $db:ty) => {{
+        let mut tx = $pool.begin().await?;
+        let mut affected = 0;
+        for (size, chunk) in sqlite_chunks($events) {
+            let sql = sqlite_insert_sql_for(size, chunk.len());
+            let mut query = sqlx::query::<$db>(&sql).persistent(size.is_some());
+            for e in chunk {
+                query = query
+                    .bind(e.request_id.as_str())
+                    .bind(e.tenant_id.as_str())
+                    .bind(e.key_id.as_str())
+                    .bind(e.model.as_str())
+                    .bind(e.endpoint.as_str())
+                    .bind(e.prompt_tokens)
+                    .bind(e.completion_tokens)
+                    .bind(e.started_at)
+                    .bind(e.finished_at)
+                    .bind(e.status.as_str())
+                    .bind(e.delivery.as_str());
+            }
+            affected += query.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(affected)
+    }};
+}
+use sqlite_record_batch;
 
 /// Rows per prepared SQLite insert, largest first: a batch is split into as many of the
 /// largest as fit, then the next size down; fewer than the smallest go as one statement

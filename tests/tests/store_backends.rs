@@ -64,6 +64,18 @@ async fn ledger_is_idempotent(db: Db) {
         ledger.get("req_3").await.unwrap().unwrap().delivery,
         Delivery::Undelivered
     );
+
+    // A batch of every SQLite statement size (1,000 + 2 x 100 + 3 x 10 rows + 4 left over).
+    let many: Vec<UsageEvent> = (0..1234)
+        .map(|i| event(&format!("req_many_{i}"), "t4"))
+        .collect();
+    assert_eq!(ledger.record_batch(&many).await.unwrap(), 1234);
+    assert_eq!(
+        ledger.record_batch(&many).await.unwrap(),
+        0,
+        "a replayed batch writes nothing"
+    );
+    assert_eq!(ledger.for_tenant("t4").await.unwrap().len(), 1234);
 }
 
 async fn keys_round_trip(db: Db) {
@@ -104,6 +116,17 @@ async fn keys_round_trip(db: Db) {
 async fn sqlite_ledger_is_idempotent() {
     let store = TempSqlite::new();
     ledger_is_idempotent(Db::connect(&store.url).await.unwrap()).await;
+}
+
+/// The usage shipper's handle on an SQLite file writes through the native driver, not
+/// `Any`: it must keep every rule the serving handle keeps.
+#[tokio::test]
+async fn sqlite_usage_writer_ledger_is_idempotent() {
+    let store = TempSqlite::new();
+    Db::connect(&store.url).await.unwrap().close().await; // migrates
+    let writer = Db::connect_usage_writer(&store.url).await.unwrap();
+    assert!(writer.sqlite().is_some(), "the writer has its native pool");
+    ledger_is_idempotent(writer).await;
 }
 
 #[tokio::test]
