@@ -29,6 +29,19 @@ pub enum DbError {
     Io(#[from] std::io::Error),
 }
 
+/// The usage shipper's SQLite page cache, in KiB (SQLite's default is 2 MiB). A batch
+/// inserts into four B-trees at as many places as it has tenants (and, ids arriving out of
+/// order, more): in a smaller cache than those pages, every insert read and wrote them again.
+const SHIPPER_CACHE_KIB: u32 = 64 * 1024;
+
+/// SQLite checkpoints the WAL into the database once it holds this many pages (40 MiB;
+/// SQLite's default is 1,000). The pages every usage batch changes (each index's newest
+/// leaves) are copied back once per checkpoint, so a tenth as often; with the temporary
+/// store in memory and the larger cache below, the shipper writes twice as fast. Set on
+/// every connection: whichever commits past the mark does the checkpoint, and with a
+/// lower mark elsewhere a serving connection would take it over.
+const WAL_AUTOCHECKPOINT_PAGES: &str = "10000";
+
 /// A pooled connection to the store, migrated to the current schema.
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -111,6 +124,10 @@ impl Db {
                         Backend::Sqlite => {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute(&*format!(
+                                "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
+                            ))
+                            .await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
                         }
                         Backend::Postgres => {
@@ -136,6 +153,10 @@ impl Db {
                         // durable before it returns, which the ledger relies on.
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute(&*format!(
+                            "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
+                        ))
+                        .await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                     }
@@ -165,7 +186,12 @@ impl Db {
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    .pragma("cache_size", format!("-{}", SHIPPER_CACHE_KIB))
+                    // A multi-row insert keeps a statement journal (the pages it changed, to
+                    // undo it alone); on disk it cost a temporary file write per page.
+                    .pragma("temp_store", "memory")
+                    .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES);
                 Some(
                     sqlx::sqlite::SqlitePoolOptions::new()
                         .max_connections(1)

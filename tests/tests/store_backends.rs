@@ -125,7 +125,25 @@ async fn sqlite_usage_writer_ledger_is_idempotent() {
     let store = TempSqlite::new();
     Db::connect(&store.url).await.unwrap().close().await; // migrates
     let writer = Db::connect_usage_writer(&store.url).await.unwrap();
-    assert!(writer.sqlite().is_some(), "the writer has its native pool");
+    let lite = writer.sqlite().expect("the writer has its native pool");
+    let pragma = |name: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(&format!("PRAGMA {name}"))
+            .fetch_one(lite)
+            .await
+            .unwrap()
+    };
+    assert_eq!(pragma("wal_autocheckpoint").await, 10_000);
+    assert_eq!(pragma("temp_store").await, 2, "temporary store in memory");
+    assert_eq!(pragma("cache_size").await, -65_536, "a 64 MiB page cache");
+    assert_eq!(pragma("synchronous").await, 2, "FULL: a commit is on disk");
+    let serving: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+        .fetch_one(writer.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        serving, 10_000,
+        "every connection checkpoints at the same mark"
+    );
     ledger_is_idempotent(writer).await;
 }
 
