@@ -37,7 +37,7 @@ const SHIPPER_CACHE_KIB: u32 = 64 * 1024;
 /// SQLite checkpoints the WAL into the database once it holds this many pages (40 MiB;
 /// SQLite's default is 1,000). The pages every usage batch changes (each index's newest
 /// leaves) are copied back once per checkpoint, so a tenth as often; with the temporary
-/// store in memory and the larger cache below, the shipper writes twice as fast. Set on
+/// store in memory and the larger cache above, the shipper writes twice as fast. Set on
 /// every connection: whichever commits past the mark does the checkpoint, and with a
 /// lower mark elsewhere a serving connection would take it over.
 const WAL_AUTOCHECKPOINT_PAGES: &str = "10000";
@@ -143,7 +143,7 @@ impl Db {
             (Purpose::Serve, Backend::Postgres) => 16,
             (Purpose::ShipUsage, _) => 1,
         };
-        let pool = AnyPoolOptions::new()
+        let pool_options = AnyPoolOptions::new()
             .max_connections(pool_size)
             .acquire_timeout(Duration::from_secs(3))
             .after_connect(move |conn, _| {
@@ -162,9 +162,13 @@ impl Db {
                     }
                     Ok(())
                 })
-            })
-            .connect_with(options)
-            .await?;
+            });
+        let pool = match purpose {
+            Purpose::Serve => pool_options.connect_with(options).await?,
+            // The shipper writes through its native pool below; this one connects only if
+            // something reads through it.
+            Purpose::ShipUsage => pool_options.connect_lazy_with(options),
+        };
         match (purpose, backend) {
             (Purpose::Serve, Backend::Sqlite) => SQLITE_MIGRATIONS.run(&pool).await?,
             (Purpose::Serve, Backend::Postgres) => POSTGRES_MIGRATIONS.run(&pool).await?,
