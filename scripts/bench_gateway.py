@@ -5,8 +5,9 @@ Side by side, in one run, on the same stub upstream that answers at once:
   direct   the stub itself
   nginx    nginx proxying to the stub (keep-alive upstream, access log off)
   hyper-bare  the floor of the gateway's HTTP stack: a hyper server forwarding every request
-           as it came through hyper's pooled client, one event loop per CPU like the gateway,
-           and nothing else (no auth, JSON, limits, metering or metrics)
+           as it came over the gateway's own worker connections (gateway::upstream), one
+           event loop per CPU like the gateway, and nothing else (no auth, JSON, limits,
+           metering or metrics)
   gateway  our gateway with everything on: key auth, a plan with rate limits, concurrency,
            monthly quota and spend cap (so every request is admitted and settled against
            the store), a price, and metering (spool + shipper to the store)

@@ -19,6 +19,7 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod tenants;
+pub mod upstream;
 
 pub use config::GatewayConfig;
 pub use server::Gateway;

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use bytes::Bytes;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::rustls;
@@ -132,13 +132,25 @@ enum Accepted {
     Moved(std::net::TcpStream),
 }
 
-/// Serves `app` until `stop` turns true, then drains for up to `options.grace`.
-pub async fn serve(
+/// Serves `service` (one clone per connection) until `stop` turns true, then drains for
+/// up to `options.grace`.
+pub async fn serve<S, B>(
     listener: TcpListener,
-    app: Router,
+    service: S,
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -175,7 +187,7 @@ pub async fn serve(
                 }
             },
         };
-        let service = TowerToHyperService::new(app.clone());
+        let service = service.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = options.tls.clone();

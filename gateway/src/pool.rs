@@ -18,8 +18,8 @@ use rand::Rng;
 
 pub struct WorkerNode {
     pub base_url: String,
-    /// The worker's address for each consumer endpoint, parsed once.
-    uris: Vec<(&'static str, hyper::Uri)>,
+    /// Where each consumer endpoint is on the worker, parsed once.
+    targets: Vec<(&'static str, Target)>,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
     models: RwLock<BTreeSet<String>>,
@@ -28,12 +28,46 @@ pub struct WorkerNode {
 /// The endpoints consumer calls are forwarded to.
 const FORWARDED: [&str; 3] = ["/v1/chat/completions", "/v1/embeddings", "/v1/classify"];
 
+/// Where a request for one endpoint goes on a worker, as an HTTP/1.1 connection needs it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The worker's `host:port`: which connections to use.
+    pub authority: hyper::http::uri::Authority,
+    /// The request target in origin form (`/v1/...`).
+    pub path: hyper::Uri,
+    /// The `Host` header.
+    pub host: hyper::header::HeaderValue,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err("workers are reached over plain http://".into());
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| "no host in the worker address".to_owned())?;
+        let path = uri
+            .path_and_query()
+            .map_or_else(|| hyper::Uri::from_static("/"), |p| p.clone().into());
+        let host =
+            hyper::header::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("{e}"))?;
+        Ok(Self {
+            authority,
+            path,
+            host,
+        })
+    }
+}
+
 impl WorkerNode {
-    /// The worker's URI for `endpoint`.
-    pub fn uri(&self, endpoint: &str) -> Result<hyper::Uri, hyper::http::uri::InvalidUri> {
-        match self.uris.iter().find(|(e, _)| *e == endpoint) {
-            Some((_, uri)) => Ok(uri.clone()),
-            None => format!("{}{endpoint}", self.base_url).parse(),
+    /// Where `endpoint` is on this worker.
+    pub fn target(&self, endpoint: &str) -> Result<Target, String> {
+        match self.targets.iter().find(|(e, _)| *e == endpoint) {
+            Some((_, target)) => Ok(target.clone()),
+            None => Target::parse(&format!("{}{endpoint}", self.base_url)),
         }
     }
 
@@ -115,13 +149,13 @@ pub struct WorkerPool {
 }
 
 fn node(base_url: String) -> Arc<WorkerNode> {
-    let uris = FORWARDED
+    let targets = FORWARDED
         .iter()
-        .filter_map(|e| Some((*e, format!("{base_url}{e}").parse().ok()?)))
+        .filter_map(|e| Some((*e, Target::parse(&format!("{base_url}{e}")).ok()?)))
         .collect();
     Arc::new(WorkerNode {
         base_url,
-        uris,
+        targets,
         healthy: AtomicBool::new(false),
         outstanding: AtomicUsize::new(0),
         models: RwLock::new(BTreeSet::new()),

@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use billing::{now_ms, Delivery, Spool, UsageEvent, UsageStatus};
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value};
 
 use crate::auth::Caller;
@@ -23,6 +22,7 @@ use crate::error::GatewayError;
 use crate::limits::{Admission, Demand, Permit, PriceCache, RateHeaders, Scope};
 use crate::metrics::GatewayMetrics;
 use crate::pool::{Lease, WorkerPool};
+use crate::upstream::{Upstream, UpstreamBody};
 
 /// Upstream settings.
 #[derive(Debug, Clone, Copy)]
@@ -33,22 +33,6 @@ pub struct UpstreamLimits {
     pub total_timeout: Duration,
     /// Workers tried for one request (only while nothing reached the client).
     pub max_attempts: usize,
-}
-
-/// The HTTP client for workers: hyper's pooled client, keep-alive, no redirects, no
-/// proxies, nothing between the gateway and the worker but the connection.
-pub type UpstreamClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
-/// Builds the worker client: connections time out after `connect_timeout`, idle ones are
-/// closed after `idle`.
-pub fn upstream_client(connect_timeout: Duration, idle: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector)
 }
 
 /// A consumer request body: forwarded as the client sent it unless the gateway must
@@ -328,9 +312,9 @@ impl CallContext {
 
 pub struct Proxy {
     pub pool: Arc<WorkerPool>,
-    /// One client per serving thread (index 0: any other thread), so a request's
-    /// connection to a worker lives on the thread that serves the request.
-    pub clients: Vec<UpstreamClient>,
+    /// Connections to workers, one set per serving thread (index 0: any other thread), so
+    /// a request's connection to a worker lives on the thread that serves the request.
+    pub upstreams: Vec<Arc<Upstream>>,
     pub spool: Spool,
     pub limits: UpstreamLimits,
     pub metrics: Arc<GatewayMetrics>,
@@ -363,9 +347,9 @@ impl Reservation {
 }
 
 impl Proxy {
-    fn client(&self) -> &UpstreamClient {
+    fn upstream(&self) -> Option<&Arc<Upstream>> {
         let i = crate::listener::serving_index();
-        &self.clients[i.min(self.clients.len().saturating_sub(1))]
+        self.upstreams.get(i).or_else(|| self.upstreams.first())
     }
 
     /// Checks the model against the key and the pool, forwards, meters, answers.
@@ -515,7 +499,7 @@ impl Proxy {
         &self,
         call: &ProxiedCall,
         tried: &mut Vec<String>,
-    ) -> Result<(Lease, hyper::Response<hyper::body::Incoming>), GatewayError> {
+    ) -> Result<(Lease, hyper::Response<UpstreamBody>), GatewayError> {
         let body = call.upstream_body()?;
         while tried.len() < self.limits.max_attempts.max(1) {
             let Some(lease) = self.pool.pick(&call.model, tried) else {
@@ -531,18 +515,22 @@ impl Proxy {
                     .with_label_values(&[&worker, kind])
                     .inc()
             };
-            let uri = lease
+            let target = lease
                 .node
-                .uri(call.endpoint)
+                .target(call.endpoint)
                 .map_err(|e| GatewayError::Upstream(format!("worker address {worker}: {e}")))?;
-            let request = hyper::Request::post(uri)
+            let request = hyper::Request::post(target.path)
+                .header(header::HOST, target.host)
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body.clone()))
                 .map_err(|e| GatewayError::Upstream(format!("worker address {worker}: {e}")))?;
+            let upstream = self
+                .upstream()
+                .ok_or_else(|| GatewayError::Upstream("no upstream connections".into()))?;
             tried.push(worker.clone());
             let sent = tokio::time::timeout(
                 self.limits.first_byte_timeout,
-                self.client().request(request),
+                upstream.send(&target.authority, request),
             )
             .await;
             match sent {
@@ -575,7 +563,7 @@ impl Proxy {
         ctx: CallContext,
         call: ProxiedCall,
         lease: Lease,
-        upstream: hyper::Response<hyper::body::Incoming>,
+        upstream: hyper::Response<UpstreamBody>,
         client_wants_usage: bool,
         reservation: Reservation,
     ) -> Response {
@@ -605,7 +593,7 @@ impl Proxy {
 }
 
 /// A worker's whole response body.
-async fn read_all(response: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, hyper::Error> {
+async fn read_all(response: hyper::Response<UpstreamBody>) -> Result<Bytes, hyper::Error> {
     Ok(response.into_body().collect().await?.to_bytes())
 }
 

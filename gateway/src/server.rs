@@ -1,20 +1,25 @@
 //! The consumer-facing HTTP server: routes, request ids, and start/stop.
 
+use std::convert::Infallible;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Query;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use billing::{now_ms, Db, Ledger, Shipper, ShipperHandle, ShipperStats, Spool};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::service::TowerToHyperService;
 use openai_types::{Model, ModelList};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,6 +34,7 @@ use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy, UpstreamLimits};
 use crate::tenants::TenantStore;
+use crate::upstream::Upstream;
 
 /// The gateway's id for one request: the `x-request-id` header and the usage record's key.
 #[derive(Debug, Clone)]
@@ -116,13 +122,8 @@ impl Gateway {
             auth: Authenticator::new(tenants.clone(), Duration::from_millis(config.key_cache_ms)),
             proxy: Proxy {
                 pool,
-                clients: (0..=serving_threads.len())
-                    .map(|_| {
-                        crate::proxy::upstream_client(
-                            Duration::from_secs(2),
-                            Duration::from_secs(60),
-                        )
-                    })
+                upstreams: (0..=serving_threads.len())
+                    .map(|_| Upstream::new(Duration::from_secs(2), Duration::from_secs(60)))
                     .collect(),
                 spool: spool.clone(),
                 metrics: metrics.clone(),
@@ -256,7 +257,7 @@ impl Gateway {
         let admin_server = self.admin.map(|(admin_listener, admin_state)| {
             tokio::spawn(listener::serve(
                 admin_listener,
-                crate::admin::router(admin_state),
+                TowerToHyperService::new(crate::admin::router(admin_state)),
                 ServeOptions {
                     threads: None,
                     ..self.serve_options.clone()
@@ -267,7 +268,7 @@ impl Gateway {
         let serving_threads = self.serve_options.threads.clone();
         listener::serve(
             self.listener,
-            router(self.state.clone()),
+            ConsumerService::new(self.state.clone()),
             self.serve_options,
             stop_rx,
         )
@@ -328,20 +329,102 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Gives every consumer request its id (`x-request-id`), then counts and times it by
-/// route, model and status. One layer for both: each layer costs a boxed future per
-/// request.
+/// The consumer API as the listener serves it. The three forwarded calls, nearly every
+/// request, are dispatched here by method and path and go straight to [`forward_call`];
+/// everything else (other paths, other methods on these paths) goes through the axum
+/// [`router`], which words 404s and 405s. Both ways give a request the same id, headers
+/// and metrics. The router's layers cost a route lookup, a boxed body and several boxed
+/// futures per request, which the forwarded calls skip.
+#[derive(Clone)]
+pub struct ConsumerService {
+    state: Arc<AppState>,
+    router: TowerToHyperService<Router>,
+}
+
+impl ConsumerService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self {
+            router: TowerToHyperService::new(router(state.clone())),
+            state,
+        }
+    }
+}
+
+/// The forwarded endpoint a request is for, if it is a POST to one.
+fn forwarded_endpoint(method: &Method, path: &str) -> Option<&'static str> {
+    if method != Method::POST {
+        return None;
+    }
+    match path {
+        "/v1/chat/completions" => Some("/v1/chat/completions"),
+        "/v1/embeddings" => Some("/v1/embeddings"),
+        "/v1/classify" => Some("/v1/classify"),
+        _ => None,
+    }
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for ConsumerService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        match forwarded_endpoint(req.method(), req.uri().path()) {
+            Some(endpoint) => {
+                let state = self.state.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let id = RequestId::new();
+                    let header = id.header();
+                    let (parts, body) = req.into_parts();
+                    let response =
+                        match forward_call(&state, id.0, &parts.headers, body, endpoint).await {
+                            Ok(response) | Err(response) => response,
+                        };
+                    Ok(observed(&state, endpoint, started, header, response))
+                })
+            }
+            None => Box::pin(self.router.call(req)),
+        }
+    }
+}
+
+impl RequestId {
+    /// A new, time-ordered id: `req_` and a UUIDv7 in hex.
+    fn new() -> Self {
+        Self(format!("req_{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    fn header(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(&self.0).ok()
+    }
+}
+
+/// Gives a consumer request the router serves its id (`x-request-id`), then counts and
+/// times it by route, model and status. One layer for both: each layer costs a boxed
+/// future per request.
 async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let id = format!("req_{}", uuid::Uuid::now_v7().simple());
-    let header = HeaderValue::from_str(&id).ok();
-    req.extensions_mut().insert(RequestId(id));
+    let id = RequestId::new();
+    let header = id.header();
+    req.extensions_mut().insert(id);
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let started = std::time::Instant::now();
-    let mut response = next.run(req).await;
-    if let Some(value) = header {
+    let started = Instant::now();
+    let response = next.run(req).await;
+    observed(&state, &route, started, header, response)
+}
+
+/// Puts the request id on a response and counts and times it by route, model and status.
+fn observed(
+    state: &AppState,
+    route: &str,
+    started: Instant,
+    id_header: Option<HeaderValue>,
+    mut response: Response,
+) -> Response {
+    if let Some(value) = id_header {
         response.headers_mut().insert("x-request-id", value);
     }
     let model = response
@@ -349,7 +432,7 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
         .get::<ModelLabel>()
         .map_or("", |m| m.0.as_str());
     let status = response.status();
-    let labels = [route.as_str(), model, status.as_str()];
+    let labels = [route, model, status.as_str()];
     state.metrics.requests.with_label_values(&labels).inc();
     state
         .metrics
@@ -419,13 +502,17 @@ async fn proxied(
     }
 }
 
-async fn forward_call(
+async fn forward_call<B>(
     state: &AppState,
     request_id: String,
     headers: &HeaderMap,
-    body: Body,
+    body: B,
     endpoint: &'static str,
-) -> Result<Response, Response> {
+) -> Result<Response, Response>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let started_at = now_ms();
     let caller = state
         .auth
@@ -434,11 +521,12 @@ async fn forward_call(
         .map_err(IntoResponse::into_response)?;
     let bytes = tokio::time::timeout(
         state.body_timeout,
-        axum::body::to_bytes(body, state.max_body_bytes),
+        http_body_util::Limited::new(body, state.max_body_bytes).collect(),
     )
     .await
     .map_err(|_| GatewayError::RequestTimeout.into_response())?
-    .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes).into_response())?;
+    .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes).into_response())?
+    .to_bytes();
     let call = ProxiedCall::parse(endpoint, bytes).map_err(IntoResponse::into_response)?;
     let model = ModelLabel(call.model.clone());
     let ctx = CallContext {

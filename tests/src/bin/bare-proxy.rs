@@ -1,23 +1,23 @@
 //! `bare-proxy`: the least a proxy built on our HTTP stack can do, for the gateway
-//! benchmark. A hyper 1.x HTTP/1.1 server that forwards every request, as it came, to one
-//! upstream through hyper's pooled keep-alive client, and streams the answer back: no
-//! auth, no JSON, no limits, no metering, no metrics. Like the gateway it runs one
-//! single-threaded event loop per CPU (each with its own `SO_REUSEPORT` listener and its
-//! own upstream connections), so the benchmark can tell what the stack itself costs
-//! from what the gateway adds on top of it.
+//! benchmark. A hyper 1.x HTTP/1.1 server that reads every request's body and forwards it,
+//! with its path, to one upstream over the gateway's own keep-alive connections
+//! (`gateway::upstream`), and streams the answer back: no auth, no JSON, no limits, no
+//! metering, no metrics. Like the gateway it runs one single-threaded event loop per CPU
+//! (each with its own `SO_REUSEPORT` listener and its own upstream connections), so the
+//! benchmark can tell what the stack itself costs from what the gateway adds on top of it.
 //!
 //! Usage: `bare-proxy <upstream base URL>`; prints `bare-proxy listening on <url>`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: failing loudly is right
 
 use std::net::SocketAddr;
 
+use std::time::Duration;
+
+use gateway::upstream::Upstream;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-
-type Upstream = Client<HttpConnector, Incoming>;
+use hyper_util::rt::TokioIo;
 
 fn main() {
     let upstream: hyper::Uri = std::env::args()
@@ -68,29 +68,45 @@ fn serve(socket: std::net::TcpListener, upstream: hyper::Uri) {
         .unwrap();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(socket).unwrap();
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client: Upstream = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Upstream::new(Duration::from_secs(2), Duration::from_secs(60));
+        let authority = upstream.authority().unwrap().clone();
+        let host = hyper::header::HeaderValue::from_str(authority.as_str()).unwrap();
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
-            let (client, upstream) = (client.clone(), upstream.clone());
+            let (client, authority, host) = (client.clone(), authority.clone(), host.clone());
             tokio::spawn(async move {
-                let service =
-                    service_fn(move |mut req: hyper::Request<Incoming>| {
-                        let client = client.clone();
-                        let mut parts = upstream.clone().into_parts();
-                        parts.path_and_query =
-                            Some(req.uri().path_and_query().cloned().unwrap_or_else(|| {
-                                hyper::http::uri::PathAndQuery::from_static("/")
-                            }));
-                        *req.uri_mut() = hyper::Uri::from_parts(parts).unwrap();
-                        async move { client.request(req).await }
-                    });
+                let service = service_fn(move |req: hyper::Request<Incoming>| {
+                    let (client, authority, host) =
+                        (client.clone(), authority.clone(), host.clone());
+                    forward(client, authority, host, req)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
     });
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One request, body read whole, sent on with its method, path and headers.
+async fn forward(
+    client: std::sync::Arc<Upstream>,
+    authority: hyper::http::uri::Authority,
+    host: hyper::header::HeaderValue,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<gateway::upstream::UpstreamBody>, BoxError> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let mut forwarded = hyper::Request::new(Full::new(body));
+    *forwarded.method_mut() = parts.method;
+    *forwarded.uri_mut() = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| hyper::Uri::from_static("/"), |p| p.clone().into());
+    *forwarded.headers_mut() = parts.headers;
+    forwarded.headers_mut().insert(hyper::header::HOST, host);
+    Ok(client.send(&authority, forwarded).await?)
 }
