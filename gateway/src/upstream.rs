@@ -151,7 +151,7 @@ impl Upstream {
             worker: worker.to_string(),
             reason,
         };
-        let addr = (worker.host(), worker.port_u16().unwrap_or(80));
+        let addr = (connect_host(worker), worker.port_u16().unwrap_or(80));
         let stream =
             tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
                 .await
@@ -209,6 +209,15 @@ impl Upstream {
             None => idle.by_worker.push((worker, vec![entry])),
         }
     }
+}
+
+/// The host to connect to: an IPv6 literal without its URI brackets (`[::1]` → `::1`), which
+/// workers found by DNS have when the name resolves to IPv6 addresses.
+fn connect_host(worker: &Authority) -> &str {
+    let host = worker.host();
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// A connection lent to one request.
@@ -425,6 +434,15 @@ mod tests {
             .unwrap();
         assert!(closed);
         assert_eq!(upstream.idle_count(), 0);
+    }
+
+    #[test]
+    fn ipv6_workers_are_connected_to_without_brackets() {
+        let host = |a: &str| connect_host(&a.parse().unwrap()).to_owned();
+        assert_eq!(host("[::1]:8080"), "::1");
+        assert_eq!(host("[fd00::5]:80"), "fd00::5");
+        assert_eq!(host("10.0.0.5:8080"), "10.0.0.5");
+        assert_eq!(host("worker:8080"), "worker");
     }
 
     #[tokio::test]
