@@ -26,7 +26,7 @@ pub struct WorkerNode {
 }
 
 /// The endpoints consumer calls are forwarded to.
-const FORWARDED: [&str; 3] = ["/v1/chat/completions", "/v1/embeddings", "/v1/classify"];
+pub const FORWARDED: [&str; 3] = ["/v1/chat/completions", "/v1/embeddings", "/v1/classify"];
 
 /// Where a request for one endpoint goes on a worker, as an HTTP/1.1 connection needs it.
 #[derive(Debug, Clone)]

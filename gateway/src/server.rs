@@ -355,12 +355,7 @@ fn forwarded_endpoint(method: &Method, path: &str) -> Option<&'static str> {
     if method != Method::POST {
         return None;
     }
-    match path {
-        "/v1/chat/completions" => Some("/v1/chat/completions"),
-        "/v1/embeddings" => Some("/v1/embeddings"),
-        "/v1/classify" => Some("/v1/classify"),
-        _ => None,
-    }
+    crate::pool::FORWARDED.iter().find(|e| **e == path).copied()
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConsumerService {

@@ -98,7 +98,8 @@ impl Upstream {
     }
 
     /// Idle connections kept now, over all workers.
-    pub fn idle_count(&self) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         self.lock().by_worker.iter().map(|(_, l)| l.len()).sum()
     }
 

@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: failing loudly is right
 
 use std::net::SocketAddr;
-
 use std::time::Duration;
 
 use gateway::upstream::Upstream;
