@@ -65,6 +65,25 @@ async fn ledger_is_idempotent(db: Db) {
         Delivery::Undelivered
     );
 
+    // A later batch: new records beside the outcome of a stored in-flight one. The new
+    // ones are inserted, the outcome resolves the stored delivery (its quantities stay
+    // as first recorded), and a replay of the batch writes nothing.
+    let mut in_flight = event("req_5", "t5");
+    in_flight.delivery = Delivery::Unknown;
+    assert!(ledger.record(&in_flight).await.unwrap());
+    let mut outcome = in_flight.clone();
+    outcome.delivery = Delivery::Delivered;
+    outcome.prompt_tokens = 999;
+    let batch = [event("req_6", "t5"), outcome, event("req_7", "t5")];
+    assert_eq!(ledger.record_batch(&batch).await.unwrap(), 3);
+    assert_eq!(ledger.record_batch(&batch).await.unwrap(), 0);
+    let stored = ledger.get("req_5").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.delivery, stored.prompt_tokens),
+        (Delivery::Delivered, in_flight.prompt_tokens)
+    );
+    assert_eq!(ledger.for_tenant("t5").await.unwrap().len(), 3);
+
     // A batch of every SQLite statement size (1,000 + 2 x 100 + 3 x 10 rows + 4 left over).
     let many: Vec<UsageEvent> = (0..1234)
         .map(|i| event(&format!("req_many_{i}"), "t4"))
