@@ -360,8 +360,8 @@ use sqlite_record_batch;
 /// parsed once. The largest binds 11,000 parameters, below SQLite's 32,766.
 const SQLITE_INSERT_SIZES: [usize; 3] = [1_000, 100, 10];
 
-/// What a replayed request id may change: only an `unknown` delivery, never quantities.
-/// SQLite's inserts skip stored ids; [`SQLITE_RESOLVE`] then resolves a delivery.
+/// SQLite's inserts skip request ids already stored, so a replay never changes a record;
+/// [`SQLITE_RESOLVE`] is the one change a replayed id may make.
 const SQLITE_SKIP_STORED: &str = "ON CONFLICT (request_id) DO NOTHING";
 
 /// Resolves a stored record's `unknown` delivery (`$1`, for request id `$2`), unless the
