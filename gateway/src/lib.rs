@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pool;
+pub mod pricing;
 pub mod proxy;
 pub mod server;
 pub mod tenants;

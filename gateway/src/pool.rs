@@ -99,12 +99,12 @@ impl WorkerNode {
     }
 }
 
-/// A claim on a worker for one request; releases its slot when dropped.
-pub struct Lease {
+/// One of a worker's in-flight slots, held by one request; given back when dropped.
+pub struct WorkerSlot {
     pub node: Arc<WorkerNode>,
 }
 
-impl Drop for Lease {
+impl Drop for WorkerSlot {
     fn drop(&mut self) {
         self.node.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
@@ -248,7 +248,7 @@ impl WorkerPool {
 
     /// Picks a healthy worker for `model`, skipping `exclude`: two at random, the less
     /// loaded wins.
-    pub fn pick(&self, model: &str, exclude: &[String]) -> Option<Lease> {
+    pub fn pick(&self, model: &str, exclude: &[String]) -> Option<WorkerSlot> {
         let nodes = self.nodes();
         let candidates: Vec<&Arc<WorkerNode>> = nodes
             .iter()
@@ -269,7 +269,7 @@ impl WorkerPool {
             }
         };
         node.outstanding.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { node: node.clone() })
+        Some(WorkerSlot { node: node.clone() })
     }
 
     /// Polls every worker once.

@@ -19,9 +19,10 @@ use serde_json::{Map, Value};
 
 use crate::auth::Caller;
 use crate::error::GatewayError;
-use crate::limits::{Admission, Demand, Permit, PriceCache, RateHeaders, Scope};
+use crate::limits::{Admission, Demand, Permit, RateHeaders, Scope};
 use crate::metrics::GatewayMetrics;
-use crate::pool::{Lease, WorkerPool};
+use crate::pool::{WorkerPool, WorkerSlot};
+use crate::pricing::PriceCache;
 use crate::upstream::{Upstream, UpstreamBody};
 
 /// Upstream settings.
@@ -499,7 +500,7 @@ impl Proxy {
         &self,
         call: &ProxiedCall,
         tried: &mut Vec<String>,
-    ) -> Result<(Lease, hyper::Response<UpstreamBody>), GatewayError> {
+    ) -> Result<(WorkerSlot, hyper::Response<UpstreamBody>), GatewayError> {
         let body = call.upstream_body()?;
         while tried.len() < self.limits.max_attempts.max(1) {
             let Some(lease) = self.pool.pick(&call.model, tried) else {
@@ -562,7 +563,7 @@ impl Proxy {
         &self,
         ctx: CallContext,
         call: ProxiedCall,
-        lease: Lease,
+        lease: WorkerSlot,
         upstream: hyper::Response<UpstreamBody>,
         client_wants_usage: bool,
         reservation: Reservation,
@@ -723,7 +724,7 @@ struct StreamMeter {
     /// "undelivered" if the meter is dropped first.
     outcome: Option<OutcomeOnEnd>,
     reservation: Reservation,
-    _lease: Lease,
+    _lease: WorkerSlot,
 }
 
 impl StreamMeter {

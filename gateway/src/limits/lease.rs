@@ -8,17 +8,19 @@
 //! spend, bucket level for the per-minute limits, in-flight slots for concurrency) before
 //! it became free here, so any number of replicas together stay within every limit.
 //!
-//! A lease is synchronised with the store by the admission applier (see `mod.rs`): a sync
-//! reports the usage settled since the last one, returns free units the replica no longer
-//! needs, states what the replica still holds (free + in flight, as an absolute figure, so
-//! a sync after a lost acknowledgement or an expired lease corrects the store), and takes
-//! a new grant of at most a quarter of what is left in each limit. As a limit nears its
-//! end the grants shrink to nothing and requests go to the store one by one, exactly as
-//! without leases.
+//! A lease is synchronised with the store by the keeper (`keeper.rs`) through the
+//! applier's transaction (`applier.rs`; the arithmetic is in `counter.rs`): a sync reports
+//! the usage settled since the last one, returns free units the replica no longer needs,
+//! states what the replica still holds (free + in flight, as an absolute figure, so a sync
+//! after a lost acknowledgement or an expired lease corrects the store), and takes a new
+//! grant of at most a quarter of what is left in each limit. As a limit nears its end the
+//! grants shrink to nothing and requests go to the store one by one, exactly as without
+//! leases.
 
 use std::time::{Duration, Instant};
 
-use super::{drained, rate_state, Demand, Limits, RateState, WINDOW_US};
+use super::bucket::{drained, rate_state, RateState};
+use super::model::{Demand, Limits};
 
 /// How often a lease with settled usage reports it.
 pub const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -125,7 +127,7 @@ pub struct Grant {
 
 /// One scope's lease on this replica.
 #[derive(Debug)]
-pub struct ScopeLease {
+pub struct QuotaLease {
     pub limits: Limits,
     /// Units charged in the store and not yet handed to a request.
     free: Units,
@@ -147,7 +149,7 @@ pub struct ScopeLease {
     last_target: Units,
 }
 
-impl ScopeLease {
+impl QuotaLease {
     pub fn new(limits: Limits, now: Instant) -> Self {
         Self {
             limits,
@@ -392,13 +394,6 @@ pub fn grant_within(want: Units, left: Units) -> Units {
     want.zip(left, |w, l| w.min(l.max(0) / GRANT_SHARE).max(0))
 }
 
-/// Per-minute bucket room left, in units.
-pub fn bucket_room(level: i64, limit: Option<i64>) -> i64 {
-    limit.map_or(0, |l| {
-        (l.saturating_mul(WINDOW_US) - level).max(0) / WINDOW_US
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,7 +418,7 @@ mod tests {
     fn a_lease_hands_out_only_what_was_granted() {
         let now = Instant::now();
         let limits = quota(1_000_000);
-        let mut lease = ScopeLease::new(limits, now);
+        let mut lease = QuotaLease::new(limits, now);
         assert!(!lease.covers(&limits, demand(10)));
         lease.note_shortfall(&limits, demand(10), now);
         let sync = lease.begin_sync("t:a", "2026-11", now, false).unwrap();
@@ -460,7 +455,7 @@ mod tests {
     fn other_limits_or_a_failed_sync_never_admit_more() {
         let now = Instant::now();
         let limits = quota(1_000);
-        let mut lease = ScopeLease::new(limits, now);
+        let mut lease = QuotaLease::new(limits, now);
         lease.note_shortfall(&limits, demand(10), now);
         let sync = lease.begin_sync("t:a", "p", now, false).unwrap();
         lease.fail_sync(&sync);
@@ -481,7 +476,7 @@ mod tests {
     fn an_idle_or_closing_lease_gives_everything_back() {
         let now = Instant::now();
         let limits = quota(1_000_000);
-        let mut lease = ScopeLease::new(limits, now);
+        let mut lease = QuotaLease::new(limits, now);
         lease.note_shortfall(&limits, demand(10), now);
         lease.begin_sync("t:a", "p", now, false).unwrap();
         lease.finish_sync(Grant {
