@@ -1,4 +1,7 @@
 //! Worker configuration: flags, each with an environment variable.
+//!
+//! Owns: the flags, their defaults and how a model spec names its model. Must never: open
+//! files or load models.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

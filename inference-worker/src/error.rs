@@ -1,5 +1,8 @@
 //! The worker's one error type and its single mapping to HTTP statuses and the OpenAI
 //! error shape.
+//!
+//! Owns: `WorkerError`, its status codes, error bodies and `Retry-After`. Must never: log
+//! or count errors (the request middleware counts responses by status).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -1,4 +1,8 @@
 //! The worker's HTTP surface: OpenAI-compatible routes, `/health` and `/metrics`.
+//!
+//! Owns: routing, body limits and parsing, the embedding and classify requests' checks, the
+//! response and SSE shapes, and per-route request metrics. Must never: run a model on the async runtime (it hands
+//! jobs to the models' own threads) or know who is asking.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,4 +1,7 @@
 //! `inference-worker`: loads the configured models and serves them until SIGINT/SIGTERM.
+//!
+//! Owns: logging set-up, the start-up line that announces the port, and the shutdown
+//! signals. Must never: hold serving logic (that is the library's).
 
 use clap::Parser;
 use inference_worker::{Worker, WorkerConfig};

@@ -1,4 +1,7 @@
 //! The worker's Prometheus series.
+//!
+//! Owns: the series' names, help texts, labels and buckets, and their text rendering.
+//! Must never: label a series by tenant, key or request (the worker does not know them).
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 

@@ -15,8 +15,7 @@ use serde_json::Value;
 const GREEDY_TOKENS: u32 = 24;
 /// Quantised kernels round differently, so greedy decoding may take another path where
 /// llama.cpp's own choice led the runner-up by less than this many logits; nowhere else.
-/// (llama.cpp itself does this: its AVX2 and AVX-512 builds agreed in full on one of the
-/// first five prompts here.)
+/// (llama.cpp's own AVX2 and AVX-512 builds part ways with each other like this too.)
 const NEAR_TIE_LOGITS: f64 = 0.5;
 /// Prompts (of 12) that must match llama.cpp token for token for at least `MATCH_TOKENS`
 /// tokens, or to the end where llama.cpp's answer is shorter.

@@ -1,5 +1,8 @@
 //! Zero-shot classification: the input and each label are embedded; a label's score is the
 //! softmax of the scaled cosine similarities, so scores sum to one.
+//!
+//! Owns: the scores and the prediction from vectors already embedded. Must never: embed
+//! text or depend on which model made the vectors, beyond their being unit length.
 
 use std::collections::BTreeMap;
 

@@ -3,6 +3,11 @@
 //! the next token of every decoding sequence plus a chunk of the prompts of sequences that
 //! just joined, samples one token for each sequence that is ready, and drops those that
 //! finished or whose client went away (so a disconnect stops work within one step).
+//!
+//! Owns: admission into the active set, prompt chunking per step, sampling, stop sequences,
+//! length limits and streaming text out safely (no partial UTF-8, no partial stop). Must
+//! never: run on the async runtime or block on a client (events go through bounded
+//! channels; a closed one ends its sequence).
 
 use std::sync::Arc;
 

@@ -10,6 +10,7 @@ mod kernels;
 mod model;
 mod template;
 mod tokenizer;
+mod weights;
 
 use std::path::Path;
 use std::sync::Arc;

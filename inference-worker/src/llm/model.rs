@@ -3,159 +3,22 @@
 //! sequences that just arrived and the next token of every sequence being decoded go
 //! through the weights together, one pass per engine step.
 //!
-//! Owns: weight loading (4- and 8-bit blocks into the native kernels, any other GGUF type
-//! through candle's quantized matmul), RMS norm, rotary embeddings, grouped-query attention
-//! over per-sequence KV caches, the SwiGLU feed-forward and the output head. Must never:
-//! sample, schedule or know about requests.
+//! Owns: the network's shape from the file's metadata, which tensor goes where, RMS norm,
+//! rotary embeddings, grouped-query attention over per-sequence KV caches, the SwiGLU
+//! feed-forward and the output head. Must never: sample, schedule or know about requests,
+//! or decide how a weight matrix is stored (that is `weights`).
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
 use crate::math::{add_into, dot, softmax};
 
-use super::kernels::{
-    extend_f16, f16_dots, f16_weighted_sum, round_to_f16, Q4Matrix, Q8Acts, Q8Matrix, BLOCK,
-};
-
-/// A weight matrix (`rows` outputs × `cols` inputs) in whichever form runs it fastest.
-enum Linear {
-    Q4(Q4Matrix),
-    Q8(Q8Matrix),
-    /// Types without a native kernel (K-quants, f16, f32, …), through candle.
-    Other {
-        rows: usize,
-        cols: usize,
-        matmul: QMatMul,
-    },
-}
-
-impl Linear {
-    fn load<R: Read + Seek>(
-        content: &gguf_file::Content,
-        reader: &mut R,
-        name: &str,
-    ) -> anyhow::Result<Self> {
-        let tensor = content
-            .tensor(reader, name, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("loading {name}: {e}"))?;
-        Self::from_qtensor(tensor).map_err(|e| anyhow::anyhow!("{name}: {e}"))
-    }
-
-    fn from_qtensor(tensor: QTensor) -> anyhow::Result<Self> {
-        let (rows, cols) = tensor.shape().dims2()?;
-        let native = cols.is_multiple_of(BLOCK);
-        Ok(match tensor.dtype() {
-            GgmlDType::Q4_1 if native => {
-                Self::Q4(Q4Matrix::from_q4_1(&tensor.data()?, rows, cols)?)
-            }
-            GgmlDType::Q4_0 if native => {
-                Self::Q4(Q4Matrix::from_q4_0(&tensor.data()?, rows, cols)?)
-            }
-            GgmlDType::Q8_0 if native => {
-                Self::Q8(Q8Matrix::from_q8_0(&tensor.data()?, rows, cols)?)
-            }
-            _ => Self::Other {
-                rows,
-                cols,
-                matmul: QMatMul::from_qtensor(tensor)?,
-            },
-        })
-    }
-
-    fn rows(&self) -> usize {
-        match self {
-            Self::Q4(m) => m.rows,
-            Self::Q8(m) => m.rows,
-            Self::Other { rows, .. } => *rows,
-        }
-    }
-
-    fn cols(&self) -> usize {
-        match self {
-            Self::Q4(m) => m.cols,
-            Self::Q8(m) => m.cols,
-            Self::Other { cols, .. } => *cols,
-        }
-    }
-
-    /// Puts native matrices into the tiled layout of the batched kernels.
-    fn pack(mut self) -> Self {
-        match &mut self {
-            Self::Q4(m) => m.pack(),
-            Self::Q8(m) => m.pack(),
-            Self::Other { .. } => {}
-        }
-        self
-    }
-
-    /// Joins projections that read the same input into one matrix, when their kinds allow.
-    fn stack(parts: Vec<Self>) -> Vec<Self> {
-        let mut out: Vec<Self> = Vec::new();
-        for part in parts {
-            match (out.last_mut(), part) {
-                (Some(Self::Q4(a)), Self::Q4(b)) => a.stack(&b),
-                (Some(Self::Q8(a)), Self::Q8(b)) => a.stack(&b),
-                (_, part) => out.push(part),
-            }
-        }
-        out
-    }
-
-    /// `xs` holds `n` input vectors; `out` gets `n` output vectors.
-    fn forward(&self, xs: &[f32], out: &mut Vec<f32>) -> anyhow::Result<()> {
-        match self {
-            Self::Q4(m) => m.matmul(&Q8Acts::quantize(xs, m.cols), out),
-            Self::Q8(m) => m.matmul(&Q8Acts::quantize(xs, m.cols), out),
-            Self::Other { cols, matmul, .. } => {
-                let n = xs.len() / cols;
-                let x = Tensor::from_slice(xs, (n, *cols), &Device::Cpu)?;
-                *out = matmul.forward(&x)?.flatten_all()?.to_vec1()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Several matrices over one input, concatenated per vector in the order given.
-struct Fused {
-    parts: Vec<Linear>,
-    rows: usize,
-}
-
-impl Fused {
-    fn new(parts: Vec<Linear>) -> Self {
-        let rows = parts.iter().map(Linear::rows).sum();
-        Self {
-            parts: Linear::stack(parts).into_iter().map(Linear::pack).collect(),
-            rows,
-        }
-    }
-
-    fn forward(&self, xs: &[f32], out: &mut Vec<f32>) -> anyhow::Result<()> {
-        if let [only] = self.parts.as_slice() {
-            return only.forward(xs, out);
-        }
-        let n = xs.len() / self.parts[0].cols();
-        out.clear();
-        out.resize(n * self.rows, 0.0);
-        let mut at = 0;
-        let mut part_out = Vec::new();
-        for part in &self.parts {
-            part.forward(xs, &mut part_out)?;
-            let rows = part.rows();
-            for v in 0..n {
-                out[v * self.rows + at..v * self.rows + at + rows]
-                    .copy_from_slice(&part_out[v * rows..(v + 1) * rows]);
-            }
-            at += rows;
-        }
-        Ok(())
-    }
-}
+use super::kernels::{extend_f16, f16_dots, f16_weighted_sum, round_to_f16};
+use super::weights::{Embeddings, Fused, Linear};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -166,35 +29,6 @@ struct Layer {
     /// gate and up projections.
     gate_up: Fused,
     down: Linear,
-}
-
-/// Token embeddings, kept in their file form when a native kernel can read rows from it.
-enum Embeddings {
-    /// The rows of the output head (a tied head), read from there.
-    Head,
-    Q4(Q4Matrix),
-    Q8(Q8Matrix),
-    F32 {
-        cols: usize,
-        values: Vec<f32>,
-    },
-}
-
-impl Embeddings {
-    fn row(&self, token: usize, head: &Linear, out: &mut [f32]) {
-        match self {
-            Self::Head => match head {
-                Linear::Q4(m) => m.dequantize_row(token, out),
-                Linear::Q8(m) => m.dequantize_row(token, out),
-                Linear::Other { .. } => out.fill(0.0),
-            },
-            Self::Q4(m) => m.dequantize_row(token, out),
-            Self::Q8(m) => m.dequantize_row(token, out),
-            Self::F32 { cols, values } => {
-                out.copy_from_slice(&values[token * cols..(token + 1) * cols]);
-            }
-        }
-    }
 }
 
 /// The shape of the network, from the file's metadata.
@@ -311,34 +145,7 @@ impl Llama {
         if embd_cols != hidden {
             anyhow::bail!("token_embd is {vocab}×{embd_cols}; expected width {hidden}");
         }
-        let tied_head = !content.tensor_infos.contains_key("output.weight");
-        let embeddings = match Linear::from_qtensor(embd)? {
-            Linear::Q4(m) => Embeddings::Q4(m),
-            Linear::Q8(m) => Embeddings::Q8(m),
-            Linear::Other { matmul, .. } => Embeddings::F32 {
-                cols: hidden,
-                values: match matmul {
-                    QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?,
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t
-                        .to_dtype(candle_core::DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()?,
-                },
-            },
-        };
-        // A tied head serves the embedding lookups too (one copy of the matrix).
-        let (embeddings, head) = match (tied_head, embeddings) {
-            (true, Embeddings::Q4(m)) => (Embeddings::Head, Linear::Q4(m).pack()),
-            (true, Embeddings::Q8(m)) => (Embeddings::Head, Linear::Q8(m).pack()),
-            (true, f32s @ Embeddings::F32 { .. }) => (
-                f32s,
-                Linear::load(content, reader, "token_embd.weight")?.pack(),
-            ),
-            (_, embeddings) => (
-                embeddings,
-                Linear::load(content, reader, "output.weight")?.pack(),
-            ),
-        };
+        let (embeddings, head) = Embeddings::with_head(content, reader, embd, hidden)?;
 
         let mut blocks = Vec::with_capacity(layers);
         for l in 0..layers {

@@ -1,5 +1,8 @@
 //! Renders a model's own `tokenizer.chat_template` (Jinja) with minijinja, so prompts are
 //! byte-identical to what the model was trained on.
+//!
+//! Owns: the template environment and the variables a template sees. Must never: tokenize
+//! or alter a rendered prompt.
 
 use minijinja::{Environment, ErrorKind};
 use serde::Serialize;

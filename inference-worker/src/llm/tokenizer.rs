@@ -1,5 +1,8 @@
 //! Builds a byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, the
 //! way llama.cpp reads it, so our token ids equal llama.cpp's for the same file.
+//!
+//! Owns: the vocabulary, merges, pre-tokenizer and special tokens read from the file. Must
+//! never: accept a tokenizer model it cannot reproduce exactly (only byte-level BPE).
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;

@@ -1,0 +1,294 @@
+//! The kernels with AVX2/FMA (and F16C for the f16 conversions) intrinsics, compiled in on
+//! x86-64 targets that have them. Each must give what its `portable` twin gives, up to
+//! float summation order; the tests check that.
+//!
+//! Owns: every `unsafe` block of the chat model's kernels. Must never: be called on a build
+//! without these features (the module's cfg and the callers' cfg see to that) or read
+//! memory outside the arrays it is handed.
+
+// The SIMD intrinsics are `unsafe` to call with raw pointers; each use is commented.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::layout::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile};
+use super::TILE_ROWS;
+
+/// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn broadcast4(q: &[i8; 32], at: usize) -> __m256i {
+    let word = i32::from_le_bytes([
+        q[at] as u8,
+        q[at + 1] as u8,
+        q[at + 2] as u8,
+        q[at + 3] as u8,
+    ]);
+    // SAFETY: register-only AVX operation.
+    unsafe { _mm256_set1_epi32(word) }
+}
+
+/// Per block: four 32-byte loads give all 8 rows' values; for each vector, eight
+/// multiply-adds against broadcast activation bytes accumulate 16-bit partial sums
+/// (at most 8 · 2 · 15 · 127 = 30 480 in magnitude, so no overflow), one widening
+/// multiply-add finishes the 8 row sums, and the scales are applied as vectors.
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn tile_dots<const N: usize>(
+    tiles: &[Q4Tile],
+    xs: [&[ActBlock]; N],
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let len = tiles.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+    // `[u8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, t) in tiles.iter().enumerate() {
+            let mut partial = [_mm256_setzero_si256(); N];
+            for g in 0..4 {
+                let packed = _mm256_loadu_si256(t.q[g].as_ptr().cast());
+                let lo = _mm256_and_si256(packed, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask);
+                for k in 0..N {
+                    let a = &xs[k][b].q;
+                    let low = _mm256_maddubs_epi16(lo, broadcast4(a, 4 * g));
+                    let high = _mm256_maddubs_epi16(hi, broadcast4(a, 16 + 4 * g));
+                    partial[k] = _mm256_add_epi16(partial[k], _mm256_add_epi16(low, high));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            let m = _mm256_loadu_ps(t.m.as_ptr());
+            for k in 0..N {
+                let a = &xs[k][b];
+                let dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(partial[k], ones));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                acc[k] = _mm256_fmadd_ps(scale, dots, acc[k]);
+                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
+            }
+        }
+        for k in 0..N {
+            _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+        }
+    }
+}
+
+/// Eight values rounded to f16.
+#[cfg(target_feature = "f16c")]
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn narrow8(chunk: &[f32]) -> [f16; 8] {
+    assert!(chunk.len() >= 8);
+    let mut out = [f16::ZERO; 8];
+    // SAFETY: F16C is enabled for this build (the caller's cfg checks it); the load
+    // reads the first 8 values of `chunk` (checked above), the store writes the 16 bytes
+    // of `out`.
+    unsafe {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(chunk.as_ptr()));
+        _mm_storeu_si128(out.as_mut_ptr().cast(), h);
+    }
+    out
+}
+
+/// Eight f16 values widened to f32.
+#[cfg(target_feature = "f16c")]
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn widen8(h: &[f16]) -> [f32; 8] {
+    assert!(h.len() >= 8);
+    let mut out = [0f32; 8];
+    // SAFETY: F16C is enabled for this build (the caller's cfg checks it); the load
+    // reads the first 16 bytes of `h` (checked above), the store the 8 values of `out`.
+    unsafe {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
+        _mm256_storeu_ps(out.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Eight values through f16 and back.
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn round_to_f16(chunk: &mut [f32]) {
+    assert_eq!(chunk.len(), 8);
+    // SAFETY: F16C is enabled for this build (x86-64-v3 includes it; the caller's cfg
+    // checks it); the load and store touch exactly the 8 values of `chunk`.
+    unsafe {
+        let v = _mm256_loadu_ps(chunk.as_ptr());
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_cvtph_ps(h));
+    }
+}
+
+/// Per block: for each group of 4 positions, the 8 rows' weights in one register; each
+/// vector's 4 activation bytes are broadcast, given the weights' signs (`maddubs` takes
+/// one unsigned operand) and multiplied against the weights' magnitudes; 32-bit row sums
+/// accumulate per block (a 16-bit pair sum can reach 32 512, so no 16-bit carrying).
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn q8_tile_dots<const N: usize>(
+    tiles: &[Q8Tile],
+    xs: [&[ActBlock]; N],
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let len = tiles.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+    // `[i8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, t) in tiles.iter().enumerate() {
+            let mut dots = [_mm256_setzero_si256(); N];
+            for g in 0..8 {
+                let w = load32(&t.q[g]);
+                let magnitude = _mm256_sign_epi8(w, w);
+                for k in 0..N {
+                    let x = _mm256_sign_epi8(broadcast4(&xs[k][b].q, 4 * g), w);
+                    let pairs = _mm256_maddubs_epi16(magnitude, x);
+                    dots[k] = _mm256_add_epi32(dots[k], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            for k in 0..N {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xs[k][b].d));
+                acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots[k]), acc[k]);
+            }
+        }
+        for k in 0..N {
+            _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only AVX operations; the target has AVX (checked by cfg).
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn load32(x: &[i8; 32]) -> __m256i {
+    // SAFETY: `x` is 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(x.as_ptr().cast()) }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn unpack(packed: &[u8; 16]) -> __m256i {
+    // SAFETY: a 16-byte unaligned load from a `[u8; 16]`; the rest is register-only.
+    unsafe {
+        let bytes = _mm_loadu_si128(packed.as_ptr().cast());
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// Eight partial sums of `u · x` for unsigned bytes `u` and signed bytes `x`, as floats.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn products(u: __m256i, x: __m256i) -> __m256 {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let pairs = _mm256_maddubs_epi16(u, x);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// Two blocks per iteration into separate accumulators, so consecutive blocks do not
+/// wait on each other's multiply-add.
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn q4_dots<const N: usize>(row: &[Q4Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+    let len = row.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+    // only through `unpack` and `load32`, from arrays.
+    unsafe {
+        let mut even = [_mm256_setzero_ps(); N];
+        let mut odd = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        let pairs = row.chunks_exact(2);
+        let tail = pairs.remainder();
+        for (p, w) in pairs.enumerate() {
+            let j = 2 * p;
+            let (n0, n1) = (unpack(&w[0].q), unpack(&w[1].q));
+            for k in 0..N {
+                let (a0, a1) = (&xs[k][j], &xs[k][j + 1]);
+                let (d0, d1) = (w[0].d * a0.d, w[1].d * a1.d);
+                even[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), products(n0, load32(&a0.q)), even[k]);
+                odd[k] = _mm256_fmadd_ps(_mm256_set1_ps(d1), products(n1, load32(&a1.q)), odd[k]);
+                offsets[k] += w[0].m * a0.s + w[1].m * a1.s;
+            }
+        }
+        if let [w] = tail {
+            let j = len - 1;
+            let nibbles = unpack(&w.q);
+            for k in 0..N {
+                let a = &xs[k][j];
+                let d = _mm256_set1_ps(w.d * a.d);
+                even[k] = _mm256_fmadd_ps(d, products(nibbles, load32(&a.q)), even[k]);
+                offsets[k] += w.m * a.s;
+            }
+        }
+        for k in 0..N {
+            out[k] = hsum(_mm256_add_ps(even[k], odd[k])) + offsets[k];
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn q8_dots<const N: usize>(row: &[Q8Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+    let len = row.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+    // only through `load32`, from arrays.
+    unsafe {
+        let mut even = [_mm256_setzero_ps(); N];
+        let mut odd = [_mm256_setzero_ps(); N];
+        let pairs = row.chunks_exact(2);
+        let tail = pairs.remainder();
+        // maddubs multiplies unsigned by signed: the weight's magnitude times x carrying
+        // the weight's sign.
+        for (p, w) in pairs.enumerate() {
+            let j = 2 * p;
+            let (q0, q1) = (load32(&w[0].q), load32(&w[1].q));
+            let (m0, m1) = (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(q1, q1));
+            for k in 0..N {
+                let (a0, a1) = (&xs[k][j], &xs[k][j + 1]);
+                let x0 = _mm256_sign_epi8(load32(&a0.q), q0);
+                let x1 = _mm256_sign_epi8(load32(&a1.q), q1);
+                let (d0, d1) = (w[0].d * a0.d, w[1].d * a1.d);
+                even[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), products(m0, x0), even[k]);
+                odd[k] = _mm256_fmadd_ps(_mm256_set1_ps(d1), products(m1, x1), odd[k]);
+            }
+        }
+        if let [w] = tail {
+            let j = len - 1;
+            let q = load32(&w.q);
+            let magnitude = _mm256_sign_epi8(q, q);
+            for k in 0..N {
+                let a = &xs[k][j];
+                let x = _mm256_sign_epi8(load32(&a.q), q);
+                let d = _mm256_set1_ps(w.d * a.d);
+                even[k] = _mm256_fmadd_ps(d, products(magnitude, x), even[k]);
+            }
+        }
+        for k in 0..N {
+            out[k] = hsum(_mm256_add_ps(even[k], odd[k]));
+        }
+    }
+}
