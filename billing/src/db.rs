@@ -50,8 +50,8 @@ pub struct Db {
     /// which the `Any` driver cannot.
     pg: Option<sqlx::PgPool>,
     /// A native pool beside the `Any` one, for the usage shipper on an SQLite file: its
-    /// batch inserts bind tens of thousands of values, and the `Any` driver converts each
-    /// one into its own value and then into SQLite's, which cost a tenth of an insert.
+    /// batch inserts bind tens of thousands of values, and the `Any` driver would convert
+    /// each one twice (into its own value, then into SQLite's).
     sqlite: Option<sqlx::SqlitePool>,
     /// Connections for admission counters, which trade durability of the last commits for
     /// latency: a store crash may forget the last moments of counting, never a usage record.
@@ -193,7 +193,7 @@ impl Db {
                     .foreign_keys(true)
                     .pragma("cache_size", format!("-{}", SHIPPER_CACHE_KIB))
                     // A multi-row insert keeps a statement journal (the pages it changed, to
-                    // undo it alone); on disk it cost a temporary file write per page.
+                    // undo it alone): in memory, not a temporary file write per page.
                     .pragma("temp_store", "memory")
                     .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES);
                 Some(
