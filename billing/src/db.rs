@@ -36,9 +36,8 @@ const SHIPPER_CACHE_KIB: u32 = 64 * 1024;
 
 /// SQLite checkpoints the WAL into the database once it holds this many pages (40 MiB;
 /// SQLite's default is 1,000). The pages every usage batch changes (each index's newest
-/// leaves) are copied back once per checkpoint, so a tenth as often; with the temporary
-/// store in memory and the larger cache above, the shipper writes twice as fast. Set on
-/// every connection: whichever commits past the mark does the checkpoint, and with a
+/// leaves) are copied back once per checkpoint, so a tenth as often. Set on every
+/// connection: whichever commits past the mark does the checkpoint, and with a
 /// lower mark elsewhere a serving connection would take it over.
 const WAL_AUTOCHECKPOINT_PAGES: &str = "10000";
 

@@ -36,8 +36,9 @@ pub(super) struct Log {
     /// writing back a mapped page write-protects it and the next group's copy faults, which
     /// costs more than the `pwrite` it saves. `None` also where mapping failed; records
     /// that do not fit in what is left of the mapping are written with `pwrite`.
-    /// Shared with the sync thread, which only prefaults it (see [`sync_periodically`](super::sync::sync_periodically));
-    /// only this `Log`, under its lock, copies into it.
+    /// Shared with the sync thread, which only prefaults it (see
+    /// [`sync_periodically`](super::sync::sync_periodically)); only this `Log`, under its
+    /// lock, copies into it.
     pub(super) map: Option<Arc<memmap2::MmapRaw>>,
     size: u64,
     /// Bytes written since the last fsync.

@@ -1,6 +1,6 @@
 //! What a spool record holds, and its binary layout.
 //!
-//! A payload's first byte says what it holds: [`USAGE`] (one usage event) or [`OUTCOMES`]
+//! A payload's first byte says what it holds: `USAGE` (one usage event) or `OUTCOMES`
 //! (the delivery outcome of one or more responses). Payloads starting with `{` are JSON
 //! records written by earlier versions; they are still read, so a spool left by an older
 //! gateway ships after an upgrade.

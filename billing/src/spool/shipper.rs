@@ -110,9 +110,9 @@ impl Shipper {
     /// Runs a shipper on a thread of its own, below serving in CPU priority, with store
     /// connections of its own opened there (so SQLite's connection thread is below serving
     /// too). Shipping is bulk work that can wait milliseconds; a request cannot, and on a
-    /// busy machine a batch insert holding a core would delay requests queued behind it. When
-    /// the store cannot be reached at start, the thread keeps trying; events wait in the
-    /// spool meanwhile.
+    /// busy machine a batch insert holding a core would delay requests queued behind it.
+    /// When the store cannot be reached at start, the thread keeps trying; events wait in
+    /// the spool meanwhile.
     pub fn spawn_dedicated(
         spool: &Spool,
         store_url: &str,

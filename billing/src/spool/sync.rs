@@ -12,10 +12,10 @@ use std::time::Duration;
 use super::log::{lock, Log};
 use super::prepare::{prefault, PREFAULT_MAX, PREFAULT_MIN};
 
-/// Under a [`SpoolOptions::fsync_interval`](super::SpoolOptions::fsync_interval): fsyncs the live segment whenever something
-/// was written since the last time, once per interval, until the spool is gone, after the
-/// fsyncs that moving on from a segment left due ([`Log::due`]). They run outside the
-/// lock, so appends never wait for the disk.
+/// Under a [`SpoolOptions::fsync_interval`](super::SpoolOptions::fsync_interval): fsyncs
+/// the live segment whenever something was written since the last time, once per
+/// interval, until the spool is gone, after the fsyncs that moving on from a segment left
+/// due ([`Log::due`]). They run outside the lock, so appends never wait for the disk.
 ///
 /// With the segment mapped, writing back its pages write-protects them, and the first
 /// copy into each page after that (or into a page never touched) faults, and in the kernel

@@ -36,7 +36,7 @@ pub(super) struct Writer {
     log: Arc<Mutex<Log>>,
     pacer: Pacer,
     /// Whether a group with usage events is fsynced before they are acknowledged (no
-    /// [`SpoolOptions::fsync_interval`]).
+    /// [`SpoolOptions::fsync_interval`](super::SpoolOptions::fsync_interval)).
     sync_each: bool,
 }
 
@@ -137,10 +137,11 @@ fn durable_appends(group: &[Command]) -> usize {
 /// Decides how long a group commit waits for more events before its fsync.
 ///
 /// It keeps a smoothed rate of durable appends and waits only while at least one more is
-/// expected within [`SpoolOptions::max_linger`]; then it waits until the group is expected
-/// to hold about [`GROUP_TARGET`], at most that long (a group already that large does not
-/// wait). The rate is smoothed over [`RATE_WINDOW`] of time, not a number of groups: after
-/// a pause the next event is not held on the strength of the burst before it.
+/// expected within [`SpoolOptions::max_linger`](super::SpoolOptions::max_linger); then it
+/// waits until the group is expected to hold about [`GROUP_TARGET`], at most that long (a
+/// group already that large does not wait). The rate is smoothed over [`RATE_WINDOW`] of
+/// time, not a number of groups: after a pause the next event is not held on the strength
+/// of the burst before it.
 struct Pacer {
     max_linger: Duration,
     /// Durable appends per second over recent groups.
