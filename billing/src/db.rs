@@ -36,9 +36,8 @@ const SHIPPER_CACHE_KIB: u32 = 64 * 1024;
 
 /// SQLite checkpoints the WAL into the database once it holds this many pages (40 MiB;
 /// SQLite's default is 1,000). The pages every usage batch changes (each index's newest
-/// leaves) are copied back once per checkpoint, so a tenth as often; with the temporary
-/// store in memory and the larger cache above, the shipper writes twice as fast. Set on
-/// every connection: whichever commits past the mark does the checkpoint, and with a
+/// leaves) are copied back once per checkpoint, so a tenth as often. Set on every
+/// connection: whichever commits past the mark does the checkpoint, and with a
 /// lower mark elsewhere a serving connection would take it over.
 const WAL_AUTOCHECKPOINT_PAGES: &str = "10000";
 
@@ -50,8 +49,8 @@ pub struct Db {
     /// which the `Any` driver cannot.
     pg: Option<sqlx::PgPool>,
     /// A native pool beside the `Any` one, for the usage shipper on an SQLite file: its
-    /// batch inserts bind tens of thousands of values, and the `Any` driver converts each
-    /// one into its own value and then into SQLite's, which cost a tenth of an insert.
+    /// batch inserts bind tens of thousands of values, and the `Any` driver would convert
+    /// each one twice (into its own value, then into SQLite's).
     sqlite: Option<sqlx::SqlitePool>,
     /// Connections for admission counters, which trade durability of the last commits for
     /// latency: a store crash may forget the last moments of counting, never a usage record.
@@ -193,7 +192,7 @@ impl Db {
                     .foreign_keys(true)
                     .pragma("cache_size", format!("-{}", SHIPPER_CACHE_KIB))
                     // A multi-row insert keeps a statement journal (the pages it changed, to
-                    // undo it alone); on disk it cost a temporary file write per page.
+                    // undo it alone): in memory, not a temporary file write per page.
                     .pragma("temp_store", "memory")
                     .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES);
                 Some(

@@ -9,7 +9,8 @@ use futures::TryStreamExt;
 use sqlx::Row;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::prices::{period_of, PriceBook};
+use crate::period::{period_bounds, period_of};
+use crate::prices::PriceBook;
 use crate::{Db, DbError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -249,8 +250,8 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
         return Ok(None);
     };
     let period: String = row.try_get("period")?;
-    let (period_start, _) = crate::invoices::period_bounds(&period)
-        .map_err(|e| DbError::Sqlx(sqlx::Error::Protocol(e.to_string())))?;
+    let (period_start, _) =
+        period_bounds(&period).map_err(|e| DbError::Sqlx(sqlx::Error::Protocol(e.to_string())))?;
     let book = PriceBook::load(db).await?;
     let mut rows = sqlx::query(
         "SELECT request_id, model, started_at, delivery, prompt_tokens, completion_tokens \

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::prices::{period_of, Micros, PriceBook};
+use crate::period::{self, period_of, BadPeriod};
+use crate::prices::{Micros, PriceBook};
 use crate::{Db, DbError};
 
 /// Whether a line bills the invoice's own month or late usage of an earlier one.
@@ -116,24 +117,15 @@ impl From<sqlx::Error> for InvoiceError {
     }
 }
 
-/// `[start, end)` of a `YYYY-MM` period in Unix ms.
-pub fn period_bounds(period: &str) -> Result<(i64, i64), InvoiceError> {
-    let bad = || InvoiceError::BadPeriod(period.to_owned());
-    let (y, m) = period.split_once('-').ok_or_else(bad)?;
-    if y.len() != 4 || m.len() != 2 {
-        return Err(bad());
+impl From<BadPeriod> for InvoiceError {
+    fn from(e: BadPeriod) -> Self {
+        Self::BadPeriod(e.0)
     }
-    let year: i32 = y.parse().map_err(|_| bad())?;
-    let month: u8 = m.parse().map_err(|_| bad())?;
-    let month = time::Month::try_from(month).map_err(|_| bad())?;
-    let start = time::Date::from_calendar_date(year, month, 1).map_err(|_| bad())?;
-    let (ny, nm) = match month {
-        time::Month::December => (year + 1, time::Month::January),
-        m => (year, m.next()),
-    };
-    let end = time::Date::from_calendar_date(ny, nm, 1).map_err(|_| bad())?;
-    let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
-    Ok((ms(start), ms(end)))
+}
+
+/// [`period::period_bounds`], failing with an [`InvoiceError`] for callers that report those.
+pub fn period_bounds(period: &str) -> Result<(i64, i64), InvoiceError> {
+    Ok(period::period_bounds(period)?)
 }
 
 /// Which records an invoice is computed from.
@@ -163,7 +155,7 @@ pub(crate) fn boundaries(book: &PriceBook, from_ms: i64, to_ms: i64) -> Vec<i64>
         .filter(|t| *t > from_ms && *t < to_ms)
         .collect();
     let mut t = from_ms;
-    while let Ok((_, end)) = period_bounds(&period_of(t)) {
+    while let Some(end) = period::next_period_start(t) {
         if end >= to_ms {
             break;
         }
@@ -547,22 +539,5 @@ impl Invoices {
         invoice.id = Some(id.to_owned());
         invoice.status = InvoiceStatus::Final;
         Ok(Some(invoice.document()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn periods_have_utc_month_bounds() {
-        assert_eq!(
-            period_bounds("2026-11").unwrap(),
-            (1_793_491_200_000, 1_796_083_200_000)
-        );
-        assert_eq!(period_bounds("2026-12").unwrap().1, 1_798_761_600_000);
-        for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-00"] {
-            assert!(period_bounds(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -8,6 +8,7 @@
 pub mod db;
 pub mod export;
 pub mod invoices;
+pub mod period;
 pub mod prices;
 pub mod reconcile;
 pub mod series;
@@ -16,15 +17,9 @@ pub mod usage;
 
 pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
-pub use prices::{period_of, Micros, Price, PriceBook, PriceError, Tier};
+pub use period::{now_ms, period_of};
+pub use prices::{Micros, Price, PriceBook, PriceError, Tier};
 pub use spool::{
     Shipper, ShipperHandle, ShipperStats, Spool, SpoolError, SpoolOptions, SpoolStats,
 };
 pub use usage::{Delivery, Ledger, ModelTotals, UsageEvent, UsageStatus};
-
-/// Milliseconds since the Unix epoch: every timestamp in the store is one of these.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

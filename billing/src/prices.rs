@@ -265,13 +265,6 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     Ok(())
 }
 
-/// The billing period (UTC calendar month, `YYYY-MM`) holding `at_ms`.
-pub fn period_of(at_ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,13 +352,5 @@ mod tests {
         assert_eq!(r(2_500_001), 3);
         assert_eq!(r(-1_500_000), -2);
         assert_eq!(r(-2_500_000), -2);
-    }
-
-    #[test]
-    fn periods_are_utc_months() {
-        assert_eq!(period_of(0), "1970-01");
-        // 2026-11-30T23:59:59.999Z and one millisecond later.
-        assert_eq!(period_of(1_796_083_199_999), "2026-11");
-        assert_eq!(period_of(1_796_083_200_000), "2026-12");
     }
 }

@@ -5,7 +5,8 @@
 use sqlx::Row;
 
 use crate::export::{export_usage, Format, UsageSelection};
-use crate::invoices::{period_bounds, InvoiceError, Invoices};
+use crate::invoices::{InvoiceError, Invoices};
+use crate::period::period_bounds;
 use crate::{Db, DbError, Ledger};
 
 /// One check and whether it held.

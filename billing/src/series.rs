@@ -15,8 +15,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::invoices::{boundaries, period_bounds, segment_sql};
-use crate::prices::{period_of, PriceBook};
+use crate::invoices::{boundaries, segment_sql};
+use crate::period::{period_bounds, period_of};
+use crate::prices::PriceBook;
 use crate::{Db, DbError};
 
 /// Width of a time bucket. Buckets start at UTC hour or midnight boundaries.

@@ -132,8 +132,8 @@ impl Ledger {
         // scan that makes a many-row statement cost the square of its parameters; rows as
         // one JSON parameter expanded by `json_each` re-parse each row once per column.)
         //
-        // Statements come in a few fixed sizes, kept prepared on the connection: parsing
-        // an insert of a thousand rows for every batch cost a tenth of the insert. The
+        // Statements come in a few fixed sizes, kept prepared on the connection, so an
+        // insert of a thousand rows is not parsed again for every batch. The
         // shipper's handle on an SQLite file binds through the native driver (see
         // `Db::sqlite`); others, an in-memory store among them, through `Any`.
         match self.db.sqlite() {
@@ -311,10 +311,9 @@ fn sqlite_insert_sql_for(size: Option<usize>, rows: usize) -> std::borrow::Cow<'
 ///
 /// The inserts skip request ids already stored (`DO NOTHING`). Only a chunk that skipped
 /// some is followed by [`SQLITE_RESOLVE`] for each of its events with a known delivery,
-/// which resolves a stored `unknown` one. (An upsert did both in one statement, but with
-/// `DO UPDATE` SQLite builds the frozen-record trigger of `usage_records` into every
-/// insert's program: 6 % of its instructions per new record, paid on every call for the
-/// rare replay.)
+/// which resolves a stored `unknown` one. (Not an upsert: with `DO UPDATE` SQLite builds
+/// the frozen-record trigger of `usage_records` into every insert's program, paid on every
+/// call for the rare replay.)
 macro_rules! sqlite_record_batch {
     ($pool:expr, $events:expr, $db:ty) => {{
         let mut tx = $pool.begin().await?;

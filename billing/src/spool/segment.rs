@@ -1,10 +1,5 @@
 //! On-disk framing of the spool: numbered segment files of records, each
-//! `[len: u32 LE][crc32: u32 LE][payload: len bytes]`.
-//!
-//! A payload's first byte says what it holds: [`USAGE`] (one usage event) or [`OUTCOMES`]
-//! (the delivery outcome of one or more responses), in the binary layout below. Payloads
-//! starting with `{` are JSON records written by earlier versions; they are still read, so
-//! a spool left by an older gateway ships after an upgrade.
+//! `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; what a payload holds is `record`'s.
 //!
 //! Segments are created full of zeros (so an fsync after an append writes data blocks
 //! only, not the file's size) and cut to their used length when the writer moves on; a
@@ -13,39 +8,20 @@
 //! not hold, and the writer never appends to a segment that existed before it started,
 //! so a torn tail is never followed by good data.
 //!
-//! Binary layout (integers little-endian, text as a `u16` byte length then UTF-8):
-//! - usage: `USAGE`, request id, tenant id, key id, model, endpoint, prompt tokens `i64`,
-//!   completion tokens `i64`, started at `i64`, finished at `i64`, status `u8`, delivery `u8`;
-//! - outcomes: `OUTCOMES`, delivered `u8` (0 or 1), count `u32`, then that many request ids.
+//! Owns: framing, segment names, and reading records back up to a torn tail. Must never:
+//! hand out an entry from a record whose length or checksum does not hold.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::usage::{Delivery, UsageEvent, UsageStatus};
+use super::record::{self, SpoolEntry};
+use crate::usage::UsageEvent;
 
 /// Header bytes before each payload.
 pub const HEADER_LEN: usize = 8;
 /// No single record is larger than this; a larger length means a torn or corrupt record.
 const MAX_RECORD: usize = 1 << 20;
-/// First byte of a usage payload.
-const USAGE: u8 = 1;
-/// First byte of an outcomes payload.
-const OUTCOMES: u8 = 2;
-/// First byte of a JSON payload (earlier versions).
-const JSON: u8 = b'{';
-
-/// What the spool holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum SpoolEntry {
-    /// A call's usage, written durably before the client sees the end of the response.
-    Usage { event: UsageEvent },
-    /// Whether that response then reached the client (written after, without waiting).
-    Outcome { request_id: String, delivered: bool },
-}
 
 /// Appends one framed record whose payload `fill` writes.
 fn frame(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
@@ -67,55 +43,9 @@ fn frame(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -
     Ok(())
 }
 
-fn put_text(out: &mut Vec<u8>, text: &str) -> io::Result<()> {
-    let len = u16::try_from(text.len())
-        .map_err(|_| io::Error::other("text too long for a spool record"))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(text.as_bytes());
-    Ok(())
-}
-
-fn status_code(status: UsageStatus) -> u8 {
-    match status {
-        UsageStatus::Success => 0,
-        UsageStatus::ClientCancelled => 1,
-        UsageStatus::UpstreamFailed => 2,
-    }
-}
-
-fn delivery_code(delivery: Delivery) -> u8 {
-    match delivery {
-        Delivery::Unknown => 0,
-        Delivery::Delivered => 1,
-        Delivery::Undelivered => 2,
-    }
-}
-
 /// Appends a usage record.
 pub fn encode_usage(event: &UsageEvent, out: &mut Vec<u8>) -> io::Result<()> {
-    frame(out, |out| {
-        out.push(USAGE);
-        for text in [
-            &event.request_id,
-            &event.tenant_id,
-            &event.key_id,
-            &event.model,
-            &event.endpoint,
-        ] {
-            put_text(out, text)?;
-        }
-        for n in [
-            event.prompt_tokens,
-            event.completion_tokens,
-            event.started_at,
-            event.finished_at,
-        ] {
-            out.extend_from_slice(&n.to_le_bytes());
-        }
-        out.push(status_code(event.status));
-        out.push(delivery_code(event.delivery));
-        Ok(())
-    })
+    frame(out, |out| record::put_usage(event, out))
 }
 
 /// Appends one record saying whether each of `request_ids` reached its client.
@@ -124,17 +54,7 @@ pub fn encode_outcomes<'a>(
     delivered: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    frame(out, |out| {
-        out.push(OUTCOMES);
-        out.push(u8::from(delivered));
-        let count = u32::try_from(request_ids.len())
-            .map_err(|_| io::Error::other("too many outcomes in one record"))?;
-        out.extend_from_slice(&count.to_le_bytes());
-        for id in request_ids {
-            put_text(out, id)?;
-        }
-        Ok(())
-    })
+    frame(out, |out| record::put_outcomes(request_ids, delivered, out))
 }
 
 /// Appends a record holding `entry`.
@@ -146,101 +66,6 @@ pub fn encode(entry: &SpoolEntry, out: &mut Vec<u8>) -> io::Result<()> {
             delivered,
         } => encode_outcomes(std::iter::once(request_id.as_str()), *delivered, out),
     }
-}
-
-/// Reads a binary payload front to back; every read fails on a short payload.
-struct Cursor<'a>(&'a [u8]);
-
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-
-    fn int(&mut self) -> Option<i64> {
-        self.take(8)?.try_into().ok().map(i64::from_le_bytes)
-    }
-
-    fn count(&mut self) -> Option<u32> {
-        self.take(4)?.try_into().ok().map(u32::from_le_bytes)
-    }
-
-    fn text(&mut self) -> Option<String> {
-        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
-        std::str::from_utf8(self.take(len)?).ok().map(str::to_owned)
-    }
-}
-
-/// Decodes one payload into `out`; `None` if it is not a whole, known record.
-fn decode(payload: &[u8], out: &mut Vec<SpoolEntry>) -> Option<()> {
-    let mut at = Cursor(payload.get(1..)?);
-    match *payload.first()? {
-        JSON => {
-            out.push(serde_json::from_slice(payload).ok()?);
-            return Some(());
-        }
-        USAGE => {
-            let (request_id, tenant_id, key_id, model, endpoint) =
-                (at.text()?, at.text()?, at.text()?, at.text()?, at.text()?);
-            let (prompt_tokens, completion_tokens, started_at, finished_at) =
-                (at.int()?, at.int()?, at.int()?, at.int()?);
-            let status = match at.byte()? {
-                0 => UsageStatus::Success,
-                1 => UsageStatus::ClientCancelled,
-                2 => UsageStatus::UpstreamFailed,
-                _ => return None,
-            };
-            let delivery = match at.byte()? {
-                0 => Delivery::Unknown,
-                1 => Delivery::Delivered,
-                2 => Delivery::Undelivered,
-                _ => return None,
-            };
-            out.push(SpoolEntry::Usage {
-                event: UsageEvent {
-                    request_id,
-                    tenant_id,
-                    key_id,
-                    model,
-                    endpoint,
-                    prompt_tokens,
-                    completion_tokens,
-                    started_at,
-                    finished_at,
-                    status,
-                    delivery,
-                },
-            });
-        }
-        OUTCOMES => {
-            let delivered = match at.byte()? {
-                0 => false,
-                1 => true,
-                _ => return None,
-            };
-            let count = at.count()? as usize;
-            // Each id takes at least its two length bytes: a larger count is corrupt.
-            if count > at.0.len() / 2 {
-                return None;
-            }
-            for _ in 0..count {
-                out.push(SpoolEntry::Outcome {
-                    request_id: at.text()?,
-                    delivered,
-                });
-            }
-        }
-        _ => return None,
-    }
-    at.0.is_empty().then_some(())
 }
 
 /// A segment's number from its file name (`000000000042.spool`).
@@ -316,7 +141,7 @@ pub fn visit_from(
             break;
         }
         decoded.clear();
-        if decode(payload, &mut decoded).is_none() {
+        if record::decode(payload, &mut decoded).is_none() {
             break;
         }
         at += HEADER_LEN + size;
@@ -331,6 +156,8 @@ pub fn visit_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::record::{OUTCOMES, USAGE};
+    use crate::usage::{Delivery, UsageStatus};
 
     fn entry(id: &str) -> SpoolEntry {
         SpoolEntry::Usage {

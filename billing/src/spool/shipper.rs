@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::segment::{self, SpoolEntry};
+use super::record::SpoolEntry;
+use super::segment;
 use super::{Shared, Spool};
 use crate::db::Db;
 use crate::usage::{Delivery, Ledger, UsageEvent};
@@ -109,9 +110,9 @@ impl Shipper {
     /// Runs a shipper on a thread of its own, below serving in CPU priority, with store
     /// connections of its own opened there (so SQLite's connection thread is below serving
     /// too). Shipping is bulk work that can wait milliseconds; a request cannot, and on a
-    /// busy machine a batch insert holding a core delayed requests queued behind it. When
-    /// the store cannot be reached at start, the thread keeps trying; events wait in the
-    /// spool meanwhile.
+    /// busy machine a batch insert holding a core would delay requests queued behind it.
+    /// When the store cannot be reached at start, the thread keeps trying; events wait in
+    /// the spool meanwhile.
     pub fn spawn_dedicated(
         spool: &Spool,
         store_url: &str,
@@ -185,7 +186,7 @@ impl Shipper {
         loop {
             let stopping = *stopped.borrow();
             // 1. Read whatever is new. One clock reading stamps the round's events (and
-            //    ages the waiting ones below): the clock per event was a visible cost.
+            //    ages the waiting ones below), not one per event.
             let now = Instant::now();
             let first_live = self.shared.first_live_segment;
             let read = read_new(
