@@ -15,11 +15,11 @@ use billing::{period_of, Db};
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::bucket::now_us;
 use super::counter::{admit_one, sync_lease, Counter, Settling};
 use super::headers::RateHeaders;
 use super::lease::{self, Grant, SyncRequest};
 use super::model::{Demand, Refusal, Scope};
+use billing::period::now_us;
 
 pub(super) type AdmitReply = Result<Result<RateHeaders, Refusal>, sqlx::Error>;
 

@@ -1,4 +1,5 @@
-//! Leaky-bucket arithmetic of the per-minute limits, and the clock their levels run on.
+//! Leaky-bucket arithmetic of the per-minute limits (levels in microseconds of the wall clock
+//! that `billing::period::now_us` reads).
 //!
 //! Owns: the level unit (units x [`WINDOW_US`], exact in integers whatever the limit),
 //! draining a level over time, and reading a level as the state a client is shown.
@@ -42,11 +43,4 @@ pub(super) fn bucket_room(level: i64, limit: Option<i64>) -> i64 {
     limit.map_or(0, |l| {
         (l.saturating_mul(WINDOW_US) - level).max(0) / WINDOW_US
     })
-}
-
-/// Wall-clock microseconds since the Unix epoch: the time base of the bucket levels.
-pub(super) fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }

@@ -180,16 +180,10 @@ fn check(
     Ok((next, states.0, states.1))
 }
 
+/// Microseconds until the monthly quota and spend cap reset (the next UTC month).
 fn until_next_period_us(now_us: i64) -> i64 {
-    let now = time::OffsetDateTime::from_unix_timestamp(now_us.div_euclid(1_000_000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let (year, month) = match now.month() {
-        time::Month::December => (now.year() + 1, time::Month::January),
-        m => (now.year(), m.next()),
-    };
-    time::Date::from_calendar_date(year, month, 1)
-        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1_000_000 - now_us)
-        .unwrap_or(WINDOW_US)
+    billing::period::next_period_start(now_us.div_euclid(1000))
+        .map_or(WINDOW_US, |start_ms| start_ms * 1000 - now_us)
 }
 
 /// Applies one lease synchronisation to its scope's counter: the usage it reports moves

@@ -15,10 +15,10 @@ use billing::period_of;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::applier::Job;
-use super::bucket::now_us;
 use super::headers::RateHeaders;
 use super::lease::{QuotaLease, SyncRequest};
 use super::model::{Demand, Scope};
+use billing::period::now_us;
 
 /// How often the keeper looks for leases to synchronise.
 const KEEPER_TICK: Duration = Duration::from_millis(25);
