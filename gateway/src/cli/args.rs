@@ -372,3 +372,30 @@ fn parse_tier(s: &str) -> Result<billing::Tier, String> {
         output_minor_per_mtok: num(output)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is a failure
+
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_tier_is_three_whole_numbers() {
+        let tier = super::parse_tier("1000:5:10").unwrap();
+        assert_eq!(
+            (
+                tier.from_tokens,
+                tier.input_minor_per_mtok,
+                tier.output_minor_per_mtok
+            ),
+            (1000, 5, 10)
+        );
+        assert!(super::parse_tier("1000:5").is_err());
+        assert!(super::parse_tier("1000:x:10").is_err());
+    }
+}
