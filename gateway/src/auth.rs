@@ -16,9 +16,9 @@ use crate::error::GatewayError;
 use crate::keys::PresentedKey;
 use crate::tenants::{KeyRecord, TenantStore};
 
-/// Who is calling, once the key checks out.
+/// A consumer API call's caller, once its key checks out: the key's record.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct KeyCaller {
     /// Shared with the key cache: a request reads it, never copies it.
     pub key: Arc<KeyRecord>,
 }
@@ -56,7 +56,7 @@ impl Authenticator {
     }
 
     /// Checks the `Authorization: Bearer` header.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<KeyCaller, GatewayError> {
         let raw = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -79,7 +79,7 @@ impl Authenticator {
         if !record.is_active(now_ms()) {
             return Err(GatewayError::Unauthorized("This API key has expired."));
         }
-        Ok(Caller { key: record })
+        Ok(KeyCaller { key: record })
     }
 
     async fn lookup(&self, public_id: &str) -> Result<Option<Arc<KeyRecord>>, GatewayError> {

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+/// The store when none is given: an SQLite file under `data/`.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/gateway.db";
+
 #[derive(Debug, Clone, Args)]
 pub struct GatewayConfig {
     /// Address for the consumer API; port 0 picks a free port (printed at start).
@@ -16,7 +19,7 @@ pub struct GatewayConfig {
     pub metrics_listen: SocketAddr,
 
     /// The store: `sqlite://PATH` (embedded) or `postgres://...`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/gateway.db")]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
     /// Folder of the durable usage spool (one per gateway process).

@@ -25,10 +25,7 @@ pub async fn ensure_demo_key(store: &TenantStore, file: &Path) -> anyhow::Result
         }
         tracing::warn!(file = %file.display(), "demo key file does not match an active key; issuing a new one");
     }
-    let tenant = match store.tenant_by_name(DEMO_TENANT).await? {
-        Some(t) => t,
-        None => store.create_tenant(DEMO_TENANT).await?,
-    };
+    let tenant = store.ensure_tenant(DEMO_TENANT).await?;
     let (key, _) = store
         .create_key(
             &tenant.id,

@@ -17,7 +17,7 @@ use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Map, Value};
 
-use crate::auth::Caller;
+use crate::auth::KeyCaller;
 use crate::error::GatewayError;
 use crate::limits::{Admission, Demand, Permit, RateHeaders, Scope};
 use crate::metrics::GatewayMetrics;
@@ -282,7 +282,7 @@ fn compact_len(text: &str) -> i64 {
 #[derive(Clone)]
 pub struct CallContext {
     pub request_id: String,
-    pub caller: Caller,
+    pub caller: KeyCaller,
     pub started_at: i64,
 }
 

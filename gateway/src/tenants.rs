@@ -207,6 +207,14 @@ impl TenantStore {
         })
     }
 
+    /// The tenant with this name, created if there is none.
+    pub async fn ensure_tenant(&self, name: &str) -> Result<Tenant, DbError> {
+        match self.tenant_by_name(name).await? {
+            Some(t) => Ok(t),
+            None => self.create_tenant(name).await,
+        }
+    }
+
     /// Creates a key; the plaintext is returned here and never again.
     pub async fn create_key(
         &self,

@@ -10,7 +10,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{body, AdminError, AdminState, Caller, Permission};
+use super::{body, AdminError, AdminState, Permission, Principal};
 use crate::limits::Limits;
 use crate::tenants::{NewKey, TenantSummary};
 
@@ -53,7 +53,7 @@ fn list<T: serde::Serialize>(data: Vec<T>) -> Json<serde_json::Value> {
 }
 
 async fn list_tenants(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     caller.need(Permission::ReadDirectory)?;
@@ -69,7 +69,7 @@ struct NewTenant {
 }
 
 async fn create_tenant(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     new: Result<Json<NewTenant>, JsonRejection>,
 ) -> Result<Response, AdminError> {
@@ -95,7 +95,7 @@ async fn create_tenant(
 }
 
 async fn get_tenant(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
 ) -> Result<Json<TenantSummary>, AdminError> {
@@ -111,7 +111,7 @@ struct PlanChoice {
 }
 
 async fn set_plan(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
     choice: Result<Json<PlanChoice>, JsonRejection>,
@@ -139,7 +139,7 @@ async fn set_plan(
 }
 
 async fn list_plans(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     caller.need(Permission::ReadDirectory)?;
@@ -155,7 +155,7 @@ struct NewPlan {
 }
 
 async fn create_plan(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     new: Result<Json<NewPlan>, JsonRejection>,
 ) -> Result<Response, AdminError> {
@@ -175,7 +175,7 @@ async fn create_plan(
 }
 
 async fn list_prices(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     caller.need(Permission::ReadDirectory)?;
@@ -207,7 +207,7 @@ fn usd() -> String {
 }
 
 async fn add_price(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     new: Result<Json<NewPrice>, JsonRejection>,
 ) -> Result<Response, AdminError> {
@@ -237,7 +237,7 @@ async fn add_price(
 }
 
 async fn list_keys(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
@@ -264,7 +264,7 @@ fn default_name() -> String {
 }
 
 async fn create_key(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
     new: Result<Json<NewKeyBody>, JsonRejection>,
@@ -301,7 +301,7 @@ async fn create_key(
 }
 
 async fn get_key(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path((tenant, key)): Path<(String, String)>,
 ) -> Result<Response, AdminError> {
@@ -316,7 +316,7 @@ async fn get_key(
 }
 
 async fn revoke_key(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path((tenant, key)): Path<(String, String)>,
 ) -> Result<Response, AdminError> {
@@ -349,7 +349,7 @@ struct Rotation {
 }
 
 async fn rotate_key(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path((tenant, key)): Path<(String, String)>,
     rotation: Result<Json<Rotation>, JsonRejection>,

@@ -13,7 +13,7 @@ use billing::export::Format;
 use serde::Deserialize;
 
 use super::directory::tenant_of;
-use super::{body, query, AdminError, AdminState, Caller, Permission};
+use super::{body, query, AdminError, AdminState, Permission, Principal};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new()
@@ -35,7 +35,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
 }
 
 async fn list_invoices(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
@@ -61,7 +61,7 @@ struct PeriodQuery {
 }
 
 async fn preview(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
     q: Result<Query<PeriodQuery>, QueryRejection>,
@@ -76,7 +76,7 @@ async fn preview(
 }
 
 async fn finalise(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path(tenant): Path<String>,
     b: Result<Json<PeriodQuery>, JsonRejection>,
@@ -142,7 +142,7 @@ fn extension(format: Format) -> &'static str {
 }
 
 async fn get_invoice(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path((tenant, invoice)): Path<(String, String)>,
     q: Result<Query<FormatQuery>, QueryRejection>,
@@ -218,7 +218,7 @@ fn pipe_stream(
 }
 
 async fn trace(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     Path((tenant, invoice)): Path<(String, String)>,
     q: Result<Query<FormatQuery>, QueryRejection>,
@@ -249,7 +249,7 @@ struct ExportQuery {
 }
 
 async fn export_usage(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
@@ -285,7 +285,7 @@ async fn export_usage(
 }
 
 async fn reconcile(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     q: Result<Query<PeriodQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AdminError> {

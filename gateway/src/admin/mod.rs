@@ -41,11 +41,11 @@ pub struct AdminState {
     pub metrics: Arc<GatewayMetrics>,
 }
 
-/// The authenticated caller of an admin route.
+/// Whom an admin route acts for: the verified claims of its bearer token.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Claims);
+pub struct Principal(pub Claims);
 
-impl Caller {
+impl Principal {
     /// Refuses with 403 unless the caller's role grants `p`.
     pub fn need(&self, p: Permission) -> Result<(), AdminError> {
         if self.0.role.may(p) {
@@ -59,7 +59,7 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<Arc<AdminState>> for Caller {
+impl FromRequestParts<Arc<AdminState>> for Principal {
     type Rejection = AdminError;
 
     async fn from_request_parts(
@@ -80,7 +80,7 @@ impl FromRequestParts<Arc<AdminState>> for Caller {
             .tokens
             .verify(token)
             .map_err(AdminError::Unauthorized)?;
-        Ok(Caller(claims))
+        Ok(Principal(claims))
     }
 }
 
@@ -132,7 +132,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-async fn whoami(caller: Caller) -> Json<serde_json::Value> {
+async fn whoami(caller: Principal) -> Json<serde_json::Value> {
     let c = caller.0;
     Json(serde_json::json!({
         "sub": c.sub,

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use billing::series::{Bucket, Dimension, UsageFilter};
 use serde::Deserialize;
 
-use super::{query, seconds_or, AdminError, AdminState, Caller, Permission};
+use super::{query, seconds_or, AdminError, AdminState, Permission, Principal};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new()
@@ -56,7 +56,7 @@ fn filter(
 }
 
 async fn usage(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
@@ -95,7 +95,7 @@ struct TopQuery {
 }
 
 async fn top(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
     q: Result<Query<TopQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
@@ -147,7 +147,7 @@ async fn top(
 }
 
 async fn workers(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     caller.need(Permission::ReadOperations)?;
@@ -168,7 +168,7 @@ async fn workers(
 }
 
 async fn traffic(
-    caller: Caller,
+    caller: Principal,
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     caller.need(Permission::ReadOperations)?;
