@@ -33,7 +33,7 @@ use crate::listener::{self, ServeOptions};
 use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::pricing::PriceCache;
-use crate::proxy::{CallContext, ProxiedCall, Proxy, UpstreamLimits};
+use crate::proxy::{CallContext, ProxiedCall, Proxy, UpstreamTimeouts};
 use crate::tenants::TenantStore;
 use crate::upstream::Upstream;
 
@@ -128,7 +128,7 @@ impl Gateway {
                     .collect(),
                 spool: spool.clone(),
                 metrics: metrics.clone(),
-                limits: UpstreamLimits {
+                timeouts: UpstreamTimeouts {
                     first_byte_timeout: Duration::from_secs(
                         config.upstream_first_byte_timeout_secs,
                     ),

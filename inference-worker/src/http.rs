@@ -18,10 +18,10 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use futures::StreamExt;
 use openai_types::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChunkChoice, ClassifyRequest, ClassifyResponse, ClassifyResult, Delta, Embedding,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody, FinishReason,
-    Model, ModelList, Usage,
+    usage_comment, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChunkChoice, ClassifyRequest, ClassifyResponse, ClassifyResult, Delta,
+    Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody,
+    FinishReason, Model, ModelList, Usage,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -205,8 +205,9 @@ async fn collect_response(
     ))
 }
 
-/// Turns generation events into SSE: a role delta first, content deltas, one finish
-/// reason, the usage chunk if asked, then `[DONE]`; a failure becomes an error event.
+/// Turns generation events into SSE: a role delta first, content deltas each followed by
+/// the usage comment (the gateway bills a stream that ends early by the last one), one
+/// finish reason, the usage chunk if asked, then `[DONE]`; a failure becomes an error event.
 fn stream_response(
     events: mpsc::Receiver<GenerationEvent>,
     id: String,
@@ -254,7 +255,7 @@ fn stream_response(
                     None,
                     None,
                 ),
-                usage_comment(usage),
+                Bytes::from(usage_comment(&usage)),
             ],
             GenerationEvent::Finished { reason, usage } => {
                 let mut v = vec![chunk(Delta::default(), Some(reason), None)];
@@ -277,15 +278,6 @@ fn stream_response(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// The tokens counted so far, as an SSE comment: clients ignore it, the gateway reads it
-/// to bill a stream that ends early for exactly what was delivered.
-fn usage_comment(usage: Usage) -> Bytes {
-    Bytes::from(format!(
-        ": usage {} {}\n\n",
-        usage.prompt_tokens, usage.completion_tokens
-    ))
 }
 
 fn sse_data(payload: &str) -> Bytes {

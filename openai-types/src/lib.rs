@@ -1,7 +1,8 @@
 //! OpenAI-compatible wire types shared by the gateway and the inference worker.
 //!
 //! Owns: the JSON shapes of requests, responses, stream chunks and errors, exactly as the
-//! official SDKs expect them. Must never: hold behaviour beyond (de)serialisation and
+//! official SDKs expect them, and the usage comment a worker's stream carries besides.
+//! Must never: hold behaviour beyond (de)serialisation and
 //! shape validation, or depend on HTTP, models, keys or storage.
 
 use serde::{Deserialize, Serialize};
@@ -9,10 +10,12 @@ use serde::{Deserialize, Serialize};
 mod chat;
 mod embeddings;
 mod error;
+mod usage_comment;
 
 pub use chat::*;
 pub use embeddings::*;
 pub use error::*;
+pub use usage_comment::{parse_usage_comment, usage_comment};
 
 /// Token accounting attached to every successful response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

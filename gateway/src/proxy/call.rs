@@ -1,0 +1,379 @@
+//! A consumer call as the gateway reads it: its body, what it may cost, who made it.
+//!
+//! Owns: parsing a request body (a one-pass read for plain chat calls, a whole parse for
+//! everything else), the upper bound of the tokens a body can use, and the edits the
+//! gateway makes before forwarding (a stream's usage forced on). Must never: change a body
+//! it did not need to change, or bound a call below what it can really use.
+
+use axum::body::Bytes;
+use serde_json::{Map, Value};
+
+use crate::auth::KeyCaller;
+use crate::error::GatewayError;
+
+/// A consumer request body: forwarded as the client sent it unless the gateway must
+/// change it, with what the gateway reads from it.
+pub struct ProxiedCall {
+    pub endpoint: &'static str,
+    pub model: String,
+    /// The body as the client sent it: forwarded as is unless the gateway changed it.
+    raw: Bytes,
+    body: Parsed,
+}
+
+/// What a call's body is to the gateway.
+enum Parsed {
+    /// A chat call that does not stream, the common case: its few fields read in one pass
+    /// over the bytes, nothing else parsed or copied.
+    Chat {
+        /// Bytes of `messages` written as compact JSON (an upper bound of them).
+        messages_bytes: i64,
+        /// `max_completion_tokens`, else `max_tokens`, where one is an integer.
+        max_tokens: Option<i64>,
+    },
+    /// Anything else, parsed whole so unknown fields pass through unchanged; `changed`
+    /// once the gateway edited it (a stream's usage forced on).
+    Json {
+        body: Map<String, Value>,
+        changed: bool,
+    },
+}
+
+/// The fields of a chat body the gateway reads, borrowed from the body. Any body this does
+/// not take as it is (not an object, a field of another type, a repeated field, a stream)
+/// goes the general way, which also words the errors.
+#[derive(serde::Deserialize)]
+struct ChatFields<'a> {
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(borrow, default)]
+    messages: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a serde_json::value::RawValue>,
+}
+
+impl ProxiedCall {
+    pub fn parse(endpoint: &'static str, bytes: Bytes) -> Result<Self, GatewayError> {
+        if endpoint == "/v1/chat/completions" {
+            if let Some(call) = Self::parse_chat(&bytes) {
+                return Ok(call);
+            }
+        }
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| GatewayError::bad_request(format!("invalid JSON body: {e}"), None))?;
+        let Value::Object(body) = value else {
+            return Err(GatewayError::bad_request(
+                "the request body must be a JSON object",
+                None,
+            ));
+        };
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(_) => {
+                return Err(GatewayError::bad_request(
+                    "`model` must be a non-empty string",
+                    Some("model"),
+                ))
+            }
+            None => {
+                return Err(GatewayError::bad_request(
+                    "`model` is required",
+                    Some("model"),
+                ))
+            }
+        };
+        Ok(Self {
+            endpoint,
+            model,
+            raw: bytes,
+            body: Parsed::Json {
+                body,
+                changed: false,
+            },
+        })
+    }
+
+    /// The one-pass read of a plain chat body, or `None` for the general way.
+    fn parse_chat(bytes: &Bytes) -> Option<Self> {
+        // A struct also deserializes from an array; only an object is a body.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return None;
+        }
+        let fields: ChatFields<'_> = serde_json::from_slice(bytes).ok()?;
+        if fields.stream || fields.model.is_empty() {
+            return None;
+        }
+        // As `Value::as_i64` reads them: an integer within i64, else nothing.
+        let int = |v: Option<&serde_json::value::RawValue>| {
+            v.and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
+        };
+        Some(Self {
+            endpoint: "/v1/chat/completions",
+            model: fields.model.into_owned(),
+            raw: bytes.clone(),
+            body: Parsed::Chat {
+                messages_bytes: fields.messages.map_or(0, |m| compact_len(m.get())),
+                max_tokens: int(fields.max_completion_tokens).or(int(fields.max_tokens)),
+            },
+        })
+    }
+
+    /// The JSON to send the worker.
+    pub(super) fn upstream_body(&self) -> Result<Bytes, GatewayError> {
+        match &self.body {
+            Parsed::Json {
+                body,
+                changed: true,
+            } => serde_json::to_vec(body)
+                .map(Bytes::from)
+                .map_err(|e| GatewayError::Upstream(e.to_string())),
+            _ => Ok(self.raw.clone()),
+        }
+    }
+
+    /// The body as parsed JSON, where it was parsed whole.
+    fn json(&self) -> Option<&Map<String, Value>> {
+        match &self.body {
+            Parsed::Json { body, .. } => Some(body),
+            Parsed::Chat { .. } => None,
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.json()
+            .and_then(|b| b.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// An upper bound of the tokens this call can use, from its body alone:
+    /// `(prompt, completion)`. Byte-level tokenizers never make more tokens than bytes, and
+    /// the JSON of a message is longer than its text plus its role markers.
+    pub fn token_bound(&self, default_completion: i64) -> (i64, i64) {
+        const TEMPLATE_OVERHEAD: i64 = 64;
+        let body = match &self.body {
+            Parsed::Chat {
+                messages_bytes,
+                max_tokens,
+            } => {
+                return (
+                    messages_bytes + TEMPLATE_OVERHEAD,
+                    max_tokens.unwrap_or(default_completion).max(0),
+                )
+            }
+            Parsed::Json { body, .. } => body,
+        };
+        let len = |v: &Value| -> i64 {
+            match v {
+                Value::String(s) => s.len() as i64 + 2,
+                Value::Array(items) => items.len() as i64 + 2,
+                other => serde_json::to_vec(other).map_or(0, |b| b.len() as i64),
+            }
+        };
+        let inputs = |v: Option<&Value>| -> i64 {
+            match v {
+                Some(Value::Array(items)) if items.iter().all(|i| !i.is_number()) => {
+                    items.iter().map(len).sum()
+                }
+                Some(v) => len(v),
+                None => 0,
+            }
+        };
+        match self.endpoint {
+            "/v1/chat/completions" => {
+                let prompt = body
+                    .get("messages")
+                    .and_then(|m| serde_json::to_vec(m).ok())
+                    .map_or(0, |b| b.len() as i64)
+                    + TEMPLATE_OVERHEAD;
+                let completion = ["max_completion_tokens", "max_tokens"]
+                    .iter()
+                    .find_map(|k| body.get(*k).and_then(Value::as_i64))
+                    .unwrap_or(default_completion)
+                    .max(0);
+                (prompt, completion)
+            }
+            _ => (inputs(body.get("input")) + inputs(body.get("labels")), 0),
+        }
+    }
+
+    pub(super) fn client_wants_usage(&self) -> bool {
+        self.json()
+            .and_then(|b| b.get("stream_options"))
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// Billing needs the usage chunk whatever the client asked.
+    pub(super) fn force_stream_usage(&mut self) {
+        if self.client_wants_usage() {
+            return;
+        }
+        let Parsed::Json { body, changed } = &mut self.body else {
+            return;
+        };
+        *changed = true;
+        let options = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !options.is_object() {
+            *options = Value::Object(Map::new());
+        }
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+}
+
+/// The length of valid JSON `text` written compactly: without the whitespace between
+/// tokens. Never less than `serde_json::to_vec` of the same value makes, except where a
+/// number is written shorter than serde writes it back, which no message text is.
+fn compact_len(text: &str) -> i64 {
+    let (mut len, mut in_string, mut escaped) = (0i64, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            len += 1;
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !b.is_ascii_whitespace() {
+            len += 1;
+            in_string = b == b'"';
+        }
+    }
+    len
+}
+
+/// Who made the call and when, for the usage event.
+#[derive(Clone)]
+pub struct CallContext {
+    pub request_id: String,
+    pub caller: KeyCaller,
+    pub started_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The general way for any endpoint's body: parsed whole.
+    fn parse_whole(bytes: &'static [u8]) -> Result<ProxiedCall, GatewayError> {
+        let mut call = ProxiedCall::parse("/v1/embeddings", Bytes::from_static(bytes))?;
+        call.endpoint = "/v1/chat/completions";
+        Ok(call)
+    }
+
+    #[test]
+    fn a_plain_chat_body_read_in_one_pass_bounds_and_forwards_as_parsed_whole() {
+        let bodies: [&'static [u8]; 8] = [
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            br#"{"model":"m","max_tokens":16,"messages":[{"role":"user","content":"a \"quoted\" \\ word"}]}"#,
+            br#"{"messages":[{"role":"system","content":"x"},{"role":"user","content":"y"}],"max_completion_tokens":7,"max_tokens":99,"model":"m2"}"#,
+            br#"{"model":"m","max_tokens":16.0,"messages":[]}"#,
+            br#"{"model":"m","max_tokens":-3,"stream":false,"extra":{"k":[1,2,3]}}"#,
+            br#"{"model":"m","max_tokens":null,"max_completion_tokens":"5","messages":[{"role":"user","content":"\u00e9t\u00e9"}]}"#,
+            b"{\"model\":\"m\",\"max_tokens\":18446744073709551615,\"messages\":[{\"role\":\"user\",\"content\":\"caf\xc3\xa9\"}]}",
+            br#"{"model":"m\u0021","messages":[{"role":"user","content":[{"type":"text","text":"t"}]}]}"#,
+        ];
+        for bytes in bodies {
+            let text = String::from_utf8_lossy(bytes);
+            let fast = ProxiedCall::parse("/v1/chat/completions", Bytes::from_static(bytes))
+                .unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            assert!(matches!(fast.body, Parsed::Chat { .. }), "{text}");
+            let whole = parse_whole(bytes).unwrap();
+            assert_eq!(fast.model, whole.model, "{text}");
+            assert!(!fast.is_stream() && !whole.is_stream(), "{text}");
+            let (fast_bound, whole_bound) = (fast.token_bound(256), whole.token_bound(256));
+            assert_eq!(fast_bound.1, whole_bound.1, "{text}");
+            // Escapes are written back shorter, never longer.
+            assert!(
+                fast_bound.0 >= whole_bound.0,
+                "{text}: {fast_bound:?} {whole_bound:?}"
+            );
+            assert_eq!(
+                fast.upstream_body().unwrap(),
+                Bytes::from_static(bytes),
+                "{text}"
+            );
+        }
+        // Written compactly with nothing to unescape, the bound is the same to the byte.
+        let compact: &'static [u8] =
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let spaced: &'static [u8] =
+            b"{ \"model\": \"m\",\n  \"messages\": [ {\"role\": \"user\", \"content\": \"h i\"} ] }";
+        let fast = ProxiedCall::parse("/v1/chat/completions", Bytes::from_static(compact)).unwrap();
+        assert_eq!(
+            fast.token_bound(0),
+            parse_whole(compact).unwrap().token_bound(0)
+        );
+        let fast = ProxiedCall::parse("/v1/chat/completions", Bytes::from_static(spaced)).unwrap();
+        assert_eq!(
+            fast.token_bound(0),
+            parse_whole(spaced).unwrap().token_bound(0)
+        );
+    }
+
+    #[test]
+    fn chat_bodies_the_one_pass_does_not_take_go_the_general_way() {
+        let general = |bytes: &'static [u8]| {
+            let call = ProxiedCall::parse("/v1/chat/completions", Bytes::from_static(bytes));
+            call.map(|c| matches!(c.body, Parsed::Json { .. }))
+        };
+        // Streams (the body changes), odd types of known fields, repeated fields.
+        assert_eq!(general(br#"{"model":"m","stream":true}"#).ok(), Some(true));
+        assert_eq!(general(br#"{"model":"m","stream":null}"#).ok(), Some(true));
+        assert_eq!(general(br#"{"model":"m","model":"n"}"#).ok(), Some(true));
+        let repeated = ProxiedCall::parse(
+            "/v1/chat/completions",
+            Bytes::from_static(br#"{"model":"m","model":"n"}"#),
+        );
+        assert_eq!(repeated.ok().map(|c| c.model), Some("n".to_string()));
+        // Bad bodies keep the general way's words.
+        let message = |bytes: &'static [u8]| match general(bytes) {
+            Err(GatewayError::BadRequest { message, .. }) => message,
+            other => panic!("{}: {:?}", String::from_utf8_lossy(bytes), other.ok()),
+        };
+        assert_eq!(
+            message(br#"[{"model":"m"}]"#),
+            "the request body must be a JSON object"
+        );
+        assert_eq!(
+            message(br#"["m"]"#),
+            "the request body must be a JSON object"
+        );
+        assert_eq!(
+            message(br#"{"model":7}"#),
+            "`model` must be a non-empty string"
+        );
+        assert_eq!(
+            message(br#"{"model":""}"#),
+            "`model` must be a non-empty string"
+        );
+        assert_eq!(message(br#"{"messages":[]}"#), "`model` is required");
+        assert!(message(br#"{"model":"m""#).starts_with("invalid JSON body"));
+        assert!(message(br#"{"model":"m"} x"#).starts_with("invalid JSON body"));
+    }
+
+    #[test]
+    fn stream_usage_is_forced_on() {
+        let mut call = ProxiedCall::parse(
+            "/v1/chat/completions",
+            Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null}"#),
+        )
+        .unwrap();
+        assert!(!call.client_wants_usage());
+        call.force_stream_usage();
+        assert!(call.client_wants_usage());
+        let sent: Value = serde_json::from_slice(&call.upstream_body().unwrap()).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], Value::Bool(true));
+    }
+}

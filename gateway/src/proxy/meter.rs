@@ -1,0 +1,242 @@
+//! Passing a worker's SSE stream to the client while metering it.
+//!
+//! Owns: reading the stream event by event, keeping the worker's running count (its usage
+//! comments, then the usage chunk), hiding the usage chunk from a client that did not ask
+//! for it, and finishing the call exactly once: before `[DONE]` goes out, when the worker
+//! fails or ends early, or when the client leaves. Must never: send `[DONE]` before the
+//! usage is durable, or bill an early end for more than the worker had delivered.
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use billing::UsageStatus;
+use futures::{Stream, StreamExt};
+use http_body_util::BodyExt;
+
+use super::outcome::OutcomeOnEnd;
+use super::usage::{UsageRecorder, WorkerJson};
+use crate::pool::WorkerSlot;
+use crate::upstream::UpstreamBody;
+
+/// A metered SSE response of the worker's `upstream` stream; the worker's `slot` is held
+/// until the stream ends.
+pub(super) fn metered_response(
+    recorder: UsageRecorder,
+    slot: WorkerSlot,
+    upstream: hyper::Response<UpstreamBody>,
+    client_wants_usage: bool,
+) -> Response {
+    let meter = StreamMeter {
+        recorder: Some(recorder),
+        counted: (0, 0),
+        outcome: None,
+        _slot: slot,
+    };
+    let body = metered(
+        upstream.into_body().into_data_stream(),
+        meter,
+        client_wants_usage,
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Tracks a stream's usage; if dropped before the stream completed (the client left),
+/// spools what was delivered.
+struct StreamMeter {
+    /// Until the call is finished.
+    recorder: Option<UsageRecorder>,
+    counted: (u64, u64),
+    /// Set once a success is spooled; reports the outcome when the stream ends, or
+    /// "undelivered" if the meter is dropped first.
+    outcome: Option<OutcomeOnEnd>,
+    _slot: WorkerSlot,
+}
+
+impl StreamMeter {
+    /// Finishes the call with what was counted; whether its usage was spooled.
+    async fn record(&mut self, status: UsageStatus) -> bool {
+        let Some(recorder) = self.recorder.take() else {
+            return false;
+        };
+        match recorder.finish(self.counted, status).durable().await {
+            Ok(outcome) => {
+                self.outcome = Some(outcome);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for StreamMeter {
+    fn drop(&mut self) {
+        // A pending outcome reports itself as undelivered when `self.outcome` drops.
+        if let Some(recorder) = self.recorder.take() {
+            recorder
+                .finish(self.counted, UsageStatus::ClientCancelled)
+                .queued();
+        }
+    }
+}
+
+/// What one upstream SSE event means to the meter.
+enum SseEvent<'a> {
+    /// `: usage P C` from the worker.
+    Counted(u64, u64),
+    Comment,
+    Done,
+    Data(&'a str),
+}
+
+fn classify_event(event: &str) -> SseEvent<'_> {
+    if let Some(usage) = openai_types::parse_usage_comment(event) {
+        return SseEvent::Counted(usage.prompt_tokens, usage.completion_tokens);
+    }
+    if event.starts_with(':') {
+        return SseEvent::Comment;
+    }
+    match event.strip_prefix("data:").map(str::trim) {
+        Some("[DONE]") => SseEvent::Done,
+        Some(data) => SseEvent::Data(data),
+        None => SseEvent::Comment,
+    }
+}
+
+/// Passes the worker's SSE stream through, reading usage from it, hiding the usage chunk
+/// if the client did not ask for it, and recording usage before `[DONE]` goes out.
+fn metered<E: std::fmt::Display + Send + 'static>(
+    upstream: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
+    meter: StreamMeter,
+    client_wants_usage: bool,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    struct State<S> {
+        upstream: S,
+        meter: StreamMeter,
+        buffer: Vec<u8>,
+        finished: bool,
+    }
+    let state = State {
+        upstream: Box::pin(upstream),
+        meter,
+        buffer: Vec::new(),
+        finished: false,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        if st.finished {
+            // The server asked for more after the last event: all of it was handed over.
+            if let Some(outcome) = st.meter.outcome.as_mut() {
+                outcome.settle(true);
+            }
+            return None;
+        }
+        loop {
+            // Emit every complete event in the buffer.
+            if let Some(end) = find_event_end(&st.buffer) {
+                let raw: Vec<u8> = st.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&raw[..raw.len() - 2]).into_owned();
+                match classify_event(&text) {
+                    SseEvent::Counted(p, c) => st.meter.counted = (p, c),
+                    SseEvent::Comment => {}
+                    SseEvent::Done => {
+                        st.finished = true;
+                        let out = if st.meter.record(UsageStatus::Success).await {
+                            Bytes::from_static(b"data: [DONE]\n\n")
+                        } else {
+                            Bytes::from(error_event(
+                                "usage could not be recorded",
+                                "metering_unavailable",
+                            ))
+                        };
+                        return Some((Ok(out), st));
+                    }
+                    SseEvent::Data(data) => {
+                        let parsed = WorkerJson::parse(data.as_bytes());
+                        if let Some(usage) = parsed.as_ref().and_then(WorkerJson::usage) {
+                            st.meter.counted = usage;
+                            if !client_wants_usage {
+                                continue;
+                            }
+                        }
+                        if parsed.is_some_and(|p| p.error) {
+                            st.finished = true;
+                            st.meter.record(UsageStatus::UpstreamFailed).await;
+                        }
+                        return Some((Ok(Bytes::from(raw)), st));
+                    }
+                }
+                continue;
+            }
+            match st.upstream.next().await {
+                Some(Ok(chunk)) => st.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    // The worker went away mid-stream: bill what was delivered, tell the client.
+                    st.finished = true;
+                    st.meter.record(UsageStatus::UpstreamFailed).await;
+                    let out = error_event(
+                        &format!("the upstream worker failed mid-stream: {e}"),
+                        "upstream_error",
+                    );
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+                None => {
+                    st.finished = true;
+                    st.meter.record(UsageStatus::UpstreamFailed).await;
+                    let out = error_event("the upstream stream ended early", "upstream_error");
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+            }
+        }
+    })
+}
+
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    buffer.windows(2).position(|w| w == b"\n\n")
+}
+
+fn error_event(message: &str, code: &str) -> String {
+    let body = openai_types::ErrorBody::new(message, "server_error", None, Some(code));
+    format!(
+        "data: {}\n\n",
+        serde_json::to_string(&body).unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_sse_events() {
+        assert!(matches!(
+            classify_event(": usage 12 3"),
+            SseEvent::Counted(12, 3)
+        ));
+        assert!(matches!(classify_event(": keep-alive"), SseEvent::Comment));
+        assert!(matches!(classify_event("data: [DONE]"), SseEvent::Done));
+        assert!(matches!(
+            classify_event("data: {\"a\":1}"),
+            SseEvent::Data("{\"a\":1}")
+        ));
+    }
+
+    #[test]
+    fn usage_and_errors_are_read_from_a_reply_or_a_chunk() {
+        let read = |json: &str| WorkerJson::parse(json.as_bytes()).map(|j| (j.usage(), j.error));
+        let reply = r#"{"id":"x","choices":[{"message":{"content":"hi"}}],
+            "usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
+        assert_eq!(read(reply), Some((Some((10, 2)), false)));
+        // Embeddings count no completion tokens.
+        let embedding = r#"{"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(read(embedding), Some((Some((4, 0)), false)));
+        let chunk = r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#;
+        assert_eq!(read(chunk), Some((None, false)));
+        let error = r#"{"error":{"message":"boom","type":"server_error"}}"#;
+        assert_eq!(read(error), Some((None, true)));
+        assert_eq!(read(r#"{"error":null}"#), Some((None, true)));
+        assert_eq!(read("not json"), None);
+    }
+}

@@ -1,0 +1,92 @@
+//! Forwarding consumer calls to workers and metering what they used.
+//!
+//! Every successful call produces exactly one usage event, durable in the spool before the
+//! client sees the end of the response: for a JSON reply, before the reply is sent; for a
+//! stream, before `[DONE]`. Once the response is handed over (or the client is gone) an
+//! outcome follows. A stream that ends early is billed for the tokens the worker had
+//! delivered, as counted by the worker's `: usage P C` comments, and marked as such.
+//!
+//! Owns: the path of one call, in order: `call` (the body and its token bound),
+//! `reserve` (the cost reserved and settled), `forward` (workers and retries),
+//! `meter` (streams), `usage` (finishing the call with its usage event), `outcome`
+//! (whether the client got the response). Must never: answer a success whose usage is
+//! not spooled, or forward a call its key may not make.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use billing::Spool;
+
+use crate::error::GatewayError;
+use crate::limits::Admission;
+use crate::metrics::GatewayMetrics;
+use crate::pool::WorkerPool;
+use crate::pricing::PriceCache;
+use crate::upstream::Upstream;
+
+mod call;
+mod forward;
+mod meter;
+mod outcome;
+mod reserve;
+mod usage;
+
+pub use call::{CallContext, ProxiedCall};
+
+use reserve::Reservation;
+
+/// How long a call waits on workers, and on how many it may be tried.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    /// Until the worker's response head arrives.
+    pub first_byte_timeout: Duration,
+    /// For a whole non-streamed response.
+    pub total_timeout: Duration,
+    /// Workers tried for one request (only while nothing reached the client).
+    pub max_attempts: usize,
+}
+
+pub struct Proxy {
+    pub pool: Arc<WorkerPool>,
+    /// Connections to workers, one set per serving thread (index 0: any other thread), so
+    /// a request's connection to a worker lives on the thread that serves the request.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub spool: Spool,
+    pub timeouts: UpstreamTimeouts,
+    pub metrics: Arc<GatewayMetrics>,
+    pub admission: Arc<Admission>,
+    pub prices: Arc<PriceCache>,
+    /// Completion tokens reserved for a chat call that sets no `max_tokens`.
+    pub default_completion_reserve: i64,
+}
+
+impl Proxy {
+    /// Checks the model against the key and the pool, reserves, forwards, meters, answers.
+    pub async fn handle(
+        &self,
+        ctx: CallContext,
+        call: ProxiedCall,
+    ) -> Result<Response, GatewayError> {
+        if !ctx.caller.key.allows_model(&call.model) {
+            return Err(GatewayError::ModelNotAllowed(call.model));
+        }
+        if !self.pool.knows(&call.model) {
+            return Err(GatewayError::ModelNotFound(call.model));
+        }
+        let (reservation, rate_headers) = Reservation::admit(
+            &self.admission,
+            &self.prices,
+            self.default_completion_reserve,
+            &ctx,
+            &call,
+        )
+        .await?;
+        let mut response = match self.forward(ctx, call, reservation).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        rate_headers.apply(response.headers_mut());
+        Ok(response)
+    }
+}

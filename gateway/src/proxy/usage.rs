@@ -1,0 +1,140 @@
+//! What a call used: read from the worker's JSON, recorded once.
+//!
+//! Owns: reading `usage` (and an `error`) from a worker's reply or stream chunk, and
+//! finishing a call with its usage: the one usage event, its tokens in the metrics, the
+//! reservation settled, the event spooled. A JSON reply, a stream that completes or fails,
+//! and a stream its client left all finish through [`UsageRecorder::finish`]. Must never:
+//! finish a call twice, or bill an early end for more than was delivered.
+
+use std::sync::Arc;
+
+use billing::{now_ms, Delivery, Spool, UsageEvent, UsageStatus};
+use serde::{Deserialize, Deserializer};
+
+use super::call::CallContext;
+use super::outcome::OutcomeOnEnd;
+use super::reserve::Reservation;
+use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
+
+/// The fields of a worker's JSON (a reply or a stream chunk) billing reads; the rest is
+/// skipped, not built into a tree.
+#[derive(Deserialize)]
+pub(super) struct WorkerJson {
+    usage: Option<Counts>,
+    /// Whether the JSON carries an `error`, whatever its value.
+    #[serde(default, deserialize_with = "present")]
+    pub(super) error: bool,
+}
+
+#[derive(Deserialize)]
+struct Counts {
+    prompt_tokens: u64,
+    completion_tokens: Option<u64>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+impl WorkerJson {
+    pub(super) fn parse(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// `(prompt_tokens, completion_tokens)`, where the JSON carries usage.
+    pub(super) fn usage(&self) -> Option<(u64, u64)> {
+        self.usage
+            .as_ref()
+            .map(|u| (u.prompt_tokens, u.completion_tokens.unwrap_or(0)))
+    }
+}
+
+/// A call that has a worker's answer coming: who made it, what it reserved, and where its
+/// usage goes once known.
+pub(super) struct UsageRecorder {
+    pub(super) ctx: CallContext,
+    pub(super) endpoint: &'static str,
+    pub(super) model: String,
+    pub(super) reservation: Reservation,
+    pub(super) spool: Spool,
+    pub(super) metrics: Arc<GatewayMetrics>,
+}
+
+impl UsageRecorder {
+    /// Finishes the call with the tokens it used: builds its usage event, counts the tokens,
+    /// settles the reservation. The event still has to be spooled, waiting or not.
+    pub(super) fn finish(self, (prompt, completion): (u64, u64), status: UsageStatus) -> Spooling {
+        let delivery = match status {
+            UsageStatus::Success => Delivery::Unknown,
+            // An early end is billed for what was delivered, so it is delivered.
+            UsageStatus::ClientCancelled | UsageStatus::UpstreamFailed => Delivery::Delivered,
+        };
+        let Self {
+            ctx,
+            endpoint,
+            model,
+            mut reservation,
+            spool,
+            metrics,
+        } = self;
+        let event = UsageEvent {
+            request_id: ctx.request_id,
+            tenant_id: ctx.caller.key.tenant_id.clone(),
+            key_id: ctx.caller.key.id.clone(),
+            model,
+            endpoint: endpoint.to_owned(),
+            prompt_tokens: prompt as i64,
+            completion_tokens: completion as i64,
+            started_at: ctx.started_at,
+            finished_at: now_ms(),
+            status,
+            delivery,
+        };
+        for (kind, n) in [
+            ("prompt", event.prompt_tokens),
+            ("completion", event.completion_tokens),
+        ] {
+            metrics
+                .tokens
+                .with_label_values(&[&event.tenant_id, &event.model, kind])
+                .inc_by(n.max(0) as u64);
+        }
+        reservation.settle((prompt, completion));
+        Spooling { spool, event }
+    }
+}
+
+/// A finished call's usage event on its way to the spool.
+#[must_use]
+pub(super) struct Spooling {
+    spool: Spool,
+    event: UsageEvent,
+}
+
+impl Spooling {
+    /// Appends the event and waits until it is durable. The outcome to report once the
+    /// response is handed over: only a success's, an early end's event says it already.
+    pub(super) async fn durable(self) -> Result<OutcomeOnEnd, GatewayError> {
+        let Self { spool, event } = self;
+        match spool.append_usage(&event).await {
+            Ok(()) => Ok(OutcomeOnEnd::new(
+                spool,
+                event.request_id,
+                event.status == UsageStatus::Success,
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, request_id = %event.request_id, status = ?event.status, "spooling usage failed");
+                Err(GatewayError::Metering)
+            }
+        }
+    }
+
+    /// Queues the event without waiting, for a destructor; queued now, synchronously, so a
+    /// shutdown's final flush covers it.
+    pub(super) fn queued(self) {
+        if !self.spool.append_usage_detached(&self.event) {
+            tracing::error!(request_id = %self.event.request_id, status = ?self.event.status, "spooling usage failed");
+        }
+    }
+}
