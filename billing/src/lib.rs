@@ -10,6 +10,7 @@ pub mod export;
 pub mod invoices;
 pub mod prices;
 pub mod reconcile;
+pub mod sample;
 pub mod series;
 pub mod spool;
 pub mod usage;
@@ -17,6 +18,7 @@ pub mod usage;
 pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
 pub use prices::{period_of, Micros, Price, PriceBook, PriceError, Tier};
+pub use sample::UsageEventBuilder;
 pub use spool::{
     Shipper, ShipperHandle, ShipperStats, Spool, SpoolError, SpoolOptions, SpoolStats,
 };
