@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use billing::export::{export_usage, Format, UsageSelection};
 use billing::invoices::period_bounds;
-use billing::{Db, Delivery, Ledger, UsageEvent, UsageStatus};
+use billing::{Db, Ledger, UsageEvent};
 use sqlx::Row;
 
 fn peak_rss_mib() -> f64 {
@@ -47,19 +47,14 @@ async fn main() -> anyhow::Result<()> {
         let seeded = Instant::now();
         let mut batch = Vec::with_capacity(5000);
         for i in have..rows {
-            batch.push(UsageEvent {
-                request_id: format!("req_export_{i:010}"),
-                tenant_id: "tn_export".into(),
-                key_id: format!("key_{}", i % 17),
-                model: "SmolLM2-135M-Instruct".into(),
-                endpoint: "/v1/chat/completions".into(),
-                prompt_tokens: 20 + i % 300,
-                completion_tokens: i % 500,
-                started_at: start + i * step,
-                finished_at: start + i * step + 200,
-                status: UsageStatus::Success,
-                delivery: Delivery::Delivered,
-            });
+            batch.push(
+                UsageEvent::builder(format!("req_export_{i:010}"), "tn_export")
+                    .key(format!("key_{}", i % 17))
+                    .model("SmolLM2-135M-Instruct")
+                    .tokens(20 + i % 300, i % 500)
+                    .at(start + i * step, 200)
+                    .build(),
+            );
             if batch.len() == batch.capacity() {
                 ledger.record_batch(&batch).await?;
                 batch.clear();

@@ -15,23 +15,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use billing::{Db, Delivery, Ledger, Shipper, Spool, SpoolOptions, UsageEvent, UsageStatus};
+use billing::{Db, Ledger, Shipper, Spool, SpoolOptions, UsageEvent};
 use sqlx::Connection;
 
 fn event(i: usize) -> UsageEvent {
-    UsageEvent {
-        request_id: format!("req_bench_{i:010}"),
-        tenant_id: format!("tn_{}", i % 97),
-        key_id: format!("key_{}", i % 311),
-        model: "SmolLM2-135M-Instruct".into(),
-        endpoint: "/v1/chat/completions".into(),
-        prompt_tokens: 30 + (i % 50) as i64,
-        completion_tokens: (i % 200) as i64,
-        started_at: 1_800_000_000_000 + i as i64,
-        finished_at: 1_800_000_000_100 + i as i64,
-        status: UsageStatus::Success,
-        delivery: Delivery::Delivered,
-    }
+    UsageEvent::builder(format!("req_bench_{i:010}"), format!("tn_{}", i % 97))
+        .key(format!("key_{}", i % 311))
+        .model("SmolLM2-135M-Instruct")
+        .tokens(30 + (i % 50) as i64, (i % 200) as i64)
+        .at(1_800_000_000_000 + i as i64, 100)
+        .build()
 }
 
 #[tokio::main]

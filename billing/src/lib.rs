@@ -11,6 +11,7 @@ pub mod invoices;
 pub mod period;
 pub mod prices;
 pub mod reconcile;
+pub mod sample;
 pub mod series;
 pub mod spool;
 pub mod usage;
@@ -19,6 +20,7 @@ pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
 pub use period::{now_ms, period_of};
 pub use prices::{Micros, Price, PriceBook, PriceError, Tier};
+pub use sample::UsageEventBuilder;
 pub use spool::{
     Shipper, ShipperHandle, ShipperStats, Spool, SpoolError, SpoolOptions, SpoolStats,
 };

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, FromArgMatches};
 
 /// The store when none is given: an SQLite file under `data/`.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/gateway.db";
@@ -78,6 +78,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS", default_value_t = 1000)]
     pub health_interval_ms: u64,
 
+    /// Milliseconds between reloads of the price book from the store: how soon a new
+    /// price version reaches this replica's spend caps.
+    #[arg(long, env = "GATEWAY_PRICE_REFRESH_MS", default_value_t = 5000)]
+    pub price_refresh_ms: u64,
+
     /// Milliseconds a key lookup is cached: the bound on revocation reaching this replica.
     #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
@@ -140,6 +145,22 @@ pub struct GatewayConfig {
     pub demo_key_file: Option<PathBuf>,
 }
 
+impl Default for GatewayConfig {
+    /// Every flag's default, as `gateway serve` has it with no flag and no environment
+    /// variable set, and no workers: the flags above are the one place defaults are written.
+    fn default() -> Self {
+        let command = Self::augment_args(clap::Command::new("gateway"))
+            .mut_args(|arg| arg.env(None).required(false));
+        let parsed = command
+            .try_get_matches_from(["gateway"])
+            .and_then(|matches| Self::from_arg_matches(&matches));
+        // Fails only if a flag above lacks a default while being required: a build error
+        // in all but name, which the test below catches.
+        #[allow(clippy::expect_used)]
+        parsed.expect("every flag of GatewayConfig has a default or is optional")
+    }
+}
+
 impl GatewayConfig {
     /// The admin signing secret from the flag or the file; `None`: the admin API is off.
     pub fn admin_secret(&self) -> anyhow::Result<Option<crate::admin::Secret>> {
@@ -148,5 +169,30 @@ impl GatewayConfig {
             self.admin_jwt_secret_file.as_deref(),
         )
         .map_err(anyhow::Error::msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The defaults are the binary's: what its flags parse to with only a worker given
+    /// (and the environment left out, as the test's may set some).
+    #[test]
+    fn default_is_the_flags_defaults() {
+        let matches = GatewayConfig::augment_args(clap::Command::new("gateway"))
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(["gateway", "--worker", "http://w:1"])
+            .unwrap();
+        let parsed = GatewayConfig::from_arg_matches(&matches).unwrap();
+        let default = GatewayConfig {
+            workers: vec!["http://w:1".into()],
+            ..GatewayConfig::default()
+        };
+        assert_eq!(format!("{default:?}"), format!("{parsed:?}"));
+        assert_eq!(default.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(default.price_refresh_ms, 5000);
+        assert!(GatewayConfig::default().workers.is_empty());
     }
 }

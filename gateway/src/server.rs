@@ -68,6 +68,7 @@ pub struct Gateway {
     spool: Spool,
     shipper: ShipperHandle,
     health_interval: Duration,
+    price_refresh: Duration,
     serve_options: ServeOptions,
 }
 
@@ -185,6 +186,7 @@ impl Gateway {
             spool,
             shipper,
             health_interval: Duration::from_millis(config.health_interval_ms),
+            price_refresh: Duration::from_millis(config.price_refresh_ms),
             serve_options,
         })
     }
@@ -231,7 +233,7 @@ impl Gateway {
             .state
             .proxy
             .prices
-            .spawn_refresh(self.db.clone(), Duration::from_secs(5));
+            .spawn_refresh(self.db.clone(), self.price_refresh);
         let partitions = {
             let db = self.db.clone();
             tokio::spawn(async move {

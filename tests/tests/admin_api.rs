@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use billing::invoices::period_bounds;
-use billing::{Delivery, Ledger, UsageEvent, UsageStatus};
+use billing::{Delivery, Ledger, UsageEvent};
 use e2e_tests::stub::{StubWorker, STUB_CHAT_MODEL};
 use e2e_tests::{gateway_config, workspace_root, RunningGateway, TempPostgres, TempSqlite};
 use gateway::admin::{Role, Secret, OPERATIONS};
@@ -106,19 +106,13 @@ impl Admin {
 
 /// A usage record of `tenant` / `key` at `at` ms.
 fn record(id: &str, tenant: &str, key: &str, at: i64, p: i64, c: i64, d: Delivery) -> UsageEvent {
-    UsageEvent {
-        request_id: id.into(),
-        tenant_id: tenant.into(),
-        key_id: key.into(),
-        model: STUB_CHAT_MODEL.into(),
-        endpoint: "/v1/chat/completions".into(),
-        prompt_tokens: p,
-        completion_tokens: c,
-        started_at: at,
-        finished_at: at + 7,
-        status: UsageStatus::Success,
-        delivery: d,
-    }
+    UsageEvent::builder(id, tenant)
+        .key(key)
+        .model(STUB_CHAT_MODEL)
+        .tokens(p, c)
+        .at(at, 7)
+        .delivery(d)
+        .build()
 }
 
 fn last_month() -> String {

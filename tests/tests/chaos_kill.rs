@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use billing::{Db, Delivery, UsageStatus};
-use e2e_tests::{GatewayProcess, TempSqlite, WorkerProcess, EMBEDDING_MODEL};
+use e2e_tests::{
+    request_id, wait_until, GatewayProcess, TempSqlite, WorkerProcess, EMBEDDING_MODEL,
+};
 use gateway::tenants::{NewKey, TenantStore};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -103,7 +105,7 @@ async fn kill_nine_during_load(gateway_args: &[&str]) {
                     .await;
                 match sent {
                     Ok(response) if response.status() == 200 => {
-                        let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+                        let id = request_id(&response);
                         // A success is a whole body received.
                         match response.bytes().await {
                             Ok(_) => {
@@ -136,7 +138,22 @@ async fn kill_nine_during_load(gateway_args: &[&str]) {
         gateway = GatewayProcess::start_with(&store.url, &spool_dir, &workers, gateway_args).await;
         *current_url.write().unwrap() = gateway.url.clone();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The last gateway serves some of the load before it stops gracefully.
+    let restarted = Instant::now();
+    wait_until(
+        "calls served by the last gateway",
+        Duration::from_secs(30),
+        || async {
+            let completed = observed.completed_at.lock().unwrap();
+            completed
+                .iter()
+                .rev()
+                .take_while(|at| **at > restarted)
+                .count()
+                >= CLIENTS
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();

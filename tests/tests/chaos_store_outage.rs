@@ -11,13 +11,23 @@ use std::time::{Duration, Instant};
 
 use billing::{Delivery, Ledger};
 use e2e_tests::{
-    gateway_config, RunningGateway, ThrowawayPostgres, WorkerProcess, EMBEDDING_MODEL,
+    gateway_config, request_id, wait_until, RunningGateway, ThrowawayPostgres, WorkerProcess,
+    EMBEDDING_MODEL,
 };
 use gateway::tenants::NewKey;
 use serde_json::json;
 
 const OUTAGE: Duration = Duration::from_secs(60);
 const CLIENTS: usize = 4;
+/// Calls served on either side of the outage before it starts and before the load stops.
+const WARM_CALLS: usize = 4 * CLIENTS;
+const CALLS_LIMIT: Duration = Duration::from_secs(30);
+
+/// How many of `successes` completed after `since`.
+fn served_since(successes: &Mutex<Vec<(String, Instant)>>, since: Instant) -> usize {
+    let successes = successes.lock().unwrap();
+    successes.iter().filter(|(_, at)| *at > since).count()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_for_a_minute_loses_nothing() {
@@ -51,7 +61,7 @@ async fn postgres_down_for_a_minute_loses_nothing() {
                     .await
                     .unwrap();
                 let status = response.status();
-                let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+                let id = request_id(&response);
                 let body = response.text().await.unwrap();
                 assert_eq!(status, 200, "request failed: {body}");
                 successes.lock().unwrap().push((id, Instant::now()));
@@ -60,7 +70,11 @@ async fn postgres_down_for_a_minute_loses_nothing() {
         }));
     }
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load_from = Instant::now();
+    wait_until("calls served before the outage", CALLS_LIMIT, || async {
+        served_since(&successes, load_from) >= WARM_CALLS
+    })
+    .await;
     pg.stop_server();
     let down_at = Instant::now();
     println!("postgres stopped");
@@ -68,7 +82,10 @@ async fn postgres_down_for_a_minute_loses_nothing() {
     pg.start_server();
     let up_at = Instant::now();
     println!("postgres started");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until("calls served after the outage", CALLS_LIMIT, || async {
+        served_since(&successes, up_at) >= WARM_CALLS
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();

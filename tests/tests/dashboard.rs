@@ -6,26 +6,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use billing::invoices::period_bounds;
-use billing::{Delivery, Ledger, UsageEvent, UsageStatus};
+use billing::{Ledger, UsageEvent};
 use e2e_tests::stub::{StubWorker, STUB_CHAT_MODEL};
-use e2e_tests::{gateway_config, workspace_root, RunningGateway, TempSqlite};
+use e2e_tests::{gateway_config, request_id, workspace_root, RunningGateway, TempSqlite};
 use gateway::admin::{Role, Secret};
 use gateway::tenants::NewKey;
 
 fn record(id: String, tenant: &str, key: &str, at: i64, p: i64, c: i64) -> UsageEvent {
-    UsageEvent {
-        request_id: id,
-        tenant_id: tenant.into(),
-        key_id: key.into(),
-        model: STUB_CHAT_MODEL.into(),
-        endpoint: "/v1/chat/completions".into(),
-        prompt_tokens: p,
-        completion_tokens: c,
-        started_at: at,
-        finished_at: at + 9,
-        status: UsageStatus::Success,
-        delivery: Delivery::Delivered,
-    }
+    UsageEvent::builder(id, tenant)
+        .key(key)
+        .model(STUB_CHAT_MODEL)
+        .tokens(p, c)
+        .at(at, 9)
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +121,7 @@ async fn dashboard_in_headless_chromium() {
             .send()
             .await
             .unwrap();
-        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let id = request_id(&r);
         if i < 5 {
             assert_eq!(r.status(), 200);
             let rec = gw.usage_record(&id).await.expect("usage recorded");

@@ -6,26 +6,17 @@
 
 use billing::export::{export_invoice_trace, export_usage, Format, UsageSelection};
 use billing::invoices::period_bounds;
-use billing::{
-    Db, Delivery, InvoiceError, Invoices, Ledger, LineKind, Micros, Price, UsageEvent, UsageStatus,
-};
+use billing::{Db, Delivery, InvoiceError, Invoices, Ledger, LineKind, Micros, Price, UsageEvent};
 use e2e_tests::{TempPostgres, TempSqlite};
 use rand::{Rng, SeedableRng};
 
 fn event(id: &str, tenant: &str, model: &str, at: i64, p: i64, c: i64, d: Delivery) -> UsageEvent {
-    UsageEvent {
-        request_id: id.into(),
-        tenant_id: tenant.into(),
-        key_id: "k".into(),
-        model: model.into(),
-        endpoint: "/v1/chat/completions".into(),
-        prompt_tokens: p,
-        completion_tokens: c,
-        started_at: at,
-        finished_at: at + 5,
-        status: UsageStatus::Success,
-        delivery: d,
-    }
+    UsageEvent::builder(id, tenant)
+        .model(model)
+        .tokens(p, c)
+        .at(at, 5)
+        .delivery(d)
+        .build()
 }
 
 fn price(model: &str, from: i64, input: i64, output: i64, request: i64) -> Price {

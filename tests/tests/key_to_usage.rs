@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use base64::Engine as _;
-use e2e_tests::{Stack, CHAT_MODEL, EMBEDDING_MODEL};
+use e2e_tests::{request_id, Stack, CHAT_MODEL, EMBEDDING_MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -20,10 +20,7 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = request_id(&response);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
@@ -103,10 +100,7 @@ async fn streamed_completion_ends_with_done_and_is_recorded() {
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = request_id(&response);
     let mut text = String::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -174,10 +168,7 @@ async fn models_embeddings_and_bad_keys() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = request_id(&response);
     let body: Value = response.json().await.unwrap();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(body["data"][0]["embedding"].as_str().unwrap())
@@ -237,7 +228,7 @@ async fn a_key_reads_its_own_tenants_usage_and_nobody_elses() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), 200);
-            r.headers()["x-request-id"].to_str().unwrap().to_owned()
+            request_id(&r)
         }
     };
     let mut ids = vec![

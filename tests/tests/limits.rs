@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::stub::{StubWorker, STUB_CHAT_MODEL, STUB_PROMPT_TOKENS};
-use e2e_tests::{gateway_config, RunningGateway, TempPostgres, TempSqlite};
+use e2e_tests::{
+    gateway_config, metric, wait_for, wait_until, RunningGateway, TempPostgres, TempSqlite,
+};
 use gateway::limits::Limits;
 use gateway::tenants::NewKey;
+use gateway::GatewayConfig;
 use serde_json::{json, Value};
 
 /// A tenant on a plan with `plan` limits and one key narrowed by `key`.
@@ -42,6 +45,9 @@ async fn tenant_on_plan(gw: &RunningGateway, name: &str, plan: Limits, key: Limi
         .unwrap();
     key.expose().to_owned()
 }
+
+/// The most a test waits for the gateway to settle or reload what it was just told.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 fn chat(max_tokens: u64) -> Value {
     json!({"model": STUB_CHAT_MODEL, "max_tokens": max_tokens,
@@ -177,16 +183,35 @@ async fn rates_and_concurrency(url: &str) {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("both held requests at the worker", SETTLE_LIMIT, || async {
+        metric(
+            &http,
+            &gw.metrics_url,
+            "gateway_worker_outstanding_requests",
+        )
+        .await
+            >= 2.0
+    })
+    .await;
     let r = post(&http, &gw, &key, &chat(4)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(error_code(r).await, "rate_limit_exceeded");
     for h in held {
         assert_eq!(h.await.unwrap(), 200);
     }
-    // Settlement runs just after the response; give it a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(post(&http, &gw, &key, &chat(4)).await.status(), 200);
+    // Settlement runs just after the response: a slot is free again soon after.
+    let status = wait_for("a concurrency slot freed", SETTLE_LIMIT, || async {
+        let r = post(&http, &gw, &key, &chat(4)).await;
+        match r.status().as_u16() {
+            429 => {
+                assert_eq!(error_code(r).await, "rate_limit_exceeded");
+                None
+            }
+            status => Some(status),
+        }
+    })
+    .await;
+    assert_eq!(status, 200);
 
     let scrape = e2e_tests::scrape(&http, &gw.metrics_url).await;
     assert!(
@@ -282,8 +307,13 @@ async fn drain_quota(gateways: &[&RunningGateway], key: &str, tenant_id: &str) -
 
 async fn quota_holds_across_replicas(url: &str) {
     let stub = StubWorker::start().await;
-    let a = RunningGateway::start(gateway_config(url, std::slice::from_ref(&stub.url))).await;
-    let b = RunningGateway::start(gateway_config(url, std::slice::from_ref(&stub.url))).await;
+    // Prices reloaded often, so that the spend cap below need not wait long for its price.
+    let replica = || GatewayConfig {
+        price_refresh_ms: 100,
+        ..gateway_config(url, std::slice::from_ref(&stub.url))
+    };
+    let a = RunningGateway::start(replica()).await;
+    let b = RunningGateway::start(replica()).await;
     let per_call = (STUB_PROMPT_TOKENS + 40) as i64;
 
     // Monthly tokens.
@@ -317,8 +347,19 @@ async fn quota_holds_across_replicas(url: &str) {
         tiers: Vec::new(),
     };
     billing::prices::add_price(&a.db, &price).await.unwrap();
-    // Both replicas reload prices every 5 s.
-    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    wait_until(
+        "both replicas charging the new price",
+        SETTLE_LIMIT,
+        || async {
+            [&a, &b].iter().all(|gw| {
+                gw.prices
+                    .current()
+                    .at(STUB_CHAT_MODEL, billing::now_ms())
+                    .is_some()
+            })
+        },
+    )
+    .await;
     const CAP_MINOR: i64 = 5;
     let key = tenant_on_plan(
         &b,

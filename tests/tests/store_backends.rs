@@ -1,24 +1,15 @@
 //! The store behaves the same on SQLite (embedded) and Postgres (production).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
-use billing::{Db, Delivery, Ledger, UsageEvent, UsageStatus};
+use billing::{Db, Delivery, Ledger, UsageEvent};
 use e2e_tests::{TempPostgres, TempSqlite};
 use gateway::tenants::{NewKey, TenantStore};
 
 fn event(request_id: &str, tenant: &str) -> UsageEvent {
-    UsageEvent {
-        request_id: request_id.into(),
-        tenant_id: tenant.into(),
-        key_id: "k".into(),
-        model: "m".into(),
-        endpoint: "/v1/chat/completions".into(),
-        prompt_tokens: 17,
-        completion_tokens: 5,
-        started_at: 1_700_000_000_000,
-        finished_at: 1_700_000_000_250,
-        status: UsageStatus::Success,
-        delivery: Delivery::Delivered,
-    }
+    UsageEvent::builder(request_id, tenant)
+        .tokens(17, 5)
+        .at(1_700_000_000_000, 250)
+        .build()
 }
 
 async fn ledger_is_idempotent(db: Db) {

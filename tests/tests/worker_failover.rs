@@ -3,15 +3,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::{
-    gateway_config, metric, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
+    gateway_config, metric, request_id, wait_until, RunningGateway, TempSqlite, WorkerProcess,
+    CHAT_MODEL, EMBEDDING_MODEL,
 };
 use gateway::tenants::NewKey;
 use serde_json::{json, Value};
+
+/// Calls answered before the kill, and after it before the load stops.
+const WARM_UP_CALLS: u64 = 12;
+const AFTER_KILL_CALLS: u64 = 24;
+/// The most either phase of the load may take.
+const LOAD_LIMIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_worker_under_load_fails_no_retryable_request() {
@@ -26,9 +33,15 @@ async fn killing_a_worker_under_load_fails_no_retryable_request() {
     let (key, _) = gateway.tenant_with_key("failover", NewKey::default()).await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for c in 0..6 {
-        let (url, key, stop) = (gateway.url.clone(), key.clone(), stop.clone());
+        let (url, key, stop, answered) = (
+            gateway.url.clone(),
+            key.clone(),
+            stop.clone(),
+            answered.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut outcomes: Vec<(u16, String, String)> = Vec::new();
@@ -55,22 +68,39 @@ async fn killing_a_worker_under_load_fails_no_retryable_request() {
                     .await
                     .unwrap();
                 let status = r.status().as_u16();
-                let id = r
-                    .headers()
-                    .get("x-request-id")
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
+                let id = request_id(&r);
                 let text = r.text().await.unwrap();
                 outcomes.push((status, id, text));
+                answered.fetch_add(1, Ordering::Relaxed);
             }
             outcomes
         }));
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Kill the worker while it has calls in hand, once the load has run a while.
+    let http = reqwest::Client::new();
+    let doomed_series = |name: &str| format!("{name}{{worker=\"{}\"}}", doomed.url);
+    let doomed_outstanding = doomed_series("gateway_worker_outstanding_requests");
+    let doomed_up = doomed_series("gateway_worker_up");
+    wait_until(
+        "calls in flight on the doomed worker",
+        LOAD_LIMIT,
+        || async {
+            answered.load(Ordering::Relaxed) >= WARM_UP_CALLS
+                && metric(&http, &gateway.metrics_url, &doomed_outstanding).await >= 1.0
+        },
+    )
+    .await;
     doomed.kill();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Keep the load on until the gateway has seen the worker gone and served more calls.
+    wait_until("the killed worker marked down", LOAD_LIMIT, || async {
+        metric(&http, &gateway.metrics_url, &doomed_up).await == 0.0
+    })
+    .await;
+    let answered_at_down = answered.load(Ordering::Relaxed);
+    wait_until("calls served after the kill", LOAD_LIMIT, || async {
+        answered.load(Ordering::Relaxed) >= answered_at_down + AFTER_KILL_CALLS
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
 
     let mut outcomes = Vec::new();
