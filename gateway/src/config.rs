@@ -83,6 +83,20 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_PRICE_REFRESH_MS", default_value_t = 5000)]
     pub price_refresh_ms: u64,
 
+    /// Milliseconds between sweeps that release reservations and quota leases a crashed
+    /// replica left behind, once they expire.
+    #[arg(long, env = "GATEWAY_SWEEP_INTERVAL_MS", default_value_t = 5000)]
+    pub sweep_interval_ms: u64,
+
+    /// Seconds between checks that the usage table has its next months' partitions
+    /// (Postgres; the store makes them at start too).
+    #[arg(long, env = "GATEWAY_PARTITION_INTERVAL", default_value_t = 3600)]
+    pub partition_interval_secs: u64,
+
+    /// Workers one call may be tried on, while nothing of it has reached the client.
+    #[arg(long, env = "GATEWAY_UPSTREAM_MAX_ATTEMPTS", default_value_t = 3)]
+    pub upstream_max_attempts: usize,
+
     /// Milliseconds a key lookup is cached: the bound on revocation reaching this replica.
     #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
@@ -106,6 +120,11 @@ pub struct GatewayConfig {
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Milliseconds, after the last connection is served, that the usage of streams whose
+    /// clients left gets to reach the spool before it is flushed.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_PAUSE_MS", default_value_t = 100)]
+    pub shutdown_pause_ms: u64,
 
     /// Threads serving consumer connections, each with its own event loop and its own
     /// connections to workers, so a request never changes thread; 0: one per CPU.

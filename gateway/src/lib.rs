@@ -7,8 +7,10 @@
 //! response end successfully at the client before its usage is recorded.
 
 pub mod admin;
+mod app;
 pub mod auth;
 pub mod config;
+pub mod consumer;
 pub mod demo;
 pub mod error;
 pub mod keys;
@@ -18,15 +20,8 @@ pub mod metrics;
 pub mod pool;
 pub mod pricing;
 pub mod proxy;
-pub mod server;
 pub mod tenants;
 pub mod upstream;
 
+pub use app::Gateway;
 pub use config::GatewayConfig;
-pub use server::Gateway;
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}

@@ -5,6 +5,26 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// Figures other parts keep, read when `/metrics` is scraped.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    pub workers: Vec<WorkerStats>,
+    /// Usage events read from the spool but not yet in the store.
+    pub spool_backlog: u64,
+    pub usage_shipped: u64,
+    pub usage_ship_failures: u64,
+    /// Running totals since start (the counters are advanced to them).
+    pub spool_durable_appends: u64,
+    pub spool_fsyncs: u64,
+}
+
+#[derive(Debug)]
+pub struct WorkerStats {
+    pub base_url: String,
+    pub healthy: bool,
+    pub outstanding: usize,
+}
+
 pub struct GatewayMetrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
@@ -154,6 +174,26 @@ impl GatewayMetrics {
             admission_seconds,
             admissions,
         })
+    }
+
+    /// The text exposition, after setting the gauges that are read at scrape time.
+    pub fn render_live(&self, live: &LiveStats) -> String {
+        for w in &live.workers {
+            self.worker_up
+                .with_label_values(&[&w.base_url])
+                .set(i64::from(w.healthy));
+            self.worker_outstanding
+                .with_label_values(&[&w.base_url])
+                .set(w.outstanding as i64);
+        }
+        self.spool_backlog.set(live.spool_backlog as i64);
+        self.usage_shipped.set(live.usage_shipped as i64);
+        self.usage_ship_failures
+            .set(live.usage_ship_failures as i64);
+        let advance = |c: &IntCounter, to: u64| c.inc_by(to.saturating_sub(c.get()));
+        advance(&self.spool_durable_appends, live.spool_durable_appends);
+        advance(&self.spool_fsyncs, live.spool_fsyncs);
+        self.render()
     }
 
     pub fn render(&self) -> String {

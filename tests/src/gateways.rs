@@ -115,8 +115,8 @@ impl RunningGateway {
         let metrics_url = format!("http://{}/metrics", gateway.metrics_addr().unwrap());
         let admin_url = gateway.admin_addr().map(|a| format!("http://{a}"));
         let admin_tokens = gateway.admin_tokens();
-        let tenants = gateway.state().tenants.clone();
-        let prices = gateway.state().proxy.prices.clone();
+        let tenants = gateway.tenants().clone();
+        let prices = gateway.prices().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;

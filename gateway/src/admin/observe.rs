@@ -41,7 +41,7 @@ fn filter(
     key: Option<String>,
     model: Option<String>,
 ) -> Result<UsageFilter, AdminError> {
-    let to = seconds_or(to, crate::unix_now() as i64 + 1)?;
+    let to = seconds_or(to, billing::now_ms() / 1000 + 1)?;
     let from = seconds_or(from, to - 30 * 86_400)?.max(0);
     if to <= from {
         return Err(AdminError::BadRequest("`from` must be before `to`".into()));

@@ -12,7 +12,7 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     // Launchers and tests read this line to learn the port.
     println!("gateway listening on http://{addr}");
     if let Some(file) = &config.demo_key_file {
-        let store = gateway.state().tenants.clone();
+        let store = gateway.tenants().clone();
         let key = gateway::demo::ensure_demo_key(&store, file).await?;
         println!("demo key: {}", key.expose());
     }

@@ -31,7 +31,7 @@ async fn usage_filter(
     a: UsageArgs,
 ) -> anyhow::Result<billing::series::UsageFilter> {
     let tenant_id = tenant_id_if(db, a.tenant.as_deref()).await?;
-    let to = a.to.unwrap_or(gateway::unix_now() as i64 + 1);
+    let to = a.to.unwrap_or(billing::now_ms() / 1000 + 1);
     let from = a.from.unwrap_or(to - 30 * 86_400);
     if to <= from || from < 0 {
         anyhow::bail!("--from must be before --to (Unix seconds)");
