@@ -1,4 +1,17 @@
 //! Usage records: one per served request, keyed by the gateway's request id.
+//!
+//! Owns: the ledger's idempotent insert and its reads. Must never: change a stored
+//! record's quantities, or touch an invoiced record.
+//!
+//! The database enforces one record per request id: SQLite by the records' primary key;
+//! Postgres, whose `usage_records` is partitioned by month of `started_at` (a partitioned
+//! table's unique keys must include the partition key), by `usage_request_ids`, which
+//! every insert goes through in the same statement. A replay may only resolve an
+//! `unknown` delivery: Postgres in the insert's statement; SQLite inserts with
+//! `DO NOTHING` and, only for a chunk that met stored ids, resolves deliveries with an
+//! `UPDATE` per event (a `DO UPDATE` would put the frozen-record trigger into every
+//! insert). Monthly partitions are made three months ahead; anything outside them lands
+//! in a default partition, so no insert waits for one.
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
