@@ -65,7 +65,10 @@ async fn chat(Json(body): Json<Value>) -> Response {
             "data: {}\n\n",
             chunk(json!({"role": "assistant", "content": "ok"}), Value::Null)
         ));
-        out.push_str(&format!(": usage {STUB_PROMPT_TOKENS} {completion}\n\n"));
+        out.push_str(&openai_types::usage_comment(&openai_types::Usage::new(
+            STUB_PROMPT_TOKENS,
+            completion,
+        )));
         out.push_str(&format!(
             "data: {}\n\n",
             chunk(json!({}), Value::from("stop"))

@@ -160,21 +160,9 @@ mod tests {
     use crate::usage::{Delivery, UsageStatus};
 
     fn entry(id: &str) -> SpoolEntry {
-        SpoolEntry::Usage {
-            event: UsageEvent {
-                request_id: id.into(),
-                tenant_id: "t".into(),
-                key_id: "k".into(),
-                model: "m".into(),
-                endpoint: "/v1/embeddings".into(),
-                prompt_tokens: 3,
-                completion_tokens: 0,
-                started_at: 1,
-                finished_at: 2,
-                status: UsageStatus::Success,
-                delivery: Delivery::Delivered,
-            },
-        }
+        let mut event = UsageEvent::builder(id, "t").tokens(3, 0).at(1, 1).build();
+        event.endpoint = "/v1/embeddings".into();
+        SpoolEntry::Usage { event }
     }
 
     #[test]

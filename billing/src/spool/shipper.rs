@@ -423,23 +423,14 @@ fn delete_behind(dir: &Path, segment: u64) {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::usage::UsageStatus;
 
     /// A usage event numbered `i` (its id and prompt tokens), for the spool's tests.
     pub(in crate::spool) fn event(i: usize) -> UsageEvent {
-        UsageEvent {
-            request_id: format!("req_{i:06}"),
-            tenant_id: "t".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            endpoint: "/v1/chat/completions".into(),
-            prompt_tokens: i as i64,
-            completion_tokens: 1,
-            started_at: 1,
-            finished_at: 2,
-            status: UsageStatus::Success,
-            delivery: Delivery::Unknown,
-        }
+        UsageEvent::builder(format!("req_{i:06}"), "t")
+            .tokens(i as i64, 1)
+            .at(1, 1)
+            .delivery(Delivery::Unknown)
+            .build()
     }
 
     /// Appends across dozens of preallocated segments while a reader follows the live one:
