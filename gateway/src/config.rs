@@ -101,9 +101,37 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
 
-    /// Seconds a client has to send request headers (and finish a TLS handshake).
+    /// Seconds a new connection has to finish its TLS handshake, and then to send its
+    /// first request's headers; also each later HTTP/1.1 request's headers.
     #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
+
+    /// Seconds a connection may sit with no request in flight (HTTP/1.1 keep-alive and
+    /// HTTP/2 alike) before the gateway closes it.
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds between HTTP/2 keep-alive pings; a ping unanswered for as long again
+    /// closes the connection.
+    #[arg(long, env = "GATEWAY_HTTP2_KEEPALIVE_INTERVAL", default_value_t = 20)]
+    pub http2_keepalive_interval_secs: u64,
+
+    /// Open connections per listener; past it a new connection is accepted and closed at
+    /// once (counted in `gateway_connections_refused_total`).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(
+        long,
+        env = "GATEWAY_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 100
+    )]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Largest HTTP/2 header list (names and values, as the protocol counts them), in bytes.
+    #[arg(long, env = "GATEWAY_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
 
     /// Seconds a client has to send the request body.
     #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value_t = 30)]

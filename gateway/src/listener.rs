@@ -1,20 +1,25 @@
 //! Accepting consumer connections: HTTP/1.1 and HTTP/2 (cleartext or TLS with ALPN),
-//! a deadline on request headers so a slow client cannot hold a connection, and a
-//! graceful drain on shutdown. Connections are served on [`ServingThreads`]: one
+//! a deadline on every phase of a connection so a client that connects and goes quiet
+//! cannot hold it (TLS handshake, the first request, each HTTP/1.1 request's headers,
+//! idle time between requests, HTTP/2 keep-alive pings), a cap on open connections, and
+//! a graceful drain on shutdown. Connections are served on [`ServingThreads`]: one
 //! single-threaded event loop per CPU, each connection handed to one and kept there.
 //!
 //! Must never: block a serving thread (no file or store I/O waits here; the spool and
-//! the store have their own threads and tasks).
+//! the store have their own threads and tasks), or keep a connection past the cap.
+
+mod deadline;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::rustls;
@@ -23,8 +28,20 @@ use tokio_rustls::TlsAcceptor;
 /// How connections are served.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// Time a client has to send a request's headers (HTTP/1.1) or finish the TLS handshake.
+    /// Time a client has to finish the TLS handshake, then to send its first request's
+    /// headers; also each later HTTP/1.1 request's headers.
     pub header_timeout: Duration,
+    /// Time a connection may stay with no request in flight.
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings; one unanswered for as long closes the connection.
+    pub http2_keepalive: Duration,
+    /// Open connections at most; past it a connection is accepted and closed.
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    /// Open connections and those refused for the cap, this listener's series.
+    pub open_connections: prometheus::IntGauge,
+    pub refused_connections: prometheus::IntCounter,
     /// Time in-flight requests get after shutdown begins.
     pub grace: Duration,
     pub tls: Option<TlsAcceptor>,
@@ -132,6 +149,22 @@ enum Accepted {
     Moved(std::net::TcpStream),
 }
 
+/// After a connection is told to close, the longest it gets to say goodbye (an HTTP/2
+/// GOAWAY, a TLS close) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A connection counted as open (and holding a place under the cap) until dropped.
+struct OpenConnection {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Serves `service` (one clone per connection) until `stop` turns true, then drains for
 /// up to `options.grace`.
 pub async fn serve<S, B>(
@@ -156,9 +189,15 @@ pub async fn serve<S, B>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(options.http2_keepalive)
+        .keep_alive_timeout(options.http2_keepalive)
+        .max_concurrent_streams(options.http2_max_concurrent_streams)
+        .max_header_list_size(options.max_header_list_bytes);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -172,6 +211,19 @@ pub async fn serve<S, B>(
                 }
             },
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        // Past the cap: accepted and closed at once, so the backlog does not fill with
+        // clients waiting on a connection that will not be served.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            options.refused_connections.inc();
+            tracing::debug!(%peer, "connection refused: at the connection cap");
+            drop(stream);
+            continue;
+        };
+        options.open_connections.inc();
+        let open = OpenConnection {
+            _permit: permit,
+            gauge: options.open_connections.clone(),
         };
         let _ = stream.set_nodelay(true);
         let threads = options.threads.as_ref().filter(|t| !t.is_empty());
@@ -189,12 +241,16 @@ pub async fn serve<S, B>(
         };
         let service = service.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let tls = options.tls.clone();
-        let header_timeout = options.header_timeout;
+        let deadlines = Deadlines {
+            header: options.header_timeout,
+            idle: options.idle_timeout,
+        };
+        let stop = stop.clone();
         // Reap finished connection tasks so the set stays small.
         while connections.try_join_next().is_some() {}
         let connection = async move {
+            let _open = open;
             let stream = match stream {
                 Accepted::Here(s) => s,
                 Accepted::Moved(s) => match tokio::net::TcpStream::from_std(s) {
@@ -206,21 +262,15 @@ pub async fn serve<S, B>(
                 },
             };
             let served = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
+                None => serve_connection(&builder, stream, service, deadlines, stop).await,
                 Some(acceptor) => {
                     let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
+                        tokio::time::timeout(deadlines.header, acceptor.accept(stream)).await
                     else {
                         tracing::debug!(%peer, "TLS handshake failed or timed out");
                         return;
                     };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    serve_connection(&builder, tls_stream, service, deadlines, stop).await
                 }
             };
             if let Err(e) = served {
@@ -236,13 +286,87 @@ pub async fn serve<S, B>(
             }
         }
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(options.grace) => {
-            // Cut what is left; dropping a stream's meter spools what it delivered.
-            tracing::warn!(connections = connections.len(), "grace period over; closing in-flight requests");
-            connections.abort_all();
+    // Each connection saw `stop` and is closing once its requests are done.
+    let drained = tokio::time::timeout(options.grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        // Cut what is left; dropping a stream's meter spools what it delivered.
+        tracing::warn!(
+            connections = connections.len(),
+            "grace period over; closing in-flight requests"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// To reach the first request (after any TLS handshake).
+    header: Duration,
+    /// With no request in flight.
+    idle: Duration,
+}
+
+/// Serves one connection until it ends, closing it when it misses a deadline (see
+/// [`deadline`]) or when `stop` turns true (after its requests are done).
+async fn serve_connection<I, S, B>(
+    builder: &Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    deadlines: Deadlines,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = deadline::Activity::new();
+    let service = deadline::Tracked {
+        inner: service,
+        activity: activity.clone(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    let mut check_at = activity
+        .deadline(deadlines.header, deadlines.idle)
+        .unwrap_or_else(|| Instant::now() + deadlines.idle);
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => return served,
+            _ = stop.wait_for(|s| *s), if !closing => {
+                // Closes once in-flight requests are done; the server's grace bounds that.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                check_at = Instant::now() + Duration::from_secs(u32::MAX.into());
+            }
+            _ = tokio::time::sleep_until(check_at) => {
+                if closing {
+                    return Ok(());
+                }
+                let now = Instant::now();
+                match activity.deadline(deadlines.header, deadlines.idle) {
+                    Some(at) if at <= now => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        check_at = now + CLOSE_GRACE;
+                    }
+                    Some(at) => check_at = at,
+                    // A request in flight: its own deadlines bound it; look again later.
+                    None => check_at = now + deadlines.idle,
+                }
+            }
         }
     }
-    while connections.join_next().await.is_some() {}
 }

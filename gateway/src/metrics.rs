@@ -44,6 +44,9 @@ pub struct GatewayMetrics {
     pub admission_seconds: prometheus::Histogram,
     /// Admissions by where they were decided: `lease` (in memory) or `store`.
     pub admissions: IntCounterVec,
+    /// Open connections and those refused at the cap, by listener (`consumer`, `admin`).
+    pub open_connections: IntGaugeVec,
+    pub refused_connections: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -135,8 +138,24 @@ impl GatewayMetrics {
             ),
             &["path"],
         )?;
+        let open_connections = IntGaugeVec::new(
+            Opts::new(
+                "gateway_open_connections",
+                "Client connections open, by listener",
+            ),
+            &["listener"],
+        )?;
+        let refused_connections = IntCounterVec::new(
+            Opts::new(
+                "gateway_connections_refused_total",
+                "Client connections closed at once because the listener was at its connection cap",
+            ),
+            &["listener"],
+        )?;
         for c in [
             Box::new(admissions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(open_connections.clone()),
+            Box::new(refused_connections.clone()),
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
             Box::new(tokens.clone()),
@@ -173,6 +192,8 @@ impl GatewayMetrics {
             admission_fail_open,
             admission_seconds,
             admissions,
+            open_connections,
+            refused_connections,
         })
     }
 

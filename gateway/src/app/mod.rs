@@ -48,6 +48,7 @@ pub struct Gateway {
     intervals: Intervals,
     shutdown_pause: Duration,
     serve_options: ServeOptions,
+    admin_serve_options: ServeOptions,
 }
 
 impl Gateway {
@@ -70,12 +71,9 @@ impl Gateway {
             (None, None) => None,
             _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         };
-        let serve_options = ServeOptions {
-            header_timeout: Duration::from_secs(config.header_read_timeout_secs),
-            grace: Duration::from_secs(config.shutdown_grace_secs),
-            tls,
-            threads: Some(threads),
-        };
+        // The admin API is served as the consumer API is (TLS included), on this runtime.
+        let admin_serve_options = listener_options(config, &parts, "admin", tls.clone(), None);
+        let serve_options = listener_options(config, &parts, "consumer", tls, Some(threads));
         let admin = match config.admin_secret()? {
             Some(secret) => {
                 let admin_state = Arc::new(AdminState {
@@ -101,6 +99,7 @@ impl Gateway {
             intervals: Intervals::of(config),
             shutdown_pause: Duration::from_millis(config.shutdown_pause_ms),
             serve_options,
+            admin_serve_options,
         })
     }
 
@@ -148,10 +147,7 @@ impl Gateway {
             tokio::spawn(listener::serve(
                 admin_listener,
                 TowerToHyperService::new(crate::admin::router(admin_state)),
-                ServeOptions {
-                    threads: None,
-                    ..self.serve_options.clone()
-                },
+                self.admin_serve_options,
                 stop_rx.clone(),
             ))
         });
@@ -187,6 +183,36 @@ impl Gateway {
             threads.stop();
         }
         Ok(())
+    }
+}
+
+/// How a listener serves connections: the configured deadlines and caps, and its own
+/// series of the connection metrics.
+fn listener_options(
+    config: &GatewayConfig,
+    parts: &Parts,
+    listener: &str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    threads: Option<Arc<ServingThreads>>,
+) -> ServeOptions {
+    ServeOptions {
+        header_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+        http2_keepalive: Duration::from_secs(config.http2_keepalive_interval_secs),
+        max_connections: config.max_connections,
+        http2_max_concurrent_streams: config.http2_max_concurrent_streams,
+        max_header_list_bytes: config.max_header_list_bytes,
+        open_connections: parts
+            .metrics
+            .open_connections
+            .with_label_values(&[listener]),
+        refused_connections: parts
+            .metrics
+            .refused_connections
+            .with_label_values(&[listener]),
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+        tls,
+        threads,
     }
 }
 
