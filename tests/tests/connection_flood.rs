@@ -357,7 +357,7 @@ async fn stalled_http2_streams_and_idle_http2_connections_are_closed() {
         }
         let advertised = max_streams.load(Ordering::Relaxed);
         eprintln!(
-            "stalled HTTP/2 connection {i}: {answered} of {n} streams answered 408, server allows {advertised} streams, closed after {:?}",
+            "stalled HTTP/2 connection {i}: {answered} of {n} streams answered 408 (the client holds the rest back under the limit), server allows {advertised} streams, closed after {:?}",
             opened.elapsed()
         );
         assert_eq!(
