@@ -371,3 +371,42 @@ async fn classify_accuracy_on_a_labelled_set() {
     );
     assert!(accuracy >= 0.6, "accuracy {accuracy}");
 }
+
+/// A classify call is billed for every text it embeds: the input and each label. Its usage
+/// equals what `/v1/embeddings` reports for the same texts, so 64 long labels cannot ride
+/// free on a one-word input.
+#[tokio::test(flavor = "multi_thread")]
+async fn classify_usage_counts_the_labels_too() {
+    let w = worker(&[]).await;
+    let labels: Vec<String> = (0..64)
+        .map(|i| format!("label number {i}: a fairly long description of one more topic"))
+        .collect();
+    for input in [json!("hi"), json!(["hi", "the weather is fine today"])] {
+        let (status, _, classified) = w
+            .post(
+                "/v1/classify",
+                json!({"model": EMBED, "input": input, "labels": labels}),
+            )
+            .await;
+        assert_eq!(status, 200, "{classified}");
+        let mut texts: Vec<Value> = match &input {
+            Value::Array(items) => items.clone(),
+            one => vec![one.clone()],
+        };
+        let (_, _, inputs_only) = w
+            .post("/v1/embeddings", json!({"model": EMBED, "input": texts}))
+            .await;
+        texts.extend(labels.iter().map(|l| json!(l)));
+        let (status, _, embedded) = w
+            .post("/v1/embeddings", json!({"model": EMBED, "input": texts}))
+            .await;
+        assert_eq!(status, 200, "{embedded}");
+        let billed = &classified["usage"];
+        println!(
+            "classify of {input} with 64 labels: billed {billed}, input alone {}, input and labels {}",
+            inputs_only["usage"]["prompt_tokens"], embedded["usage"]["prompt_tokens"]
+        );
+        assert_eq!(billed["prompt_tokens"], embedded["usage"]["prompt_tokens"]);
+        assert_eq!(billed["total_tokens"], embedded["usage"]["total_tokens"]);
+    }
+}
