@@ -145,7 +145,7 @@ async fn chat_completions(
 ) -> Result<Response, WorkerError> {
     let req: ChatCompletionRequest = read_json(body, state.max_body_bytes).await?;
     let model = chat_model(&state, &req.model)?;
-    let (prompt, params) = model.prepare(&req)?;
+    let (req, prompt, params) = model.prepare_off_runtime(req).await?;
     let (events, receiver) = mpsc::channel(256);
     model.submit(GenerationJob {
         prompt,
