@@ -145,7 +145,7 @@ async fn chat_completions(
 ) -> Result<Response, WorkerError> {
     let req: ChatCompletionRequest = read_json(body, state.max_body_bytes).await?;
     let model = chat_model(&state, &req.model)?;
-    let (prompt, params) = model.prepare(&req)?;
+    let (req, prompt, params) = model.prepare_off_runtime(req).await?;
     let (events, receiver) = mpsc::channel(256);
     model.submit(GenerationJob {
         prompt,
@@ -381,7 +381,8 @@ async fn classify(
     texts.extend(req.labels.iter().cloned());
     let out = model.embed(texts).await?;
     let (input_vectors, label_vectors) = out.vectors.split_at(n_inputs);
-    let tokens: u64 = out.tokens[..n_inputs].iter().map(|t| *t as u64).sum();
+    // Every text embedded is billed, the labels as well as the input.
+    let tokens: u64 = out.tokens.iter().map(|t| *t as u64).sum();
     let mut results = embed::classify(input_vectors, &req.labels, label_vectors);
     let result = match (&req.input, results.len()) {
         (openai_types::TextInput::One(_), 1) => ClassifyResult::One(results.remove(0)),

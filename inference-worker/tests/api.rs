@@ -371,3 +371,130 @@ async fn classify_accuracy_on_a_labelled_set() {
     );
     assert!(accuracy >= 0.6, "accuracy {accuracy}");
 }
+
+/// A classify call is billed for every text it embeds: the input and each label. Its usage
+/// equals what `/v1/embeddings` reports for the same texts, so 64 long labels cannot ride
+/// free on a one-word input.
+#[tokio::test(flavor = "multi_thread")]
+async fn classify_usage_counts_the_labels_too() {
+    let w = worker(&[]).await;
+    let labels: Vec<String> = (0..64)
+        .map(|i| format!("label number {i}: a fairly long description of one more topic"))
+        .collect();
+    for input in [json!("hi"), json!(["hi", "the weather is fine today"])] {
+        let (status, _, classified) = w
+            .post(
+                "/v1/classify",
+                json!({"model": EMBED, "input": input, "labels": labels}),
+            )
+            .await;
+        assert_eq!(status, 200, "{classified}");
+        let mut texts: Vec<Value> = match &input {
+            Value::Array(items) => items.clone(),
+            one => vec![one.clone()],
+        };
+        let (_, _, inputs_only) = w
+            .post("/v1/embeddings", json!({"model": EMBED, "input": texts}))
+            .await;
+        texts.extend(labels.iter().map(|l| json!(l)));
+        let (status, _, embedded) = w
+            .post("/v1/embeddings", json!({"model": EMBED, "input": texts}))
+            .await;
+        assert_eq!(status, 200, "{embedded}");
+        let billed = &classified["usage"];
+        println!(
+            "classify of {input} with 64 labels: billed {billed}, input alone {}, input and labels {}",
+            inputs_only["usage"]["prompt_tokens"], embedded["usage"]["prompt_tokens"]
+        );
+        assert_eq!(billed["prompt_tokens"], embedded["usage"]["prompt_tokens"]);
+        assert_eq!(billed["total_tokens"], embedded["usage"]["total_tokens"]);
+    }
+}
+
+/// Prompts far beyond the context window are refused by their size before any rendering
+/// or tokenisation, and the work a prompt does take never runs on the async runtime: while
+/// several clients send 6 MiB prompts, and then prompts just under the size bound (which
+/// are tokenised, then refused by their token count), a normal chat call keeps being
+/// answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_prompt_is_refused_fast_and_starves_no_one() {
+    const ATTACKERS: usize = 4;
+    const ROUNDS: usize = 3;
+    let w = worker(&[]).await;
+    // Varied words: a long run of one character would tokenise unusually fast.
+    let words = [
+        "sea", "wind", "stone", "river", "light", "ember", "north", "cloud",
+    ];
+    let text = |bytes: usize| {
+        (0..bytes / 6)
+            .map(|i| words[(i * 7 + i / 3) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Past any size bound; then under the bound (8,191 tokens of at most 81 bytes) but
+    // far over the context window in tokens.
+    for (bytes, refused_by) in [(6 << 20, "bytes"), (600 << 10, "tokens")] {
+        let prompt = text(bytes);
+        let body = json!({"model": CHAT, "max_tokens": 1,
+                          "messages": [{"role": "user", "content": prompt}]})
+        .to_string();
+        let normal = async {
+            let mut latencies = Vec::new();
+            for _ in 0..ATTACKERS * ROUNDS {
+                let started = Instant::now();
+                w.chat(json!({"max_tokens": 1})).await;
+                latencies.push(started.elapsed());
+            }
+            latencies
+        };
+        let attacks = futures::future::join_all((0..ATTACKERS).map(|_| async {
+            let mut refusals = Vec::new();
+            for _ in 0..ROUNDS {
+                let started = Instant::now();
+                let r = w
+                    .http
+                    .post(format!("{}/v1/chat/completions", w.url))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                refusals.push((started.elapsed(), status, v));
+            }
+            refusals
+        }));
+        let (mut latencies, refusals) = tokio::join!(normal, attacks);
+        let refusals: Vec<_> = refusals.into_iter().flatten().collect();
+        latencies.sort();
+        let mut refused_in: Vec<Duration> = refusals.iter().map(|r| r.0).collect();
+        refused_in.sort();
+        let slowest = refused_in[refused_in.len() - 1];
+        println!(
+            "{} prompts of {} KiB refused in {:?} .. {slowest:?}; a normal call meanwhile: \
+             median {:?}, max {:?}",
+            refusals.len(),
+            prompt.len() / 1024,
+            refused_in[0],
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() - 1]
+        );
+        for (_, status, v) in &refusals {
+            assert_eq!(*status, 400, "{v}");
+            assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(refused_by),
+                "refused by its {refused_by}: {message}"
+            );
+        }
+        if refused_by == "bytes" {
+            // Generous: bounding by size takes microseconds; tokenising 6 MiB, seconds.
+            assert!(
+                slowest < Duration::from_secs(3),
+                "an oversized prompt took {slowest:?} to refuse"
+            );
+        }
+    }
+}

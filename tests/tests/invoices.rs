@@ -423,6 +423,79 @@ async fn postgres_invoice_lifecycle() {
     lifecycle(Db::connect(&pg.url).await.unwrap()).await;
 }
 
+/// An invoiced record cannot be deleted, alone or in a sweep, as it cannot be updated: an
+/// operator's (or intruder's) DELETE would silently change what the invoice counted.
+/// Records on no invoice yet stay deletable.
+async fn invoiced_records_cannot_be_deleted(db: Db) {
+    let ledger = Ledger::new(db.clone());
+    let (aug, sep_start) = period_bounds("2026-08").unwrap();
+    let t = "tn_del";
+    let records = [
+        event("d1", t, "chat", aug + 1000, 10, 5, Delivery::Delivered),
+        event("d2", t, "chat", aug + 2000, 20, 5, Delivery::Delivered),
+        event(
+            "d3",
+            t,
+            "chat",
+            sep_start + 1000,
+            30,
+            5,
+            Delivery::Delivered,
+        ),
+    ];
+    ledger.record_batch(&records).await.unwrap();
+    Invoices::new(db.clone())
+        .finalise(t, "2026-08")
+        .await
+        .unwrap();
+    let count = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT COUNT(*) FROM usage_records WHERE request_id = '{id}'"
+            ))
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+        }
+    };
+    let delete = |sql: &'static str| {
+        let db = db.clone();
+        async move { sqlx::query(sql).execute(db.pool()).await }
+    };
+
+    let one = delete("DELETE FROM usage_records WHERE request_id = 'd1'").await;
+    assert!(one.is_err(), "an invoiced record was deleted: {one:?}");
+    let sweep = delete("DELETE FROM usage_records").await;
+    assert!(
+        sweep.is_err(),
+        "a sweep deleted invoiced records: {sweep:?}"
+    );
+    assert_eq!((count("d1").await, count("d2").await), (1, 1));
+    let err = one.unwrap_err().to_string();
+    assert!(
+        err.contains("usage on a finalised invoice is frozen"),
+        "{err}"
+    );
+    // The record of the month not yet invoiced may go.
+    delete("DELETE FROM usage_records WHERE request_id = 'd3'")
+        .await
+        .unwrap();
+    assert_eq!(count("d3").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_invoiced_records_cannot_be_deleted() {
+    let store = TempSqlite::new();
+    invoiced_records_cannot_be_deleted(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_invoiced_records_cannot_be_deleted() {
+    let pg = TempPostgres::new().await;
+    invoiced_records_cannot_be_deleted(Db::connect(&pg.url).await.unwrap()).await;
+}
+
 /// Random usage and prices: lines sum exactly to the total, the total equals an
 /// independent exact computation rounded per line, and re-pricing is byte-identical.
 async fn random_invoices(db: Db, cases: u64) {

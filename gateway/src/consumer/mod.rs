@@ -189,7 +189,7 @@ where
     .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes).into_response())?
     .to_bytes();
     let call = ProxiedCall::parse(endpoint, bytes).map_err(IntoResponse::into_response)?;
-    let model = ModelLabel(call.model.clone());
+    let model = ModelLabel::of(&state.pool, &call.model);
     let ctx = CallContext {
         request_id,
         caller,

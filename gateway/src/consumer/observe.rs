@@ -2,7 +2,8 @@
 //!
 //! Owns: giving every consumer request its id (`x-request-id`, also the usage record's
 //! key) and counting and timing it by route, model and status. Must never: take a label
-//! value from anything but the route matched and the response.
+//! value from anything but the route matched, the response and the models the pool
+//! knows: a client-chosen string as a label would let any key add series without bound.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::ConsumerState;
+use crate::pool::WorkerPool;
 
 /// The gateway's id for one request: the `x-request-id` header and the usage record's key.
 #[derive(Debug, Clone)]
@@ -29,9 +31,24 @@ impl RequestId {
     }
 }
 
-/// The model a response was for, left on the response for the metrics.
+/// The model a response was for, left on the response for the metrics: a model some
+/// worker has reported, else `other`.
 #[derive(Debug, Clone)]
 pub(super) struct ModelLabel(pub String);
+
+impl ModelLabel {
+    /// The label for a call naming `model`.
+    pub(super) fn of(pool: &WorkerPool, model: &str) -> Self {
+        if pool.knows(model) {
+            Self(model.to_owned())
+        } else {
+            Self(OTHER_MODEL.to_owned())
+        }
+    }
+}
+
+/// The model label of calls naming a model no worker serves.
+const OTHER_MODEL: &str = "other";
 
 /// Gives a request the router serves its id, then counts and times it. One layer for
 /// both: each layer costs a boxed future per request.

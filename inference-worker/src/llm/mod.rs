@@ -1,9 +1,10 @@
 //! Chat models: a llama-family GGUF file, its tokenizer and chat template, and the engine
 //! thread that generates tokens for many requests at once.
 //!
-//! Owns: prompt preparation (template, tokenization, context limits), sampling parameters
-//! and the generation loop. Must never: block the async runtime (the model runs on its own
-//! thread, fed by a bounded queue) or know who is asking.
+//! Owns: prompt preparation (a prompt's size bound, template, tokenization, context
+//! limits), sampling parameters and the generation loop. Must never: block the async
+//! runtime (the model runs on its own thread, fed by a bounded queue; rendering and
+//! tokenising run on blocking threads, a bounded number at once) or know who is asking.
 
 mod engine;
 mod kernels;
@@ -16,8 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use openai_types::{ChatCompletionRequest, FinishReason, Usage};
-use tokio::sync::mpsc;
+use openai_types::{ChatCompletionRequest, FinishReason, MessageContent, Usage};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::WorkerError;
 use crate::metrics::Metrics;
@@ -70,6 +71,11 @@ pub struct ChatModel {
     template: ChatTemplate,
     tokenizer: tokenizers::Tokenizer,
     context_len: usize,
+    /// The most message text a prompt may hold: more bytes than this cannot fit the
+    /// context window, whatever they tokenise to.
+    max_prompt_bytes: usize,
+    /// Prompts being rendered and tokenised at once; none free is `Overloaded`.
+    preparing: Arc<Semaphore>,
     submit: mpsc::Sender<GenerationJob>,
 }
 
@@ -99,6 +105,8 @@ impl ChatModel {
         )?;
         let model = model::Llama::load(&content, &mut file)?;
         let context_len = model.hyper.context_len;
+        let max_prompt_bytes = context_len.saturating_sub(1) * longest_token_bytes(&tokenizer);
+        tracing::info!(model = %name, context_len, max_prompt_bytes, "chat prompt bounds");
         let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
         let engine = engine::Engine::new(
             name.clone(),
@@ -114,6 +122,8 @@ impl ChatModel {
             template,
             tokenizer,
             context_len,
+            max_prompt_bytes,
+            preparing: Arc::new(Semaphore::new(limits.max_queued.max(1))),
             submit,
         }))
     }
@@ -146,13 +156,64 @@ impl ChatModel {
             .map_err(|e| WorkerError::Internal(format!("tokenizer: {e}")))
     }
 
+    /// Checks a request and the size of its messages' text, cheaply, before any rendering
+    /// or tokenising: a prompt of more bytes than `max_prompt_bytes` is refused as over the
+    /// context window, since each token stands for at most the longest token's bytes.
+    pub fn check(&self, req: &ChatCompletionRequest) -> Result<(), WorkerError> {
+        req.validate()
+            .map_err(|(msg, param)| WorkerError::invalid(msg, param))?;
+        let bytes: usize = req
+            .messages
+            .iter()
+            .map(|m| match &m.content {
+                MessageContent::Text(t) => t.len(),
+                MessageContent::Parts(parts) => parts
+                    .iter()
+                    .map(|p| p.text.as_ref().map_or(0, String::len))
+                    .sum(),
+                MessageContent::Null => 0,
+            })
+            .sum();
+        if bytes > self.max_prompt_bytes {
+            return Err(WorkerError::ContextLength(format!(
+                "the messages hold {bytes} bytes of text; at most {} bytes fit this model's \
+                 context window of {} tokens",
+                self.max_prompt_bytes, self.context_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks `req`, then renders and tokenises its prompt on a blocking thread (never the
+    /// async runtime), at most a bounded number at once. Gives the request back with its
+    /// prompt and sampling parameters.
+    pub async fn prepare_off_runtime(
+        self: &Arc<Self>,
+        req: ChatCompletionRequest,
+    ) -> Result<(ChatCompletionRequest, Vec<u32>, GenerationParams), WorkerError> {
+        self.check(&req)?;
+        let permit = self
+            .preparing
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Overloaded)?;
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let (prompt, params) = model.prepare(&req)?;
+            Ok((req, prompt, params))
+        })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("preparing the prompt: {e}")))?
+    }
+
     /// Tokenizes the prompt and resolves sampling parameters within the context window.
+    /// Blocks for as long as the prompt is long: call it off the async runtime.
     pub fn prepare(
         &self,
         req: &ChatCompletionRequest,
     ) -> Result<(Vec<u32>, GenerationParams), WorkerError> {
-        req.validate()
-            .map_err(|(msg, param)| WorkerError::invalid(msg, param))?;
+        self.check(req)?;
         let prompt = self.encode(&self.render_prompt(req)?)?;
         if prompt.len() >= self.context_len {
             return Err(WorkerError::ContextLength(format!(
@@ -182,4 +243,18 @@ impl ChatModel {
             mpsc::error::TrySendError::Closed(_) => WorkerError::Internal("engine stopped".into()),
         })
     }
+}
+
+/// Bytes of text the longest token stands for: byte-level tokens spell one byte per
+/// character, added (special) tokens their own text.
+fn longest_token_bytes(tokenizer: &tokenizers::Tokenizer) -> usize {
+    let added = tokenizer.get_added_tokens_decoder();
+    let byte_level = tokenizer
+        .get_vocab(false)
+        .keys()
+        .map(|t| t.chars().count())
+        .max()
+        .unwrap_or(1);
+    let special = added.values().map(|t| t.content.len()).max().unwrap_or(1);
+    byte_level.max(special).max(1)
 }
