@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, FromArgMatches};
 
+use crate::limits::{OnStoreError, StoreFailure};
+
 /// The store when none is given: an SQLite file under `data/`.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/gateway.db";
 
@@ -159,14 +161,32 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_SERVING_THREADS", default_value_t = 0)]
     pub serving_threads: usize,
 
-    /// Completion tokens reserved against quotas for a chat call without `max_tokens`
-    /// (the served models' context window).
+    /// Completion tokens reserved against quotas for a chat call without `max_tokens` to a
+    /// model whose workers state no context length (workers that do state one bound a
+    /// call by it).
     #[arg(
         long,
         env = "GATEWAY_DEFAULT_COMPLETION_RESERVE",
         default_value_t = 4096
     )]
     pub default_completion_reserve: i64,
+
+    /// While the store cannot be reached, a request limited by a monthly token quota is
+    /// refused with 503 (`fail_closed`) or admitted unchecked against it (`fail_open`).
+    #[arg(long, env = "GATEWAY_QUOTA_ON_STORE_ERROR", value_enum, default_value_t = StoreFailure::FailClosed)]
+    pub quota_on_store_error: StoreFailure,
+
+    /// The same for a monthly spend cap.
+    #[arg(long, env = "GATEWAY_SPEND_CAP_ON_STORE_ERROR", value_enum, default_value_t = StoreFailure::FailClosed)]
+    pub spend_cap_on_store_error: StoreFailure,
+
+    /// The same for requests and tokens per minute.
+    #[arg(long, env = "GATEWAY_RATES_ON_STORE_ERROR", value_enum, default_value_t = StoreFailure::FailOpen)]
+    pub rates_on_store_error: StoreFailure,
+
+    /// The same for concurrent requests.
+    #[arg(long, env = "GATEWAY_CONCURRENCY_ON_STORE_ERROR", value_enum, default_value_t = StoreFailure::FailOpen)]
+    pub concurrency_on_store_error: StoreFailure,
 
     /// Address for the admin API and the operator dashboard (served only when a signing
     /// secret is set).
@@ -209,6 +229,16 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// Each kind of limit's failure mode while the store cannot be reached.
+    pub fn on_store_error(&self) -> OnStoreError {
+        OnStoreError {
+            quota: self.quota_on_store_error,
+            spend_cap: self.spend_cap_on_store_error,
+            rates: self.rates_on_store_error,
+            concurrency: self.concurrency_on_store_error,
+        }
+    }
+
     /// The admin signing secret from the flag or the file; `None`: the admin API is off.
     pub fn admin_secret(&self) -> anyhow::Result<Option<crate::admin::Secret>> {
         crate::admin::token::resolve_secret(

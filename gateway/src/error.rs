@@ -37,6 +37,8 @@ pub enum GatewayError {
     Metering,
     #[error("{}", .0.message)]
     Limited(Box<crate::limits::Refusal>),
+    #[error("limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
     #[error("internal error")]
     Internal(String),
 }
@@ -57,7 +59,9 @@ impl GatewayError {
             Self::ModelNotFound(_) | Self::PathNotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::NoWorker(_) | Self::Metering => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoWorker(_) | Self::Metering | Self::LimitsUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -86,6 +90,7 @@ impl GatewayError {
             Self::UpstreamTimeout => ("server_error", None, Some("upstream_timeout")),
             Self::Upstream(_) => ("server_error", None, Some("upstream_error")),
             Self::Metering => ("server_error", None, Some("metering_unavailable")),
+            Self::LimitsUnavailable => ("server_error", None, Some("limits_unavailable")),
             Self::Limited(r) if r.kind.is_quota() => {
                 ("insufficient_quota", None, Some("insufficient_quota"))
             }

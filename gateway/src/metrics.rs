@@ -41,6 +41,7 @@ pub struct GatewayMetrics {
     pub usage_ship_failures: IntGauge,
     pub limit_rejections: IntCounterVec,
     pub admission_fail_open: IntCounter,
+    pub admission_fail_closed: IntCounter,
     pub admission_seconds: prometheus::Histogram,
     /// Admissions by where they were decided: `lease` (in memory) or `store`.
     pub admissions: IntCounterVec,
@@ -124,6 +125,10 @@ impl GatewayMetrics {
             "gateway_admission_fail_open_total",
             "Requests admitted without checking limits because the store was unreachable",
         )?;
+        let admission_fail_closed = IntCounter::new(
+            "gateway_admission_fail_closed_total",
+            "Requests refused with 503 because the store was unreachable and a limit that applies fails closed",
+        )?;
         let admission_seconds = prometheus::Histogram::with_opts(
             HistogramOpts::new(
                 "gateway_admission_duration_seconds",
@@ -170,6 +175,7 @@ impl GatewayMetrics {
             Box::new(usage_ship_failures.clone()),
             Box::new(limit_rejections.clone()),
             Box::new(admission_fail_open.clone()),
+            Box::new(admission_fail_closed.clone()),
             Box::new(admission_seconds.clone()),
         ] {
             registry.register(c)?;
@@ -190,6 +196,7 @@ impl GatewayMetrics {
             usage_ship_failures,
             limit_rejections,
             admission_fail_open,
+            admission_fail_closed,
             admission_seconds,
             admissions,
             open_connections,

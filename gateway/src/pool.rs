@@ -3,12 +3,14 @@
 //!
 //! A background task polls every worker's `/health` and `/v1/models`; a request that fails
 //! to reach a worker marks it unhealthy at once (passive ejection) until the next good poll.
+//! Each model's `context_length`, where its workers state it, is the most tokens a call to
+//! it can use: admission's bound for a chat call.
 //!
 //! Workers are listed as base URLs, or discovered by DNS: `dns+http://name:port` stands for
 //! every address `name` resolves to (a Kubernetes headless service), re-resolved before
 //! each round of health checks; workers that leave the answer leave the pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,7 +24,8 @@ pub struct WorkerNode {
     targets: Vec<(&'static str, Target)>,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
-    models: RwLock<BTreeSet<String>>,
+    /// Each model it serves, with the context length it states (`None`: not stated).
+    models: RwLock<BTreeMap<String, Option<u64>>>,
 }
 
 /// The endpoints consumer calls are forwarded to.
@@ -72,7 +75,7 @@ impl WorkerNode {
     }
 
     fn serves(&self, model: &str) -> bool {
-        self.models.read().is_ok_and(|m| m.contains(model))
+        self.models.read().is_ok_and(|m| m.contains_key(model))
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -94,7 +97,7 @@ impl WorkerNode {
     pub fn served_models(&self) -> Vec<String> {
         self.models
             .read()
-            .map(|m| m.iter().cloned().collect())
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -158,7 +161,7 @@ fn node(base_url: String) -> Arc<WorkerNode> {
         targets,
         healthy: AtomicBool::new(false),
         outstanding: AtomicUsize::new(0),
-        models: RwLock::new(BTreeSet::new()),
+        models: RwLock::new(BTreeMap::new()),
     })
 }
 
@@ -236,9 +239,32 @@ impl WorkerPool {
         self.nodes()
             .iter()
             .filter(|n| n.is_healthy())
-            .filter_map(|n| n.models.read().ok().map(|m| m.clone()))
+            .filter_map(|n| {
+                n.models
+                    .read()
+                    .ok()
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>())
+            })
             .flatten()
             .collect()
+    }
+
+    /// The most tokens a call to `model` can use, prompt and completion together: the
+    /// largest context length its workers (healthy or not) state, or `None` if any of them
+    /// states none.
+    pub fn context_length(&self, model: &str) -> Option<u64> {
+        let mut longest = None;
+        for node in self.nodes() {
+            let Ok(models) = node.models.read() else {
+                return None;
+            };
+            match models.get(model) {
+                None => {}
+                Some(None) => return None,
+                Some(Some(n)) => longest = longest.max(Some(*n)),
+            }
+        }
+        longest
     }
 
     /// Whether any worker, healthy or not, has ever reported `model`.
@@ -302,7 +328,11 @@ impl WorkerPool {
             match models {
                 Ok(list) => {
                     if let Ok(mut m) = node.models.write() {
-                        *m = list.data.into_iter().map(|m| m.id).collect();
+                        *m = list
+                            .data
+                            .into_iter()
+                            .map(|m| (m.id, m.context_length))
+                            .collect();
                     }
                 }
                 Err(e) => {

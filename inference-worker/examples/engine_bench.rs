@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         EngineLimits {
             max_active: 16,
             max_queued: 64,
+            max_context: None,
         },
         Arc::new(Metrics::new()?),
     )?;

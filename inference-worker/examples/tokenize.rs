@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     let limits = EngineLimits {
         max_active: 1,
         max_queued: 1,
+        max_context: None,
     };
     let model = ChatModel::load("m".into(), path.as_ref(), limits, Arc::new(Metrics::new()?))?;
     let prompt = if raw {

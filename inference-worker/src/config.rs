@@ -38,6 +38,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_MAX_ACTIVE_SEQUENCES", default_value_t = 8)]
     pub max_active_sequences: usize,
 
+    /// Most tokens one chat sequence may hold, prompt and completion, below the model's own
+    /// context window (which is the default): bounds each sequence's cache. Reported as
+    /// the model's `context_length` in `/v1/models`.
+    #[arg(long, env = "WORKER_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+
     /// Requests that may wait per model before new ones get 503.
     #[arg(long, env = "WORKER_MAX_QUEUED", default_value_t = 64)]
     pub max_queued: usize,

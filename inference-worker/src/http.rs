@@ -129,14 +129,21 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, WorkerError> {
     let set = models(&state)?;
-    let mut names: Vec<&String> = set.chat.keys().chain(set.embedding.keys()).collect();
-    names.sort();
-    Ok(Json(ModelList::new(
-        names
-            .into_iter()
-            .map(|n| Model::new(n.clone(), state.started_at))
-            .collect(),
-    )))
+    // Chat models state their context window: the gateway's bound of a call's tokens.
+    let mut list: Vec<Model> = set
+        .chat
+        .values()
+        .map(|m| {
+            Model::new(m.name.clone(), state.started_at).with_context_length(m.context_len() as u64)
+        })
+        .chain(
+            set.embedding
+                .keys()
+                .map(|n| Model::new(n.clone(), state.started_at)),
+        )
+        .collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(ModelList::new(list)))
 }
 
 async fn chat_completions(

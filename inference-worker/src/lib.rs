@@ -39,6 +39,7 @@ impl ModelSet {
         let engine = EngineLimits {
             max_active: config.max_active_sequences,
             max_queued: config.max_queued,
+            max_context: config.max_context,
         };
         for spec in &config.chat_models {
             let (name, path) = config::named_path(spec);

@@ -35,6 +35,7 @@ fn model() -> Arc<ChatModel> {
     let limits = EngineLimits {
         max_active: 4,
         max_queued: 16,
+        max_context: None,
     };
     ChatModel::load(
         "smollm2".into(),

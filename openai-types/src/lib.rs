@@ -43,6 +43,10 @@ pub struct Model {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
+    /// A chat model's context window in tokens: no call to it can use more, prompt and
+    /// completion together. An extension to OpenAI's shape, written by workers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
 }
 
 impl Model {
@@ -52,7 +56,14 @@ impl Model {
             object: "model".into(),
             created,
             owned_by: "system".into(),
+            context_length: None,
         }
+    }
+
+    /// The same, stating the model's context window.
+    pub fn with_context_length(mut self, tokens: u64) -> Self {
+        self.context_length = Some(tokens);
+        self
     }
 }
 

@@ -57,6 +57,7 @@ impl Parts {
             db.clone(),
             metrics.clone(),
             Duration::from_secs(config.upstream_timeout_secs) + RESERVATION_SLACK,
+            config.on_store_error(),
         );
         let prices = PriceCache::load(&db).await?;
         Ok(Self {

@@ -2,7 +2,8 @@
 //! monthly token quota and a monthly spend cap, shared by every replica through the store.
 //!
 //! Owns: the `limit_counters` and `reservations` tables and the arithmetic over them.
-//! This file is the front door: which path a request takes (lease, store, or fail open).
+//! This file is the front door: which path a request takes (lease, store, or the failure
+//! mode of its limits while the store cannot be reached).
 //! Must never: decide what a request costs in the ledger (that is the usage record's job)
 //! or let a refused request reach a worker.
 //!
@@ -25,8 +26,13 @@
 //! - plus, for each gateway crash, nothing: its reservations and leases stay counted
 //!   until they expire, and are then released (their usage is in the ledger, not in the
 //!   counters);
-//! - plus what is admitted while the store is unreachable: admission then fails open
-//!   (counted by `gateway_admission_fail_open_total`) so an outage does not stop the API.
+//! - plus what is admitted while the store is unreachable, for the kinds of limit set to
+//!   fail open ([`OnStoreError`]; by default rates and concurrency, counted by
+//!   `gateway_admission_fail_open_total`) so an outage does not stop the API. Kinds set to
+//!   fail closed (by default the quota and the spend cap) refuse such a request with 503
+//!   and `retry-after` (`gateway_admission_fail_closed_total`), so they hold through an
+//!   outage. Either way, what leases already hold is still admitted from memory: the store
+//!   counted it before the outage.
 //!
 //! Per-minute limits are leaky buckets, stored as levels in units x 60,000,000 so that
 //! the arithmetic is exact in integers and independent of the limit itself.
@@ -58,10 +64,14 @@ use keeper::Leases;
 
 pub use bucket::RateState;
 pub use headers::RateHeaders;
-pub use model::{Demand, LimitKind, Limits, Refusal, Scope, MAX_RETRY_AFTER_SECS};
+pub use model::{
+    Demand, LimitKind, Limits, NotAdmitted, OnStoreError, Refusal, Scope, StoreFailure,
+    MAX_RETRY_AFTER_SECS,
+};
 pub use permit::{Admitted, Permit};
 
-/// How long after a store error admission fails open without asking the store again.
+/// How long after a store error admission takes the failure modes without asking the
+/// store again.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Admission against the shared counters.
@@ -75,12 +85,18 @@ pub struct Admission {
     jobs: mpsc::UnboundedSender<Job>,
     metrics: Arc<GatewayMetrics>,
     store_failed_at: Mutex<Option<Instant>>,
+    on_store_error: OnStoreError,
     leases: Arc<Leases>,
     close: Mutex<Option<mpsc::UnboundedSender<oneshot::Sender<()>>>>,
 }
 
 impl Admission {
-    pub fn new(db: Db, metrics: Arc<GatewayMetrics>, reservation_ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        db: Db,
+        metrics: Arc<GatewayMetrics>,
+        reservation_ttl: Duration,
+        on_store_error: OnStoreError,
+    ) -> Arc<Self> {
         let jobs = applier::start(db, reservation_ttl);
         let leases = Arc::new(Leases::new());
         let (close, closing) = mpsc::unbounded_channel();
@@ -89,6 +105,7 @@ impl Admission {
             jobs,
             metrics,
             store_failed_at: Mutex::new(None),
+            on_store_error,
             leases,
             close: Mutex::new(Some(close)),
         })
@@ -107,6 +124,20 @@ impl Admission {
         })
     }
 
+    /// What a request that needs the unreachable store gets: admitted unchecked, or refused
+    /// if any of its limits fails closed.
+    fn store_unreachable(&self, scopes: &[Scope]) -> Result<Admitted, NotAdmitted> {
+        if self.on_store_error.refuses(scopes) {
+            self.metrics.admission_fail_closed.inc();
+            return Err(NotAdmitted::StoreUnavailable);
+        }
+        self.metrics.admission_fail_open.inc();
+        Ok(Admitted {
+            headers: RateHeaders::default(),
+            permit: None,
+        })
+    }
+
     /// Checks and reserves `demand` in every scope, or refuses with the first limit hit.
     pub async fn admit(
         self: &Arc<Self>,
@@ -114,16 +145,13 @@ impl Admission {
         tenant_id: &str,
         mut scopes: Vec<Scope>,
         demand: Demand,
-    ) -> Result<Admitted, Refusal> {
+    ) -> Result<Admitted, NotAdmitted> {
         scopes.retain(|s| !s.limits.is_unlimited());
-        let unchecked = || {
-            Ok(Admitted {
+        if scopes.is_empty() {
+            return Ok(Admitted {
                 headers: RateHeaders::default(),
                 permit: None,
-            })
-        };
-        if scopes.is_empty() {
-            return unchecked();
+            });
         }
         if let Some(admitted) = self.admit_leased(&scopes, demand) {
             self.metrics.admissions.with_label_values(&["lease"]).inc();
@@ -136,8 +164,7 @@ impl Admission {
             .and_then(|t| *t)
             .is_some_and(|t| t.elapsed() < STORE_RETRY_AFTER);
         if recently_failed {
-            self.metrics.admission_fail_open.inc();
-            return unchecked();
+            return self.store_unreachable(&scopes);
         }
         let started = Instant::now();
         let (reply, answer) = oneshot::channel();
@@ -172,15 +199,14 @@ impl Admission {
                     .limit_rejections
                     .with_label_values(&[tenant_id, refusal.kind.label()])
                     .inc();
-                Err(refusal)
+                Err(NotAdmitted::Limited(refusal))
             }
             Err(e) => {
-                tracing::warn!(error = %e, "limit store unreachable; admitting without limits");
+                tracing::warn!(error = %e, "limit store unreachable; limits take their failure modes");
                 if let Ok(mut t) = self.store_failed_at.lock() {
                     *t = Some(Instant::now());
                 }
-                self.metrics.admission_fail_open.inc();
-                unchecked()
+                self.store_unreachable(&scopes)
             }
         }
     }

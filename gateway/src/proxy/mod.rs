@@ -57,7 +57,8 @@ pub struct Proxy {
     pub metrics: Arc<GatewayMetrics>,
     pub admission: Arc<Admission>,
     pub prices: Arc<PriceCache>,
-    /// Completion tokens reserved for a chat call that sets no `max_tokens`.
+    /// Completion tokens reserved for a chat call that sets no `max_tokens`, to a model
+    /// whose workers state no context length.
     pub default_completion_reserve: i64,
 }
 
@@ -78,6 +79,7 @@ impl Proxy {
             &self.admission,
             &self.prices,
             self.default_completion_reserve,
+            self.pool.context_length(&call.model),
             &ctx,
             &call,
         )

@@ -5,6 +5,15 @@
 //! settlement, and the reservation that carries the price between the two. Must never:
 //! price a reservation below what the call can cost (tiered prices count at their highest
 //! rates), or settle one reservation twice.
+//!
+//! A chat call's bound is the body's (prompt bytes, `max_tokens`) cut to the model's
+//! context length as its workers state it: the worker never lets prompt and completion
+//! together pass it, so a call without `max_tokens` reserves up to the context and is
+//! forwarded unchanged. The alternative, capping the call's `max_tokens` at a smaller
+//! reserve, would change what the client asked (a shorter answer than OpenAI's semantics
+//! give) and rewrite bodies that are otherwise forwarded byte for byte; reserving the
+//! context keeps the quota exact without either. Only for a model whose workers state no
+//! context length is the configured default completion reserve taken as the bound.
 
 use std::sync::Arc;
 
@@ -12,7 +21,7 @@ use billing::Price;
 
 use super::call::{CallContext, ProxiedCall};
 use crate::error::GatewayError;
-use crate::limits::{Admission, Demand, Permit, RateHeaders, Scope};
+use crate::limits::{Admission, Demand, NotAdmitted, Permit, RateHeaders, Scope};
 use crate::pricing::PriceCache;
 
 /// A call's reservation and the price it was made at; settled with the real usage.
@@ -27,6 +36,7 @@ impl Reservation {
         admission: &Arc<Admission>,
         prices: &PriceCache,
         default_completion_reserve: i64,
+        context_length: Option<u64>,
         ctx: &CallContext,
         call: &ProxiedCall,
     ) -> Result<(Self, RateHeaders), GatewayError> {
@@ -36,7 +46,9 @@ impl Reservation {
             .current()
             .at(&call.model, ctx.started_at)
             .map(Price::ceiling);
-        let demand = cost(price.as_ref(), call.token_bound(default_completion_reserve));
+        let context = context_length.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let bound = call.token_bound(context.unwrap_or(default_completion_reserve));
+        let demand = bounded_cost(price.as_ref(), bound, context);
         // Only limited scopes are checked: none is made (named) for the others.
         let scopes: Vec<Scope> = [
             (!key.plan_limits.is_unlimited())
@@ -49,7 +61,10 @@ impl Reservation {
         let admitted = admission
             .admit(&ctx.request_id, &key.tenant_id, scopes, demand)
             .await
-            .map_err(|r| GatewayError::Limited(Box::new(r)))?;
+            .map_err(|e| match e {
+                NotAdmitted::Limited(r) => GatewayError::Limited(Box::new(r)),
+                NotAdmitted::StoreUnavailable => GatewayError::LimitsUnavailable,
+            })?;
         Ok((
             Self {
                 permit: admitted.permit,
@@ -70,6 +85,28 @@ impl Reservation {
     }
 }
 
+/// The most a call bounded by `(prompt, completion)` tokens can cost when the model holds
+/// at most `context` tokens, prompt and completion together: the token sum cut to the
+/// context, and the dearer of the two splits at the context's edge (the cost is linear and
+/// grows in both, so its highest point under `prompt + completion <= context` is one of
+/// them).
+fn bounded_cost(
+    price: Option<&Price>,
+    (prompt, completion): (i64, i64),
+    context: Option<i64>,
+) -> Demand {
+    let Some(context) = context else {
+        return cost(price, (prompt, completion));
+    };
+    let (prompt, completion) = (prompt.min(context), completion.min(context));
+    let most_prompt = cost(price, (prompt, completion.min(context - prompt)));
+    let most_completion = cost(price, (prompt.min(context - completion), completion));
+    Demand {
+        tokens: prompt.saturating_add(completion).min(context),
+        spend: most_prompt.spend.max(most_completion.spend),
+    }
+}
+
 /// What `(prompt, completion)` tokens cost against the limits: their sum, and their spend
 /// at `price` (none without a price).
 fn cost(price: Option<&Price>, (prompt, completion): (i64, i64)) -> Demand {
@@ -78,5 +115,42 @@ fn cost(price: Option<&Price>, (prompt, completion): (i64, i64)) -> Demand {
         spend: price
             .map(|p| p.cost(1, prompt, completion))
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(input: i64, output: i64) -> Price {
+        Price {
+            model: "m".into(),
+            effective_from: 0,
+            currency: "USD".into(),
+            input_minor_per_mtok: input,
+            output_minor_per_mtok: output,
+            request_minor_per_mreq: 0,
+            tiers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_bound_never_passes_the_context_nor_any_split_within_it() {
+        let context = 100;
+        for p in [price(1_000, 3_000), price(3_000, 1_000)] {
+            for bound in [(10, 20), (10, 500), (500, 10), (80, 80), (0, 1000)] {
+                let demand = bounded_cost(Some(&p), bound, Some(context));
+                assert!(demand.tokens <= context.min(bound.0 + bound.1), "{bound:?}");
+                // Every use the worker allows costs no more than the bound.
+                for prompt in 0..=bound.0.min(context) {
+                    let completion = bound.1.min(context - prompt);
+                    let used = cost(Some(&p), (prompt, completion));
+                    assert!(used.tokens <= demand.tokens, "{bound:?} {prompt}");
+                    assert!(used.spend <= demand.spend, "{bound:?} {prompt}");
+                }
+            }
+        }
+        // Without a stated context the body's bound stands.
+        assert_eq!(bounded_cost(None, (10, 500), None).tokens, 510);
     }
 }

@@ -64,6 +64,9 @@ pub struct EngineLimits {
     pub max_active: usize,
     /// Requests waiting beyond those; a full queue is answered 503.
     pub max_queued: usize,
+    /// Most tokens one sequence may hold, prompt and completion, where below the model's
+    /// own context window.
+    pub max_context: Option<usize>,
 }
 
 pub struct ChatModel {
@@ -104,7 +107,9 @@ impl ChatModel {
             special.eos_text.clone(),
         )?;
         let model = model::Llama::load(&content, &mut file)?;
-        let context_len = model.hyper.context_len;
+        let context_len = limits.max_context.map_or(model.hyper.context_len, |m| {
+            m.clamp(1, model.hyper.context_len)
+        });
         let max_prompt_bytes = context_len.saturating_sub(1) * longest_token_bytes(&tokenizer);
         tracing::info!(model = %name, context_len, max_prompt_bytes, "chat prompt bounds");
         let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
@@ -234,6 +239,11 @@ impl ChatModel {
             stop: req.stop_sequences(),
         };
         Ok((prompt, params))
+    }
+
+    /// The most tokens one call can use, prompt and completion together.
+    pub fn context_len(&self) -> usize {
+        self.context_len
     }
 
     /// Queues a job; a full queue is `Overloaded`, never a wait.
