@@ -78,7 +78,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn a_flood_of_made_up_keys_is_throttled_and_does_not_slow_legitimate_calls() {
     let stub = StubWorker::start().await;
     let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(&store.url, &[stub.url.clone()])).await;
+    let gateway =
+        RunningGateway::start(gateway_config(&store.url, std::slice::from_ref(&stub.url))).await;
     let (key, _) = gateway.tenant_with_key("legit", NewKey::default()).await;
     let legit = client_from(LEGIT_ADDR);
     until_served(&legit, &gateway.url, &key).await;
@@ -165,7 +166,8 @@ const OUTAGE_CALLS: usize = 20;
 async fn a_key_revoked_before_a_store_outage_stays_refused_through_it() {
     let pg = ThrowawayPostgres::start();
     let stub = StubWorker::start().await;
-    let gateway = RunningGateway::start(gateway_config(&pg.url, &[stub.url.clone()])).await;
+    let gateway =
+        RunningGateway::start(gateway_config(&pg.url, std::slice::from_ref(&stub.url))).await;
     let (revoked, revoked_id) = gateway.tenant_with_key("revoked", NewKey::default()).await;
     let (kept, _) = gateway.tenant_with_key("kept", NewKey::default()).await;
     let http = reqwest::Client::new();
