@@ -103,6 +103,37 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_KEY_CACHE_MS", default_value_t = 500)]
     pub key_cache_ms: u64,
 
+    /// Milliseconds an id the store does not have is answered from the cache.
+    #[arg(long, env = "GATEWAY_KEY_MISSING_CACHE_MS", default_value_t = 2000)]
+    pub key_missing_cache_ms: u64,
+
+    /// Keys, and unknown ids, the key cache holds at most (each).
+    #[arg(long, env = "GATEWAY_KEY_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub key_cache_capacity: u64,
+
+    /// Milliseconds between syncs of key revocations into the cache: a key revoked longer
+    /// than this before a store outage stays refused through it.
+    #[arg(long, env = "GATEWAY_KEY_REVOCATION_SYNC_MS", default_value_t = 500)]
+    pub key_revocation_sync_ms: u64,
+
+    /// Failed authentications a client address may have per minute; past them (and the
+    /// burst) it gets 429 with `retry-after`.
+    #[arg(long, env = "GATEWAY_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+
+    /// Failed authentications an address may have at once before its rate applies.
+    #[arg(long, env = "GATEWAY_AUTH_FAILURE_BURST", default_value_t = 20)]
+    pub auth_failure_burst: u32,
+
+    /// Client addresses whose failed authentications are tracked at most (IPv6 by /64);
+    /// addresses past them share one rate.
+    #[arg(
+        long,
+        env = "GATEWAY_AUTH_FAILURE_ADDRESSES",
+        default_value_t = 100_000
+    )]
+    pub auth_failure_addresses: usize,
+
     /// Seconds a new connection has to finish its TLS handshake, and then to send its
     /// first request's headers; also each later HTTP/1.1 request's headers.
     #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value_t = 10)]

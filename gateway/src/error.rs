@@ -39,6 +39,9 @@ pub enum GatewayError {
     Limited(Box<crate::limits::Refusal>),
     #[error("limits cannot be checked right now; retry shortly")]
     LimitsUnavailable,
+    /// Too many failed authentications from the caller's address; the seconds to wait.
+    #[error("too many failed authentications from this address; retry after {0} s")]
+    AuthThrottled(u64),
     #[error("internal error")]
     Internal(String),
 }
@@ -64,7 +67,7 @@ impl GatewayError {
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limited(_) | Self::AuthThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +98,7 @@ impl GatewayError {
                 ("insufficient_quota", None, Some("insufficient_quota"))
             }
             Self::Limited(_) => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            Self::AuthThrottled(_) => ("rate_limit_error", None, Some("too_many_failed_auths")),
             Self::Internal(_) => ("server_error", None, None),
         }
     }
@@ -112,6 +116,11 @@ impl IntoResponse for GatewayError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if let Self::AuthThrottled(secs) = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         if let Self::Limited(refusal) = &self {
             let headers = response.headers_mut();

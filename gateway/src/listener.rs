@@ -25,6 +25,32 @@ use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
+/// The peer address of the connection a request came on, in the request's extensions:
+/// what limits per client (failed authentications) key on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// A connection's service, putting its [`ClientAddr`] on each request.
+#[derive(Clone)]
+struct WithClientAddr<S> {
+    inner: S,
+    peer: std::net::SocketAddr,
+}
+
+impl<S> hyper::service::Service<hyper::Request<Incoming>> for WithClientAddr<S>
+where
+    S: hyper::service::Service<hyper::Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
+    }
+}
+
 /// How connections are served.
 #[derive(Clone)]
 pub struct ServeOptions {
@@ -239,7 +265,10 @@ pub async fn serve<S, B>(
                 }
             },
         };
-        let service = service.clone();
+        let service = WithClientAddr {
+            inner: service.clone(),
+            peer,
+        };
         let builder = builder.clone();
         let tls = options.tls.clone();
         let deadlines = Deadlines {

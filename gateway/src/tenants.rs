@@ -337,6 +337,19 @@ impl TenantStore {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Keys revoked at or after `since_ms` (wall clock), with when: how replicas learn of
+    /// revocations without looking each key up.
+    pub async fn revoked_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = sqlx::query("SELECT id, revoked_at FROM api_keys WHERE revoked_at >= $1")
+            .bind(since_ms)
+            .fetch_all(self.db.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("revoked_at")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
     /// Revokes a key; returns whether it was active.
     pub async fn revoke_key(&self, public_id: &str) -> Result<bool, DbError> {
         let result =

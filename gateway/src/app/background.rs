@@ -1,7 +1,7 @@
 //! The gateway's background tasks, started from one list and stopped together.
 //!
 //! Owns: worker health checks, the expired-reservation sweeper, the price refresh, the
-//! usage table's partitions, and the `/metrics` listener, each at the interval the
+//! usage table's partitions, the key revocation sync, and the `/metrics` listener, each at the interval the
 //! configuration gives. Must never: serve a consumer request, or hold anything that is
 //! lost when a task is aborted (every task may stop at any await).
 
@@ -30,6 +30,7 @@ pub struct Intervals {
     pub sweep: Duration,
     pub price_refresh: Duration,
     pub partitions: Duration,
+    pub key_sync: Duration,
 }
 
 impl Intervals {
@@ -39,6 +40,7 @@ impl Intervals {
             sweep: Duration::from_millis(config.sweep_interval_ms),
             price_refresh: Duration::from_millis(config.price_refresh_ms),
             partitions: Duration::from_secs(config.partition_interval_secs),
+            key_sync: Duration::from_millis(config.key_revocation_sync_ms),
         }
     }
 }
@@ -61,6 +63,7 @@ impl Background {
                 .prices
                 .spawn_refresh(parts.db.clone(), every.price_refresh),
             spawn_partitions(parts.db.clone(), every.partitions),
+            parts.auth.spawn_maintenance(every.key_sync),
             spawn_metrics_server(metrics_listener, scrape),
         ])
     }

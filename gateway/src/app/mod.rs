@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{AdminState, TokenAuthority};
-use crate::auth::Authenticator;
 use crate::config::GatewayConfig;
 use crate::consumer::{ConsumerService, ConsumerState};
 use crate::listener::{self, ServeOptions, ServingThreads};
@@ -236,10 +235,7 @@ fn consumer_state(config: &GatewayConfig, parts: &Parts, threads: usize) -> Cons
         default_completion_reserve: config.default_completion_reserve,
     };
     ConsumerState {
-        auth: Authenticator::new(
-            parts.tenants.clone(),
-            Duration::from_millis(config.key_cache_ms),
-        ),
+        auth: parts.auth.clone(),
         proxy,
         pool: parts.pool.clone(),
         tenants: parts.tenants.clone(),

@@ -1,7 +1,7 @@
 //! The gateway's long-lived parts, built side by side from its configuration.
 //!
 //! Owns: making each part (store, worker pool, admission, price cache, spool, shipper,
-//! metrics, tenants) once, in the order their dependencies need. Must never: start a
+//! metrics, tenants, the key authenticator) once, in the order their dependencies need. Must never: start a
 //! background task (the task list does) or reach one part through another.
 
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use billing::{Db, Ledger, Shipper, ShipperHandle, Spool};
 
+use crate::auth::{AuthSettings, Authenticator};
 use crate::config::GatewayConfig;
 use crate::limits::Admission;
 use crate::metrics::GatewayMetrics;
@@ -30,6 +31,7 @@ pub struct Parts {
     pub db: Db,
     pub pool: Arc<WorkerPool>,
     pub tenants: TenantStore,
+    pub auth: Arc<Authenticator>,
     pub spool: Spool,
     pub shipper: ShipperHandle,
     pub metrics: Arc<GatewayMetrics>,
@@ -60,8 +62,10 @@ impl Parts {
             config.on_store_error(),
         );
         let prices = PriceCache::load(&db).await?;
+        let tenants = TenantStore::new(db.clone());
         Ok(Self {
-            tenants: TenantStore::new(db.clone()),
+            auth: Arc::new(Authenticator::new(tenants.clone(), auth_settings(config))),
+            tenants,
             db,
             pool,
             spool,
@@ -70,6 +74,17 @@ impl Parts {
             admission,
             prices,
         })
+    }
+}
+
+fn auth_settings(config: &GatewayConfig) -> AuthSettings {
+    AuthSettings {
+        ttl: Duration::from_millis(config.key_cache_ms),
+        missing_ttl: Duration::from_millis(config.key_missing_cache_ms),
+        cache_capacity: config.key_cache_capacity,
+        failures_per_minute: config.auth_failures_per_minute,
+        failure_burst: config.auth_failure_burst,
+        failure_addresses: config.auth_failure_addresses,
     }
 }
 

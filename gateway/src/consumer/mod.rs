@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use hyper_util::service::TowerToHyperService;
 
 use crate::auth::Authenticator;
 use crate::error::GatewayError;
+use crate::listener::ClientAddr;
 use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy};
@@ -39,7 +41,7 @@ use observe::{observe, observed, ModelLabel};
 
 /// What the consumer API's handlers share.
 pub struct ConsumerState {
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub proxy: Proxy,
     pub pool: Arc<WorkerPool>,
     pub tenants: TenantStore,
@@ -120,8 +122,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConsumerService {
                     let id = RequestId::new();
                     let header = id.header();
                     let (parts, body) = req.into_parts();
+                    let client = client_ip(&parts.extensions);
                     let response =
-                        match forward_call(&state, id.0, &parts.headers, body, endpoint).await {
+                        match forward_call(&state, id.0, &parts.headers, client, body, endpoint)
+                            .await
+                        {
                             Ok(response) | Err(response) => response,
                         };
                     Ok(observed(&state, endpoint, started, header, response))
@@ -157,9 +162,15 @@ async fn proxied(
         .remove::<RequestId>()
         .map(|id| id.0)
         .unwrap_or_default();
-    match forward_call(&state, request_id, &parts.headers, body, endpoint).await {
+    let client = client_ip(&parts.extensions);
+    match forward_call(&state, request_id, &parts.headers, client, body, endpoint).await {
         Ok(response) | Err(response) => response,
     }
+}
+
+/// The address of the client a request came from, as the listener put it there.
+pub(crate) fn client_ip(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions.get::<ClientAddr>().map(|a| a.0.ip())
 }
 
 /// Authenticates, reads the body within its size and time bounds, parses and forwards.
@@ -167,6 +178,7 @@ async fn forward_call<B>(
     state: &ConsumerState,
     request_id: String,
     headers: &HeaderMap,
+    client: Option<IpAddr>,
     body: B,
     endpoint: &'static str,
 ) -> Result<Response, Response>
@@ -177,7 +189,7 @@ where
     let started_at = now_ms();
     let caller = state
         .auth
-        .authenticate(headers)
+        .authenticate(headers, client)
         .await
         .map_err(IntoResponse::into_response)?;
     let bytes = tokio::time::timeout(

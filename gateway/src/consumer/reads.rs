@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +15,7 @@ use openai_types::{Model, ModelList};
 
 use super::ConsumerState;
 use crate::error::GatewayError;
+use crate::listener::ClientAddr;
 
 /// `GET /v1/usage?start=&end=` (Unix seconds; default: the last 31 days): the
 /// calling key's tenant's usage per model, and nobody else's. Records reach the store
@@ -22,9 +23,11 @@ use crate::error::GatewayError;
 pub(super) async fn own_usage(
     State(state): State<Arc<ConsumerState>>,
     headers: HeaderMap,
+    client: Option<Extension<ClientAddr>>,
     range: Result<Query<UsageRange>, QueryRejection>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.auth.authenticate(&headers).await?;
+    let client = client.map(|Extension(a)| a.0.ip());
+    let caller = state.auth.authenticate(&headers, client).await?;
     let Query(range) =
         range.map_err(|e| GatewayError::bad_request(e.body_text(), Some("start")))?;
     let now = now_ms() / 1000;
@@ -75,8 +78,10 @@ pub(super) struct UsageRange {
 pub(super) async fn list_models(
     State(state): State<Arc<ConsumerState>>,
     headers: HeaderMap,
+    client: Option<Extension<ClientAddr>>,
 ) -> Result<Response, GatewayError> {
-    let caller = state.auth.authenticate(&headers).await?;
+    let client = client.map(|Extension(a)| a.0.ip());
+    let caller = state.auth.authenticate(&headers, client).await?;
     let models = state
         .pool
         .models()
