@@ -400,14 +400,14 @@ mod tests {
         }
     }
 
+    /// A change to one claim.
+    type Change = Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>;
+
     /// Each case changes one claim of a token that is otherwise valid.
     #[test]
     fn each_claim_is_checked() {
         let now = now();
-        let cases: Vec<(
-            &str,
-            Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>,
-        )> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "wrong issuer",
                 Box::new(|c| {
@@ -545,5 +545,92 @@ mod tests {
         let s = Secret::new("x".repeat(40)).unwrap();
         assert!(!format!("{s:?}").contains("xxxx"));
         assert!(Secret::new("short").is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2_000),
+            )
+        }
+
+        fn b64_bytes(b: &[u8]) -> String {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        }
+
+        /// JSON-ish headers: the fields a JWT header may carry, with hostile values.
+        fn header() -> impl Strategy<Value = serde_json::Value> {
+            let alg = prop_oneof![
+                Just("HS256".to_owned()),
+                Just("none".to_owned()),
+                Just("RS256".to_owned()),
+                Just("HS512".to_owned()),
+                Just("hs256".to_owned()),
+                "\\PC{0,12}",
+            ];
+            (
+                alg,
+                proptest::option::of("\\PC{0,16}"),
+                proptest::option::of("\\PC{0,16}"),
+                proptest::option::of(any::<i64>()),
+            )
+                .prop_map(|(alg, typ, kid, extra)| {
+                    let mut h = serde_json::json!({"alg": alg});
+                    if let Some(t) = typ {
+                        h["typ"] = t.into();
+                    }
+                    if let Some(k) = kid {
+                        h["kid"] = k.into();
+                    }
+                    if let Some(x) = extra {
+                        h["crit"] = serde_json::json!([x.to_string()]);
+                        h["jku"] = x.into();
+                    }
+                    h
+                })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Arbitrary text, dots included: never a panic, never a token.
+            #[test]
+            fn arbitrary_strings_never_authenticate(s in "[A-Za-z0-9_\\-.=+/ ]{0,200}|\\PC{0,120}") {
+                prop_assert!(authority().verify(&s).is_err());
+            }
+
+            /// Three base64url parts of random bytes: never a panic, never a token.
+            #[test]
+            fn random_token_shapes_never_authenticate(
+                a in proptest::collection::vec(any::<u8>(), 0..120),
+                b in proptest::collection::vec(any::<u8>(), 0..200),
+                c in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let token = format!("{}.{}.{}", b64_bytes(&a), b64_bytes(&b), b64_bytes(&c));
+                prop_assert!(authority().verify(&token).is_err());
+            }
+
+            /// Any header over valid claims, with a random signature or none: refused.
+            /// With the correct HS256 HMAC, accepted only if the header says HS256.
+            #[test]
+            fn any_header_never_authenticates_without_the_hmac(
+                h in header(),
+                sig in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let input = format!("{}.{}", b64(&h), b64(&valid_claims()));
+                let forged = format!("{input}.{}", b64_bytes(&sig));
+                prop_assert!(authority().verify(&forged).is_err());
+                let key = EncodingKey::from_secret(SECRET.as_bytes());
+                let hmac = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+                let accepted = authority().verify(&format!("{input}.{hmac}")).is_ok();
+                prop_assert!(!accepted || h["alg"] == "HS256", "accepted header {}", h);
+            }
+        }
     }
 }
