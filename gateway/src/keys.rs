@@ -221,7 +221,9 @@ mod tests {
             /// Any bytes (lossily decoded, as a header value would be) parse or are
             /// refused; they never panic, and what parses has the key's shape.
             #[test]
-            fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            fn any_bytes_parse_or_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..80),
+            ) {
                 let raw = String::from_utf8_lossy(&bytes);
                 if let Some(k) = PresentedKey::parse(&raw) {
                     prop_assert_eq!(k.public_id().len(), ID_LEN);
@@ -242,10 +244,16 @@ mod tests {
             /// One changed character of a generated key is refused (checksum or shape)
             /// or, if it still parses, hashes differently: it never matches the original.
             #[test]
-            fn generated_keys_round_trip_and_edits_never_match(at in 0usize..60, c in any::<char>()) {
+            fn generated_keys_round_trip_and_edits_never_match(
+                at in 0usize..60,
+                c in any::<char>(),
+            ) {
                 let key = PlaintextKey::generate();
                 let parsed = PlaintextKey::parse(key.expose());
-                prop_assert_eq!(parsed.as_ref().map(PlaintextKey::public_id), Some(key.public_id()));
+                prop_assert_eq!(
+                    parsed.as_ref().map(PlaintextKey::public_id),
+                    Some(key.public_id())
+                );
                 prop_assert!(parsed.map(|p| p.presented().matches(&key.hash())) == Some(true));
                 let mut chars: Vec<char> = key.expose().chars().collect();
                 let at = at % chars.len();

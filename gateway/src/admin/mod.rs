@@ -2,9 +2,10 @@
 //!
 //! Owns: the routes operators and finance use (tenants, plans, prices, keys, usage series,
 //! invoices, exports, worker health), their authentication (HS256 JWTs with a role, see
-//! [`token`]; revoked `jti`s refused, see [`revocation`]), the OpenAPI document of both APIs and the dashboard's static files. Every
-//! route names the one [`Permission`] it needs; tenant-scoped objects are looked up within
-//! the tenant of the path, so an id from another tenant is "not found". Must never: accept
+//! [`token`]; revoked `jti`s refused, see [`revocation`]), the OpenAPI document of both
+//! APIs and the dashboard's static files. Every route names the one [`Permission`] it
+//! needs; tenant-scoped objects are looked up within the tenant of the path, so an id
+//! from another tenant is "not found". Must never: accept
 //! consumer API keys, show a key's secret or hash after creation, or compute money itself
 //! (billing does).
 

@@ -601,7 +601,9 @@ mod tests {
 
             /// Arbitrary text, dots included: never a panic, never a token.
             #[test]
-            fn arbitrary_strings_never_authenticate(s in "[A-Za-z0-9_\\-.=+/ ]{0,200}|\\PC{0,120}") {
+            fn arbitrary_strings_never_authenticate(
+                s in "[A-Za-z0-9_\\-.=+/ ]{0,200}|\\PC{0,120}",
+            ) {
                 prop_assert!(authority().verify(&s).is_err());
             }
 
@@ -627,7 +629,8 @@ mod tests {
                 let forged = format!("{input}.{}", b64_bytes(&sig));
                 prop_assert!(authority().verify(&forged).is_err());
                 let key = EncodingKey::from_secret(SECRET.as_bytes());
-                let hmac = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+                let hmac =
+                    jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
                 let accepted = authority().verify(&format!("{input}.{hmac}")).is_ok();
                 prop_assert!(!accepted || h["alg"] == "HS256", "accepted header {}", h);
             }
