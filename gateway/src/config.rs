@@ -233,6 +233,16 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET_FILE")]
     pub admin_jwt_secret_file: Option<PathBuf>,
 
+    /// Longest admin token lifetime accepted (`exp - iat`, seconds); longer tokens, and
+    /// tokens without `iat`, are refused.
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_TOKEN_MAX_LIFETIME_SECS",
+        default_value_t = crate::admin::token::DEFAULT_MAX_LIFETIME_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub admin_token_max_lifetime_secs: u64,
+
     /// Benchmarks only: serve without recording usage, to measure what metering costs.
     /// Nothing served this way is ever billed.
     #[arg(long, hide = true, env = "GATEWAY_BENCHMARK_UNMETERED")]

@@ -200,4 +200,70 @@ mod tests {
         assert!(PlaintextKey::parse("sk-gw-short").is_none());
         assert!(PlaintextKey::parse("").is_none());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Cases per property in `cargo test`; PROPTEST_CASES raises it for a longer run.
+        fn config() -> ProptestConfig {
+            ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2_000),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any bytes (lossily decoded, as a header value would be) parse or are
+            /// refused; they never panic, and what parses has the key's shape.
+            #[test]
+            fn any_bytes_parse_or_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..80),
+            ) {
+                let raw = String::from_utf8_lossy(&bytes);
+                if let Some(k) = PresentedKey::parse(&raw) {
+                    prop_assert_eq!(k.public_id().len(), ID_LEN);
+                    prop_assert!(raw.starts_with(KEY_PREFIX));
+                }
+            }
+
+            /// Strings shaped like keys, with any characters in each part.
+            #[test]
+            fn key_shaped_strings_never_panic(
+                id in "\\PC{0,20}",
+                tail in "\\PC{0,42}",
+            ) {
+                let raw = format!("{KEY_PREFIX}{id}-{tail}");
+                let _ = PlaintextKey::parse(&raw).map(|k| k.hash());
+            }
+
+            /// One changed character of a generated key is refused (checksum or shape)
+            /// or, if it still parses, hashes differently: it never matches the original.
+            #[test]
+            fn generated_keys_round_trip_and_edits_never_match(
+                at in 0usize..60,
+                c in any::<char>(),
+            ) {
+                let key = PlaintextKey::generate();
+                let parsed = PlaintextKey::parse(key.expose());
+                prop_assert_eq!(
+                    parsed.as_ref().map(PlaintextKey::public_id),
+                    Some(key.public_id())
+                );
+                prop_assert!(parsed.map(|p| p.presented().matches(&key.hash())) == Some(true));
+                let mut chars: Vec<char> = key.expose().chars().collect();
+                let at = at % chars.len();
+                prop_assume!(chars[at] != c);
+                chars[at] = c;
+                let edited: String = chars.into_iter().collect();
+                if let Some(p) = PresentedKey::parse(&edited) {
+                    prop_assert!(!p.matches(&key.hash()));
+                }
+            }
+        }
+    }
 }

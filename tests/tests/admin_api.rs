@@ -1,5 +1,6 @@
-//! The admin API on its own listener: JWT authentication (forged, expired, `alg: none` and
-//! algorithm-confusion tokens refused), least privilege per route (checked against the
+//! The admin API on its own listener: JWT authentication (forged, expired, `alg: none`,
+//! algorithm-confusion, wrong-issuer, wrong-audience, not-yet-valid, over-long and revoked
+//! tokens refused), least privilege per route (checked against the
 //! `x-permission` the OpenAPI document gives each operation), tenant isolation on every
 //! tenant-scoped route, key lifecycle, usage series and leader boards that add up to the
 //! seeded records, exports byte-identical to the ledger's, and every response conforming
@@ -255,8 +256,14 @@ fn b64(v: &Value) -> String {
 
 async fn bad_tokens_are_refused(admin: &Admin) {
     let path = "/admin/v1/tenants";
-    let claims = |role: &str, exp: u64| json!({"sub": "x", "role": role, "iss": "metering-gateway", "iat": 0, "exp": exp});
-    let later = (billing::now_ms() / 1000) as u64 + 600;
+    let now = (billing::now_ms() / 1000) as u64;
+    // Every claim valid but the one a case is about.
+    let claims = |role: &str, exp: u64| {
+        json!({"sub": "x", "role": role, "iss": "metering-gateway",
+        "aud": "metering-gateway-admin", "iat": now - 600, "nbf": now - 600, "exp": exp,
+        "jti": "6d1f3c9e-0b7a-4e59-9a43-1f2d3c4b5a69"})
+    };
+    let later = now + 600;
     let good = admin.token(Role::Finance);
     let (head, _) = good.split_once('.').unwrap();
     let sig = good.rsplit_once('.').unwrap().1;
@@ -308,13 +315,8 @@ async fn bad_tokens_are_refused(admin: &Admin) {
             )),
         ),
         (
-            "RS256 header with an HMAC signature (key confusion)",
-            Some(format!(
-                "{}.{}.{}",
-                b64(&json!({"alg": "RS256", "typ": "JWT"})),
-                b64(&claims("admin", later)),
-                sig
-            )),
+            "RS256 header over a correct HMAC made with the verification key (key confusion)",
+            Some(key_confusion(&claims("admin", later))),
         ),
         (
             "finance token with its role edited to admin",
@@ -324,7 +326,67 @@ async fn bad_tokens_are_refused(admin: &Admin) {
             "no issuer",
             Some(hs(
                 jsonwebtoken::Algorithm::HS256,
-                &json!({"sub": "x", "role": "admin", "exp": later}),
+                &without(claims("admin", later), "iss"),
+                SECRET,
+            )),
+        ),
+        (
+            "another issuer, every other claim valid",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &with(
+                    claims("admin", later),
+                    "iss",
+                    json!("metering-gateway-staging"),
+                ),
+                SECRET,
+            )),
+        ),
+        (
+            "another audience",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &with(claims("admin", later), "aud", json!("metering-gateway")),
+                SECRET,
+            )),
+        ),
+        (
+            "no audience",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &without(claims("admin", later), "aud"),
+                SECRET,
+            )),
+        ),
+        (
+            "not valid before a minute from now",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &with(claims("admin", later), "nbf", json!(now + 60)),
+                SECRET,
+            )),
+        ),
+        (
+            "lifetime over the maximum (a day)",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &with(claims("admin", later), "iat", json!(later - 86_400 - 3_600)),
+                SECRET,
+            )),
+        ),
+        (
+            "no iat",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &without(claims("admin", later), "iat"),
+                SECRET,
+            )),
+        ),
+        (
+            "no jti",
+            Some(hs(
+                jsonwebtoken::Algorithm::HS256,
+                &without(claims("admin", later), "jti"),
                 SECRET,
             )),
         ),
@@ -350,9 +412,115 @@ async fn bad_tokens_are_refused(admin: &Admin) {
         };
         assert_eq!(code, expected, "{what}");
     }
-    // The good token itself works: the refusals above are about the token, not the route.
+    // The good token itself works, and so does each case's claims set signed correctly
+    // with HS256: the refusals above are about the token, not the route.
     let r = admin.call_raw(Some(&good), "get", path, None).await;
     assert_eq!(r.status(), StatusCode::OK);
+    let valid = hs(
+        jsonwebtoken::Algorithm::HS256,
+        &claims("admin", later),
+        SECRET,
+    );
+    let r = admin.call_raw(Some(&valid), "get", path, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+fn with(mut claims: Value, name: &str, value: Value) -> Value {
+    claims[name] = value;
+    claims
+}
+
+fn without(mut claims: Value, name: &str) -> Value {
+    claims.as_object_mut().unwrap().remove(name);
+    claims
+}
+
+/// A token whose header names RS256 but whose signature is a correct HMAC-SHA256 made
+/// with the verifier's key bytes as the secret — what key confusion produces. Its
+/// signature is checked here, so only the algorithm policy can refuse it.
+fn key_confusion(claims: &Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(&json!({"alg": "RS256", "typ": "JWT"})),
+        b64(claims)
+    );
+    let alg = jsonwebtoken::Algorithm::HS256;
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        alg,
+    )
+    .unwrap();
+    let key = jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes());
+    assert!(jsonwebtoken::crypto::verify(&sig, input.as_bytes(), &key, alg).unwrap());
+    format!("{input}.{sig}")
+}
+
+/// A token revoked by its `jti` is refused from the very next request, on this replica
+/// and on a second one sharing the store; other tokens keep working.
+async fn revoked_tokens_are_refused(admin: &Admin, database_url: &str) {
+    let other = Admin::start(database_url).await;
+    let victim = admin.token(Role::Operator);
+    let jti = admin
+        .gw
+        .admin_tokens
+        .as_ref()
+        .unwrap()
+        .verify(&victim)
+        .unwrap()
+        .jti;
+    for a in [admin, &other] {
+        let r = a
+            .call_raw(Some(&victim), "get", "/admin/v1/whoami", None)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let started = std::time::Instant::now();
+    let revoked = admin
+        .ok(
+            Role::Admin,
+            "post",
+            &format!("/admin/v1/tokens/{jti}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(revoked["jti"], jti.as_str());
+    assert_eq!(revoked["revoked_by"], "test");
+    for (replica, a) in [("this", admin), ("another", &other)] {
+        let r = a
+            .call_raw(Some(&victim), "get", "/admin/v1/tenants", None)
+            .await;
+        println!(
+            "revoked admin token refused by {replica} replica {} ms after the revoke call",
+            started.elapsed().as_millis()
+        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{replica} replica");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "token_revoked");
+    }
+    // Revoking again keeps the first record; a fresh token of the same role works.
+    let again = admin
+        .ok(
+            Role::Admin,
+            "post",
+            &format!("/admin/v1/tokens/{jti}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(again["revoked_at"], revoked["revoked_at"]);
+    admin
+        .ok(Role::Operator, "get", "/admin/v1/whoami", None)
+        .await;
+    let (status, _) = admin
+        .call(
+            Role::Admin,
+            "post",
+            &format!("/admin/v1/tokens/{}/revoke", "x".repeat(129)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+    other.gw.stop().await;
 }
 
 /// Fills a path template with the seeded ids; gives the query and body each operation needs.
@@ -360,7 +528,8 @@ fn concrete(s: &Seeded, method: &str, template: &str, n: usize) -> (String, Opti
     let path = template
         .replace("{tenant}", &s.a)
         .replace("{key}", &s.a_key)
-        .replace("{invoice}", &s.a_invoice);
+        .replace("{invoice}", &s.a_invoice)
+        .replace("{jti}", &format!("never-issued-{n}"));
     let query = match template {
         "/admin/v1/usage" => format!("?from={}&to={}&bucket=day&group_by=model", s.from_s, s.to_s),
         "/admin/v1/usage/top" => format!("?by=key&from={}&to={}", s.from_s, s.to_s),
@@ -1017,6 +1186,7 @@ async fn admin_api(database_url: &str) {
     );
 
     bad_tokens_are_refused(&admin).await;
+    revoked_tokens_are_refused(&admin, database_url).await;
     let seeded = seed(&admin).await;
     figures_add_up(&admin, &seeded).await;
     exports_are_exact(&admin, &seeded).await;

@@ -130,6 +130,35 @@ fn cli_json_and_errors() {
         .verify(token["token"].as_str().unwrap())
         .unwrap();
     assert_eq!(claims.role, gateway::admin::Role::Finance);
+    assert_eq!(token["jti"].as_str(), Some(claims.jti.as_str()));
+    // Revoked by jti into the store every gateway looks revocations up in.
+    let revoked = json(db, &["revoke-admin-token", "--jti", &claims.jti]);
+    assert_eq!(
+        (revoked["jti"].as_str(), revoked["revoked_by"].as_str()),
+        (Some(claims.jti.as_str()), Some("cli"))
+    );
+    let in_store = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = billing::Db::connect(db).await.unwrap();
+        gateway::admin::revocation::is_revoked(&store, &claims.jti)
+            .await
+            .unwrap()
+    });
+    assert!(in_store);
+    // No token outlives the maximum lifetime, whoever asks.
+    let (code, _, stderr) = gateway(
+        db,
+        &[
+            "admin-token",
+            "--role",
+            "admin",
+            "--ttl-secs",
+            "86401",
+            "--admin-jwt-secret",
+            secret,
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("at most 86400 seconds"), "{stderr}");
 
     // Errors: one line on stderr, exit status 1, nothing on stdout.
     for (args, message) in [

@@ -37,6 +37,7 @@ impl AdminError {
     fn code(&self) -> &'static str {
         match self {
             Self::Unauthorized(TokenError::Expired) => "token_expired",
+            Self::Unauthorized(TokenError::Revoked) => "token_revoked",
             Self::Unauthorized(_) => "invalid_token",
             Self::Forbidden { .. } => "forbidden",
             Self::NotFound(_) => "not_found",

@@ -2,9 +2,10 @@
 //!
 //! Owns: the routes operators and finance use (tenants, plans, prices, keys, usage series,
 //! invoices, exports, worker health), their authentication (HS256 JWTs with a role, see
-//! [`token`]), the OpenAPI document of both APIs and the dashboard's static files. Every
-//! route names the one [`Permission`] it needs; tenant-scoped objects are looked up within
-//! the tenant of the path, so an id from another tenant is "not found". Must never: accept
+//! [`token`]; revoked `jti`s refused, see [`revocation`]), the OpenAPI document of both
+//! APIs and the dashboard's static files. Every route names the one [`Permission`] it
+//! needs; tenant-scoped objects are looked up within the tenant of the path, so an id
+//! from another tenant is "not found". Must never: accept
 //! consumer API keys, show a key's secret or hash after creation, or compute money itself
 //! (billing does).
 
@@ -13,16 +14,18 @@ mod directory;
 pub mod error;
 mod finance;
 mod observe;
+pub mod revocation;
 pub mod token;
 
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
+use axum::extract::{Path, State};
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use billing::Db;
 
@@ -80,6 +83,11 @@ impl FromRequestParts<Arc<AdminState>> for Principal {
             .tokens
             .verify(token)
             .map_err(AdminError::Unauthorized)?;
+        // Looked up on every request: a revocation holds everywhere once committed, and a
+        // store error refuses the request rather than skipping the check.
+        if revocation::is_revoked(&state.db, &claims.jti).await? {
+            return Err(AdminError::Unauthorized(token::TokenError::Revoked));
+        }
         Ok(Principal(claims))
     }
 }
@@ -112,11 +120,13 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/admin/v1/reconcile"),
     ("get", "/admin/v1/workers"),
     ("get", "/admin/v1/traffic"),
+    ("post", "/admin/v1/tokens/{jti}/revoke"),
 ];
 
 pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/admin/v1/whoami", get(whoami))
+        .route("/admin/v1/tokens/{jti}/revoke", post(revoke_token))
         .merge(directory::routes())
         .merge(observe::routes())
         .merge(finance::routes())
@@ -140,6 +150,24 @@ async fn whoami(caller: Principal) -> Json<serde_json::Value> {
         "expires_at": c.exp,
         "permissions": c.role.permissions(),
     }))
+}
+
+/// Adds a token's `jti` to the deny-list; every replica refuses the token from then on.
+async fn revoke_token(
+    caller: Principal,
+    State(state): State<Arc<AdminState>>,
+    Path(jti): Path<String>,
+) -> Result<Json<revocation::RevokedToken>, AdminError> {
+    caller.need(Permission::RevokeTokens)?;
+    if jti.is_empty() || jti.len() > revocation::MAX_JTI_LEN {
+        return Err(AdminError::BadRequest(format!(
+            "a jti is 1 to {} bytes",
+            revocation::MAX_JTI_LEN
+        )));
+    }
+    let revoked = revocation::revoke(&state.db, &jti, &caller.0.sub).await?;
+    tracing::info!(by = %caller.0.sub, jti = %jti, "admin token revoked");
+    Ok(Json(revoked))
 }
 
 /// The dashboard runs with a strict policy: only its own scripts and styles, no framing.

@@ -76,7 +76,8 @@ impl Gateway {
         let admin = match config.admin_secret()? {
             Some(secret) => {
                 let admin_state = Arc::new(AdminState {
-                    tokens: TokenAuthority::new(&secret),
+                    tokens: TokenAuthority::new(&secret)
+                        .with_max_lifetime(config.admin_token_max_lifetime_secs),
                     db: parts.db.clone(),
                     tenants: parts.tenants.clone(),
                     pool: parts.pool.clone(),

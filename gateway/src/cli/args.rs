@@ -56,6 +56,8 @@ pub enum Command {
     Top(Top),
     /// Print an admin API token (JWT) signed with the gateway's admin secret.
     AdminToken(AdminToken),
+    /// Revoke an admin API token by its `jti`; every gateway refuses it from then on.
+    RevokeAdminToken(RevokeAdminToken),
     /// Revoke a key by its public id.
     RevokeKey(RevokeKey),
 }
@@ -267,13 +269,28 @@ pub struct AdminToken {
     /// Who the token is for (shown in audit logs).
     #[arg(long, default_value = "cli")]
     pub subject: String,
-    /// Lifetime in seconds.
+    /// Lifetime in seconds (at most --admin-token-max-lifetime-secs).
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: u64,
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_TOKEN_MAX_LIFETIME_SECS",
+        default_value_t = gateway::admin::token::DEFAULT_MAX_LIFETIME_SECS
+    )]
+    pub admin_token_max_lifetime_secs: u64,
     #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET", hide_env_values = true)]
     pub admin_jwt_secret: Option<gateway::admin::Secret>,
     #[arg(long, env = "GATEWAY_ADMIN_JWT_SECRET_FILE")]
     pub admin_jwt_secret_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RevokeAdminToken {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The token's `jti` (printed by `admin-token --json`).
+    #[arg(long)]
+    pub jti: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,8 +3,8 @@
 //! Owns: parsing the command line ([`args`]) and sending each subcommand to the function
 //! that does it: [`serve`], the directory of tenants, plans and keys ([`directory`]),
 //! prices, invoices and exports ([`finance`]), usage reports ([`usage`]) and admin tokens
-//! ([`token`]); [`output`] prints for all of them. Must never: hold business rules; the
-//! library's stores and billing do.
+//! and their revocation ([`token`]); [`output`] prints for all of them. Must never: hold
+//! business rules; the library's stores and billing do.
 
 mod args;
 mod directory;
@@ -38,5 +38,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Usage(a) => usage::usage(a, json).await,
         Command::Top(a) => usage::top(a, json).await,
         Command::AdminToken(a) => token::admin_token(a, json),
+        Command::RevokeAdminToken(a) => token::revoke_admin_token(a, json).await,
     }
 }
