@@ -124,6 +124,9 @@ fn cut_stream(model: &Value, n: u64, breaks: bool) -> Response {
         ))));
     }
     let end = futures::stream::once(async move {
+        // Pending first, so the events above are flushed before the connection breaks
+        // (an error in a body not yet flushed loses the response head too).
+        tokio::time::sleep(Duration::from_millis(50)).await;
         if breaks {
             Err(std::io::Error::other("the stub breaks the connection"))
         } else {
