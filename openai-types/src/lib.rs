@@ -27,11 +27,12 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The total saturates: the counts may come from another process's bytes.
     pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
 }

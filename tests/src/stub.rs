@@ -5,6 +5,12 @@
 //! call uses all of the completion it reserved. Embeddings: 2 tokens per input.
 //! A `stub_delay_ms` body field holds the reply back that long (the gateway forwards
 //! unknown fields), to keep requests in flight.
+//!
+//! A stream with `stub_deltas: N` is cut short instead: N one-token content deltas, each
+//! followed by its usage comment as the worker writes them, then, by `stub_end`, the
+//! stream stalls for good (`"stall"`, the default) or the connection breaks (`"break"`),
+//! never reaching a finish reason or `[DONE]`. A client that has read N deltas has then
+//! been sent everything there is, so what it read is exactly what was delivered.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -55,7 +61,12 @@ async fn chat(Json(body): Json<Value>) -> Response {
         "total_tokens": STUB_PROMPT_TOKENS + completion,
     });
     let model = body.get("model").cloned().unwrap_or(Value::Null);
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    if let (true, Some(n)) = (stream, body.get("stub_deltas").and_then(Value::as_u64)) {
+        let breaks = body.get("stub_end").and_then(Value::as_str) == Some("break");
+        return cut_stream(&model, n, breaks);
+    }
+    if stream {
         let chunk = |delta: Value, finish: Value| {
             json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
                    "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -95,6 +106,38 @@ async fn chat(Json(body): Json<Value>) -> Response {
         "usage": usage,
     }))
     .into_response()
+}
+
+/// A stream of `n` one-token deltas that then stalls, or breaks the connection.
+fn cut_stream(model: &Value, n: u64, breaks: bool) -> Response {
+    let chunk = |content: &str| {
+        let c = json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
+               "model": model, "choices": [{"index": 0, "delta": {"content": content},
+               "finish_reason": null}]});
+        Ok::<_, std::io::Error>(bytes::Bytes::from(format!("data: {c}\n\n")))
+    };
+    let mut events = vec![chunk("")];
+    for i in 1..=n {
+        events.push(chunk(&format!("t{i} ")));
+        events.push(Ok(bytes::Bytes::from(openai_types::usage_comment(
+            &openai_types::Usage::new(STUB_PROMPT_TOKENS, i),
+        ))));
+    }
+    let end = futures::stream::once(async move {
+        // Pending first, so the events above are flushed before the connection breaks
+        // (an error in a body not yet flushed loses the response head too).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if breaks {
+            Err(std::io::Error::other("the stub breaks the connection"))
+        } else {
+            futures::future::pending().await
+        }
+    });
+    let body = Body::from_stream(futures::StreamExt::chain(
+        futures::stream::iter(events),
+        end,
+    ));
+    ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
 }
 
 async fn embeddings(Json(body): Json<Value>) -> Response {

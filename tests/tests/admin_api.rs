@@ -138,6 +138,10 @@ struct Seeded {
 
 const PRICE_IN: i64 = 150; // minor units per million prompt tokens
 const PRICE_OUT: i64 = 600;
+/// Tenant A has 30 records, tenant B more: a read that returned the wrong tenant's usage
+/// would show a different count, not the same one.
+const A_RECORDS: i64 = 30;
+const B_RECORDS: i64 = 42;
 
 async fn seed(admin: &Admin) -> Seeded {
     let mut ids = Vec::new();
@@ -189,7 +193,7 @@ async fn seed(admin: &Admin) -> Seeded {
     let (start, _) = period_bounds(&period).unwrap();
     let now = billing::now_ms();
     let mut events = Vec::new();
-    for i in 0..30 {
+    for i in 0..B_RECORDS {
         // Spread over last month's days and today's hours.
         let at = if i % 2 == 0 {
             start + i * 86_400_000 / 2 + 1_000
@@ -201,15 +205,17 @@ async fn seed(admin: &Admin) -> Seeded {
         } else {
             Delivery::Delivered
         };
-        events.push(record(
-            &format!("req_a{i}"),
-            &a,
-            &a_key,
-            at,
-            1_000 + i,
-            500,
-            d,
-        ));
+        if i < A_RECORDS {
+            events.push(record(
+                &format!("req_a{i}"),
+                &a,
+                &a_key,
+                at,
+                1_000 + i,
+                500,
+                d,
+            ));
+        }
         events.push(record(
             &format!("req_b{i}"),
             &b,
@@ -763,30 +769,58 @@ async fn tenants_are_isolated(admin: &Admin, s: &Seeded) {
         )
         .await;
     let rows: Vec<Value> = export.json().await.unwrap();
-    assert_eq!(rows.len(), 15);
+    assert_eq!(rows.len() as i64, A_RECORDS / 2);
     assert!(rows.iter().all(|r| r["tenant_id"] == a.as_str()));
 
     // The consumer side: A's key sees A's usage only.
-    let own: Value = admin
+    let own = consumer_usage(admin, &s.a_key_plain, s).await;
+    let totals = |v: &Value, field: &str| -> i64 {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m[field].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(totals(&own, "requests"), A_RECORDS);
+    assert_eq!(
+        totals(&own, "prompt_tokens"),
+        (0..A_RECORDS).map(|i| 1_000 + i).sum::<i64>()
+    );
+    // And B's key sees B's, which differ in count and in tokens.
+    let b_key_plain = admin
+        .ok(
+            Role::Operator,
+            "post",
+            &format!("/admin/v1/tenants/{}/keys", s.b),
+            Some(json!({"name": "reader"})),
+        )
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let theirs = consumer_usage(admin, &b_key_plain, s).await;
+    assert_eq!(totals(&theirs, "requests"), B_RECORDS);
+    assert_eq!(
+        totals(&theirs, "completion_tokens"),
+        (0..B_RECORDS).map(|i| 3_000 + i).sum::<i64>()
+    );
+}
+
+/// `/v1/usage` as `key` sees it over the seeded window.
+async fn consumer_usage(admin: &Admin, key: &str, s: &Seeded) -> Value {
+    let r = admin
         .http
         .get(format!(
             "{}/v1/usage?start={}&end={}",
             admin.gw.url, s.from_s, s.to_s
         ))
-        .bearer_auth(&s.a_key_plain)
+        .bearer_auth(key)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    let requests: i64 = own["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["requests"].as_i64().unwrap())
-        .sum();
-    assert_eq!(requests, 30);
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.unwrap()
 }
 
 /// Series and leader boards equal sums computed here from the seeded records.
@@ -798,7 +832,7 @@ async fn figures_add_up(admin: &Admin, s: &Seeded) {
         .iter()
         .map(|i| (1_000 + i) * PRICE_IN + 500 * PRICE_OUT)
         .sum();
-    let b_spend: i64 = (0..30)
+    let b_spend: i64 = (0..B_RECORDS)
         .map(|i| 7_000 * PRICE_IN + (3_000 + i) * PRICE_OUT)
         .sum();
     for bucket in ["hour", "day"] {
@@ -813,7 +847,7 @@ async fn figures_add_up(admin: &Admin, s: &Seeded) {
                 None,
             )
             .await;
-        assert_eq!(v["totals"]["requests"], 30, "{bucket}");
+        assert_eq!(v["totals"]["requests"], A_RECORDS, "{bucket}");
         assert_eq!(v["totals"]["prompt_tokens"], a_prompt, "{bucket}");
         assert_eq!(v["totals"]["completion_tokens"], 30 * 500, "{bucket}");
         assert_eq!(v["totals"]["unbilled_requests"], 3, "{bucket}");

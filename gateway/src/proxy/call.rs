@@ -103,7 +103,10 @@ impl ProxiedCall {
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return None;
         }
-        let fields: ChatFields<'_> = serde_json::from_slice(bytes).ok()?;
+        // Checked whole first: parsing from a slice leaves the strings of skipped fields
+        // unchecked, and a body the whole parse refuses must not pass here.
+        let text = std::str::from_utf8(bytes).ok()?;
+        let fields: ChatFields<'_> = serde_json::from_str(text).ok()?;
         if fields.stream || fields.model.is_empty() {
             return None;
         }
@@ -375,5 +378,163 @@ mod tests {
         assert!(call.client_wants_usage());
         let sent: Value = serde_json::from_slice(&call.upstream_body().unwrap()).unwrap();
         assert_eq!(sent["stream_options"]["include_usage"], Value::Bool(true));
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Cases per property: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `default`.
+        fn cases(default: u32) -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(default)
+        }
+
+        fn has_number(v: &Value) -> bool {
+            match v {
+                Value::Number(_) => true,
+                Value::Array(items) => items.iter().any(has_number),
+                Value::Object(m) => m.values().any(has_number),
+                _ => false,
+            }
+        }
+
+        /// The one-pass read and the whole parse agree on `bytes`, or both refuse it.
+        fn agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+            let raw = Bytes::copy_from_slice(bytes);
+            let fast = ProxiedCall::parse("/v1/chat/completions", raw.clone());
+            let whole = ProxiedCall::parse("/v1/embeddings", raw.clone()).map(|mut c| {
+                c.endpoint = "/v1/chat/completions";
+                c
+            });
+            let text = String::from_utf8_lossy(bytes);
+            let (fast, whole) = match (fast, whole) {
+                (Err(_), Err(_)) => return Ok(()),
+                (Ok(f), Ok(w)) => (f, w),
+                (f, w) => {
+                    return Err(TestCaseError::fail(format!(
+                        "{text:?}: one-pass ok {}, whole parse ok {}",
+                        f.is_ok(),
+                        w.is_ok()
+                    )))
+                }
+            };
+            prop_assert_eq!(&fast.model, &whole.model, "{:?}", text);
+            prop_assert_eq!(fast.is_stream(), whole.is_stream(), "{:?}", text);
+            let (fb, wb) = (fast.token_bound(256), whole.token_bound(256));
+            prop_assert_eq!(fb.1, wb.1, "{:?}", text);
+            // A number may be written shorter than serde writes it back, and `null` reads
+            // as no messages; no message text is either, and the worker refuses both.
+            let exempt = whole
+                .json()
+                .and_then(|b| b.get("messages"))
+                .is_some_and(|m| m.is_null() || has_number(m));
+            prop_assert!(exempt || fb.0 >= wb.0, "{:?}: {:?} < {:?}", text, fb, wb);
+            if matches!(fast.body, Parsed::Chat { .. }) {
+                prop_assert_eq!(fast.upstream_body().ok(), Some(raw), "{:?}", text);
+            }
+            Ok(())
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,12}".prop_map(Value::String),
+                "[a-z\"\\\\/\\u{e9}\\u{1f600} ]{0,8}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec(("[a-z_]{1,6}", inner), 0..4)
+                        .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A chat-like body: the fields the one pass reads, with values of any type or
+        /// of the usual one, some other fields, written compact or spaced; keys repeat
+        /// at times.
+        fn chat_body() -> impl Strategy<Value = Vec<u8>> {
+            let key = prop_oneof![
+                Just("model"),
+                Just("stream"),
+                Just("messages"),
+                Just("max_tokens"),
+                Just("max_completion_tokens"),
+                Just("stream_options"),
+                Just("temperature"),
+            ];
+            let usual = prop_oneof![
+                "[a-zA-Z0-9._-]{0,10}".prop_map(Value::String),
+                any::<bool>().prop_map(Value::Bool),
+                (-5i64..5000).prop_map(Value::from),
+                "[ a-z\\u{e9}\"\\\\]{0,10}"
+                    .prop_map(|t| { serde_json::json!([{"role": "user", "content": t}]) }),
+            ];
+            let field = (key, prop_oneof![usual, json_value()]);
+            (prop::collection::vec(field, 0..7), any::<bool>()).prop_map(|(fields, spaced)| {
+                let mut out = String::from("{");
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let v = if spaced {
+                        serde_json::to_string_pretty(v)
+                    } else {
+                        serde_json::to_string(v)
+                    };
+                    out.push_str(&format!("\"{k}\":{}", v.unwrap_or_default()));
+                    if spaced {
+                        out.push_str(" \n");
+                    }
+                }
+                out.push('}');
+                out.into_bytes()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases(1024)))]
+
+            #[test]
+            fn arbitrary_bytes_agree(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                agree(&bytes)?;
+            }
+
+            #[test]
+            fn chat_bodies_agree(body in chat_body()) {
+                agree(&body)?;
+            }
+
+            /// Valid bodies with a few bytes replaced, inserted or removed.
+            #[test]
+            fn mutated_chat_bodies_agree(
+                body in chat_body(),
+                edits in prop::collection::vec(
+                    (any::<prop::sample::Index>(), 0u8..3, any::<u8>()),
+                    1..4,
+                ),
+            ) {
+                let mut body = body;
+                for (at, op, byte) in edits {
+                    let at = at.index(body.len() + 1);
+                    match op {
+                        0 if at < body.len() => body[at] = byte,
+                        1 => body.insert(at, byte),
+                        _ if at < body.len() => {
+                            body.remove(at);
+                        }
+                        _ => body.push(byte),
+                    }
+                }
+                agree(&body)?;
+            }
+        }
     }
 }

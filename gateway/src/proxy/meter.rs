@@ -239,4 +239,85 @@ mod tests {
         assert_eq!(read(r#"{"error":null}"#), Some((None, true)));
         assert_eq!(read("not json"), None);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn cases(default: u32) -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(default)
+        }
+
+        /// Events as a worker writes them, and near misses of each.
+        fn event() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (any::<u64>(), any::<u64>()).prop_map(|(p, c)| {
+                    openai_types::usage_comment(&openai_types::Usage::new(p, c))
+                        .trim_end()
+                        .to_owned()
+                }),
+                Just("data: [DONE]".to_owned()),
+                "[ \\t]{0,2}".prop_map(|w| format!("data:{w}[DONE]{w}")),
+                ".{0,20}".prop_map(|t| format!("data: {}", serde_json::json!({"t": t}))),
+                ".{0,20}".prop_map(|t| format!(": {t}")),
+                "(data|:|: usage|event|id)[: 0-9a-z\\[\\]{}\"]{0,16}",
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases(2048)))]
+
+            /// Any event text: no panic, and each class is what its text says: usage only
+            /// from a usage comment, data and `[DONE]` only from a `data:` field, and a
+            /// comment never reaches the client as data.
+            #[test]
+            fn events_are_classified_by_what_they_say(event in event()) {
+                match classify_event(&event) {
+                    SseEvent::Counted(p, c) => {
+                        let usage = openai_types::parse_usage_comment(&event);
+                        prop_assert_eq!(usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((p, c)));
+                    }
+                    SseEvent::Done => {
+                        prop_assert_eq!(event.strip_prefix("data:").map(str::trim), Some("[DONE]"));
+                    }
+                    SseEvent::Data(data) => {
+                        prop_assert!(!event.starts_with(':'), "{:?}", event);
+                        prop_assert_eq!(event.strip_prefix("data:").map(str::trim), Some(data));
+                    }
+                    SseEvent::Comment => {
+                        prop_assert!(openai_types::parse_usage_comment(&event).is_none());
+                        prop_assert!(event.starts_with(':') || !event.starts_with("data:"), "{:?}", event);
+                    }
+                }
+            }
+
+            /// A worker's stream cut into chunks anywhere splits into the same events.
+            #[test]
+            fn events_split_the_same_at_any_chunk_boundaries(
+                events in prop::collection::vec(event().prop_filter("one event", |e| !e.contains("\n\n") && !e.ends_with('\n')), 0..8),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            ) {
+                let stream: String = events.iter().map(|e| format!("{e}\n\n")).collect();
+                let bytes = stream.as_bytes();
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+                cuts.push(bytes.len());
+                cuts.sort_unstable();
+                let (mut buffer, mut seen, mut from) = (Vec::new(), Vec::new(), 0);
+                for cut in cuts {
+                    buffer.extend_from_slice(&bytes[from..cut]);
+                    from = cut;
+                    while let Some(end) = find_event_end(&buffer) {
+                        let raw: Vec<u8> = buffer.drain(..end + 2).collect();
+                        seen.push(String::from_utf8_lossy(&raw[..raw.len() - 2]).into_owned());
+                    }
+                }
+                prop_assert!(buffer.is_empty());
+                prop_assert_eq!(seen, events);
+            }
+        }
+    }
 }

@@ -84,8 +84,10 @@ impl UsageRecorder {
             key_id: ctx.caller.key.id.clone(),
             model,
             endpoint: endpoint.to_owned(),
-            prompt_tokens: prompt as i64,
-            completion_tokens: completion as i64,
+            // A count past i64 (only a broken worker says so) is held at the most the
+            // ledger stores, never wrapped to a negative, crediting one.
+            prompt_tokens: i64::try_from(prompt).unwrap_or(i64::MAX),
+            completion_tokens: i64::try_from(completion).unwrap_or(i64::MAX),
             started_at: ctx.started_at,
             finished_at: now_ms(),
             status,
