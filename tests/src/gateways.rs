@@ -98,6 +98,33 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
+    /// A tenant on a plan with `plan` limits and one key narrowed by `key`: the tenant's
+    /// id and the key.
+    pub async fn tenant_on_plan(
+        &self,
+        name: &str,
+        plan: gateway::limits::Limits,
+        key: gateway::limits::Limits,
+    ) -> (String, String) {
+        let tenant = self.tenants.create_tenant(name).await.unwrap();
+        let plan = self
+            .tenants
+            .create_plan(&format!("{name}-plan"), plan)
+            .await
+            .unwrap();
+        self.tenants
+            .set_plan(&tenant.id, Some(&plan.id))
+            .await
+            .unwrap();
+        let new_key = NewKey {
+            name: "k".into(),
+            limits: key,
+            ..Default::default()
+        };
+        let (key, _) = self.tenants.create_key(&tenant.id, &new_key).await.unwrap();
+        (tenant.id, key.expose().to_owned())
+    }
+
     pub async fn start(config: GatewayConfig) -> Self {
         // Gateway logs go to the test's output (shown when a test fails); RUST_LOG filters.
         let _ = tracing_subscriber::fmt()

@@ -15,35 +15,12 @@ use e2e_tests::{
     gateway_config, metric, wait_for, wait_until, RunningGateway, TempPostgres, TempSqlite,
 };
 use gateway::limits::Limits;
-use gateway::tenants::NewKey;
 use gateway::GatewayConfig;
 use serde_json::{json, Value};
 
 /// A tenant on a plan with `plan` limits and one key narrowed by `key`.
 async fn tenant_on_plan(gw: &RunningGateway, name: &str, plan: Limits, key: Limits) -> String {
-    let tenant = gw.tenants.create_tenant(name).await.unwrap();
-    let plan = gw
-        .tenants
-        .create_plan(&format!("{name}-plan"), plan)
-        .await
-        .unwrap();
-    gw.tenants
-        .set_plan(&tenant.id, Some(&plan.id))
-        .await
-        .unwrap();
-    let (key, _) = gw
-        .tenants
-        .create_key(
-            &tenant.id,
-            &NewKey {
-                name: "k".into(),
-                limits: key,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    key.expose().to_owned()
+    gw.tenant_on_plan(name, plan, key).await.1
 }
 
 /// The most a test waits for the gateway to settle or reload what it was just told.

@@ -14,7 +14,6 @@ use std::time::Duration;
 use e2e_tests::stub::{StubWorker, STUB_CHAT_MODEL};
 use e2e_tests::{gateway_config, metric, wait_for, RunningGateway, ThrowawayPostgres};
 use gateway::limits::{Limits, StoreFailure};
-use gateway::tenants::NewKey;
 use gateway::GatewayConfig;
 use serde_json::{json, Value};
 
@@ -22,22 +21,7 @@ use serde_json::{json, Value};
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn key_on_plan(gw: &RunningGateway, name: &str, limits: Limits) -> String {
-    let tenant = gw.tenants.create_tenant(name).await.unwrap();
-    let plan = gw
-        .tenants
-        .create_plan(&format!("{name}-plan"), limits)
-        .await
-        .unwrap();
-    gw.tenants
-        .set_plan(&tenant.id, Some(&plan.id))
-        .await
-        .unwrap();
-    let (key, _) = gw
-        .tenants
-        .create_key(&tenant.id, &NewKey::default())
-        .await
-        .unwrap();
-    key.expose().to_owned()
+    gw.tenant_on_plan(name, limits, Limits::default()).await.1
 }
 
 /// One chat call's status, `retry-after` and error code.

@@ -17,7 +17,6 @@ use e2e_tests::{
 };
 use futures::StreamExt;
 use gateway::limits::Limits;
-use gateway::tenants::NewKey;
 use gateway::GatewayConfig;
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -172,22 +171,7 @@ async fn ledger_tokens(gw: &RunningGateway, tenant_id: &str, records: u64) -> i6
 
 /// A tenant on a plan with `limits`; its id and a key.
 async fn tenant(gw: &RunningGateway, name: &str, limits: Limits) -> (String, String) {
-    let tenant = gw.tenants.create_tenant(name).await.unwrap();
-    let plan = gw
-        .tenants
-        .create_plan(&format!("{name}-plan"), limits)
-        .await
-        .unwrap();
-    gw.tenants
-        .set_plan(&tenant.id, Some(&plan.id))
-        .await
-        .unwrap();
-    let (key, _) = gw
-        .tenants
-        .create_key(&tenant.id, &NewKey::default())
-        .await
-        .unwrap();
-    (tenant.id, key.expose().to_owned())
+    gw.tenant_on_plan(name, limits, Limits::default()).await
 }
 
 /// Drives the clients to the tenant's limit; returns the ledger's (tokens, spend in
