@@ -13,7 +13,7 @@ pub enum GatewayError {
     #[error("{message}")]
     BadRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<std::borrow::Cow<'static, str>>,
     },
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -50,7 +50,15 @@ impl GatewayError {
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::BadRequest {
             message: message.into(),
-            param,
+            param: param.map(std::borrow::Cow::Borrowed),
+        }
+    }
+
+    /// A bad request about a field named by the request itself.
+    pub fn bad_request_param(message: impl Into<String>, param: String) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(std::borrow::Cow::Owned(param)),
         }
     }
 
@@ -72,9 +80,9 @@ impl GatewayError {
         }
     }
 
-    fn parts(&self) -> (&'static str, Option<&'static str>, Option<&'static str>) {
+    fn parts(&self) -> (&'static str, Option<&str>, Option<&'static str>) {
         match self {
-            Self::BadRequest { param, .. } => ("invalid_request_error", *param, None),
+            Self::BadRequest { param, .. } => ("invalid_request_error", param.as_deref(), None),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::ModelNotAllowed(_) => (
                 "invalid_request_error",

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use inference_worker::llm::{
-    ChatModel, EngineLimits, GenerationEvent, GenerationJob, GenerationParams,
+    ChatModel, EngineLimits, GenerationEvent, GenerationJob, GenerationParams, SamplingParams,
 };
 use inference_worker::metrics::Metrics;
 use tokio::sync::mpsc;
@@ -40,11 +40,15 @@ async fn run(
                 prompt,
                 params: GenerationParams {
                     max_tokens,
-                    temperature: 0.0,
-                    top_p: None,
-                    seed: s as u64,
                     stop: Vec::new(),
+                    sampling: SamplingParams {
+                        temperature: 0.0,
+                        seed: s as u64,
+                        ..Default::default()
+                    },
+                    choices: 1,
                 },
+                grammar: None,
                 events,
             })
             .map_err(|e| e.to_string())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use inference_worker::llm::{ChatModel, EngineLimits};
 use inference_worker::metrics::Metrics;
-use openai_types::{ChatCompletionRequest, ChatMessage, MessageContent};
+use openai_types::{ChatCompletionRequest, ChatMessage};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -27,10 +27,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         let req = ChatCompletionRequest {
             model: "m".into(),
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: MessageContent::Text(text),
-            }],
+            messages: vec![ChatMessage::text("user", &text)],
             ..Default::default()
         };
         model.render_prompt(&req)?

@@ -16,7 +16,7 @@ pub enum WorkerError {
     #[error("{message}")]
     Invalid {
         message: String,
-        param: Option<&'static str>,
+        param: Option<String>,
     },
     #[error("{0}")]
     ContextLength(String),
@@ -33,10 +33,10 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
-    pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+    pub fn invalid(message: impl Into<String>, param: impl Into<String>) -> Self {
         Self::Invalid {
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
         }
     }
 
@@ -52,7 +52,7 @@ impl WorkerError {
 
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
-            Self::Invalid { param, .. } => ("invalid_request_error", *param, None),
+            Self::Invalid { param, .. } => ("invalid_request_error", param.as_deref(), None),
             Self::ContextLength(_) => (
                 "invalid_request_error",
                 Some("messages"),

@@ -4,11 +4,10 @@
 //! response and SSE shapes, and per-route request metrics. Must never: run a model on the async runtime (it hands
 //! jobs to the models' own threads) or know who is asking.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -16,21 +15,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use futures::StreamExt;
 use openai_types::{
-    usage_comment, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChunkChoice, ClassifyRequest, ClassifyResponse, ClassifyResult, Delta,
-    Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody,
-    FinishReason, Model, ModelList, Usage,
+    ChatCompletionRequest, ClassifyRequest, ClassifyResponse, ClassifyResult, Embedding,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody, Model,
+    ModelList,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
+use crate::chat;
 use crate::embed::{self, EmbeddingModel};
 use crate::error::WorkerError;
-use crate::llm::{ChatModel, GenerationEvent, GenerationJob};
-use crate::{unix_now, AppState, ModelSet};
+use crate::llm::ChatModel;
+use crate::{AppState, ModelSet};
 
 /// Most labels one classify request may carry.
 const MAX_LABELS: usize = 64;
@@ -152,143 +148,7 @@ async fn chat_completions(
 ) -> Result<Response, WorkerError> {
     let req: ChatCompletionRequest = read_json(body, state.max_body_bytes).await?;
     let model = chat_model(&state, &req.model)?;
-    let (req, prompt, params) = model.prepare_off_runtime(req).await?;
-    let (events, receiver) = mpsc::channel(256);
-    model.submit(GenerationJob {
-        prompt,
-        params,
-        events,
-    })?;
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = unix_now();
-    if req.is_stream() {
-        let include_usage = req.include_usage();
-        Ok(stream_response(
-            receiver,
-            id,
-            created,
-            req.model,
-            include_usage,
-        ))
-    } else {
-        collect_response(receiver, id, created, req.model).await
-    }
-}
-
-async fn collect_response(
-    mut events: mpsc::Receiver<GenerationEvent>,
-    id: String,
-    created: u64,
-    model: String,
-) -> Result<Response, WorkerError> {
-    let mut content = String::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            GenerationEvent::Delta { text, .. } => content.push_str(&text),
-            GenerationEvent::Failed(e) => return Err(WorkerError::Internal(e)),
-            GenerationEvent::Finished { reason, usage } => {
-                let body = ChatCompletion {
-                    id,
-                    object: "chat.completion".into(),
-                    created,
-                    model,
-                    choices: vec![ChatChoice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant".into(),
-                            content,
-                        },
-                        finish_reason: reason,
-                        logprobs: None,
-                    }],
-                    usage,
-                };
-                return Ok(Json(body).into_response());
-            }
-        }
-    }
-    Err(WorkerError::Internal(
-        "generation ended without a result".into(),
-    ))
-}
-
-/// Turns generation events into SSE: a role delta first, content deltas each followed by
-/// the usage comment (the gateway bills a stream that ends early by the last one), one
-/// finish reason, the usage chunk if asked, then `[DONE]`; a failure becomes an error event.
-fn stream_response(
-    events: mpsc::Receiver<GenerationEvent>,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-) -> Response {
-    let chunk = move |delta: Delta, finish_reason: Option<FinishReason>, usage: Option<Usage>| {
-        let choices = if usage.is_some() {
-            Vec::new()
-        } else {
-            vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason,
-                logprobs: None,
-            }]
-        };
-        let c = ChatCompletionChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: model.clone(),
-            choices,
-            usage,
-        };
-        sse_data(&serde_json::to_string(&c).unwrap_or_default())
-    };
-    let first = chunk(
-        Delta {
-            role: Some("assistant".into()),
-            content: Some(String::new()),
-        },
-        None,
-        None,
-    );
-    let body = ReceiverStream::new(events).flat_map(move |event| {
-        let out: Vec<Bytes> = match event {
-            GenerationEvent::Delta { text, usage } => vec![
-                chunk(
-                    Delta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    None,
-                    None,
-                ),
-                Bytes::from(usage_comment(&usage)),
-            ],
-            GenerationEvent::Finished { reason, usage } => {
-                let mut v = vec![chunk(Delta::default(), Some(reason), None)];
-                if include_usage {
-                    v.push(chunk(Delta::default(), None, Some(usage)));
-                }
-                v.push(sse_data("[DONE]"));
-                v
-            }
-            GenerationEvent::Failed(e) => {
-                let err = ErrorBody::new(e, "server_error", None, None);
-                vec![sse_data(&serde_json::to_string(&err).unwrap_or_default())]
-            }
-        };
-        futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
-    });
-    let body = futures::stream::once(async move { Ok::<_, Infallible>(first) }).chain(body);
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-fn sse_data(payload: &str) -> Bytes {
-    Bytes::from(format!("data: {payload}\n\n"))
+    chat::complete(model, req).await
 }
 
 async fn embeddings(

@@ -5,6 +5,7 @@
 //! surface. Must never: know about keys, tenants, prices, usage records or databases. It
 //! reports token counts; what they cost is someone else's business.
 
+mod chat;
 pub mod config;
 pub mod embed;
 pub mod error;

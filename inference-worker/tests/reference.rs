@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use inference_worker::llm::{ChatModel, EngineLimits, GenerationEvent, GenerationJob};
 use inference_worker::metrics::Metrics;
-use openai_types::{ChatCompletionRequest, ChatMessage, FinishReason, MessageContent};
+use openai_types::{ChatCompletionRequest, ChatMessage, FinishReason};
 use serde_json::Value;
 
 const GREEDY_TOKENS: u32 = 24;
@@ -59,10 +59,7 @@ fn request(messages: &Value) -> ChatCompletionRequest {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| ChatMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: MessageContent::Text(m["content"].as_str().unwrap().into()),
-            })
+            .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect(),
         temperature: Some(0.0),
         max_tokens: Some(GREEDY_TOKENS),
@@ -109,13 +106,14 @@ async fn greedy_completions_equal_llama_cpp() {
     let mut mismatches = Vec::new();
     let mut full_matches = 0;
     for case in fixtures()["greedy"].as_array().unwrap() {
-        let (prompt, params) = model.prepare(&request(&case["messages"])).unwrap();
-        assert_eq!(prompt, ids(&case["prompt_ids"]));
+        let prepared = model.prepare(request(&case["messages"])).unwrap();
+        assert_eq!(prepared.prompt, ids(&case["prompt_ids"]));
         let (events, mut rx) = tokio::sync::mpsc::channel(64);
         model
             .submit(GenerationJob {
-                prompt,
-                params,
+                prompt: prepared.prompt,
+                params: prepared.params,
+                grammar: prepared.grammar,
                 events,
             })
             .unwrap();
@@ -123,7 +121,7 @@ async fn greedy_completions_equal_llama_cpp() {
         let (reason, usage) = loop {
             match rx.recv().await.unwrap() {
                 GenerationEvent::Delta { text: t, .. } => text.push_str(&t),
-                GenerationEvent::Finished { reason, usage } => break (reason, usage),
+                GenerationEvent::Finished { reason, usage, .. } => break (reason, usage),
                 GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
             }
         };

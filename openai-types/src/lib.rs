@@ -8,13 +8,17 @@
 use serde::{Deserialize, Serialize};
 
 mod chat;
+mod chat_reply;
 mod embeddings;
 mod error;
+mod tools;
 mod usage_comment;
 
 pub use chat::*;
+pub use chat_reply::*;
 pub use embeddings::*;
 pub use error::*;
+pub use tools::*;
 pub use usage_comment::{parse_usage_comment, usage_comment};
 
 /// Token accounting attached to every successful response.

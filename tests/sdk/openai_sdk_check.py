@@ -4,11 +4,14 @@ Run by tests/tests/openai_sdk.rs with GATEWAY_BASE_URL, GATEWAY_KEY (may use eve
 and GATEWAY_NARROW_KEY (may use the embedding model only). Exits non-zero on any failure.
 """
 
+import json
 import os
 import sys
+from typing import Literal
 
 import openai
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 CHAT = "SmolLM2-135M-Instruct"
 EMBED = "all-MiniLM-L6-v2"
@@ -94,13 +97,138 @@ short = client.embeddings.create(model=EMBED, input="hello world", dimensions=64
 check("embeddings dimensions", len(short.data[0].embedding) == 64)
 check("embeddings usage", emb.usage.prompt_tokens > 0)
 
+# Structured output: any JSON object, and a Pydantic model parsed by the SDK.
+reply = client.chat.completions.create(
+    model=CHAT,
+    messages=[{"role": "user", "content": "Describe a cat."}],
+    response_format={"type": "json_object"},
+    max_tokens=200,
+)
+try:
+    obj = json.loads(reply.choices[0].message.content)
+    check("json_object parses", isinstance(obj, dict), repr(obj))
+except ValueError as e:
+    check("json_object parses", False, f"{e}: {reply.choices[0].message.content!r}")
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=20)
+    species: Literal["cat", "dog", "bird"]
+    age: int = Field(ge=0, le=30)
+
+
+parsed = client.chat.completions.parse(
+    model=CHAT,
+    messages=[{"role": "user", "content": "Describe a pet."}],
+    response_format=Pet,
+    temperature=0.7,
+    seed=1,
+)
+pet = parsed.choices[0].message.parsed
+check("parse returns the Pydantic model", isinstance(pet, Pet), repr(parsed.choices[0].message.content))
+
+# Tools: a named choice and `required`, whole and streamed; then the tool's result answered.
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+question = [{"role": "user", "content": "What is the weather in Paris?"}]
+named = client.chat.completions.create(
+    model=CHAT,
+    messages=question,
+    tools=[weather],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+)
+calls = named.choices[0].message.tool_calls or []
+check("named tool call", len(calls) == 1 and calls[0].function.name == "get_weather", repr(named.choices[0].message))
+check("tool call id", calls[0].id.startswith("call_") and calls[0].type == "function")
+check("tool finish_reason", named.choices[0].finish_reason == "tool_calls")
+args = json.loads(calls[0].function.arguments)
+check("tool arguments valid", set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), repr(args))
+required = client.chat.completions.create(model=CHAT, messages=question, tools=[weather], tool_choice="required")
+check("required tool call", bool(required.choices[0].message.tool_calls))
+
+streamed = {}
+finish = None
+for chunk in client.chat.completions.create(
+    model=CHAT, messages=question, tools=[weather], tool_choice="required", stream=True, parallel_tool_calls=False
+):
+    if not chunk.choices:
+        continue
+    choice = chunk.choices[0]
+    finish = choice.finish_reason or finish
+    for d in choice.delta.tool_calls or []:
+        entry = streamed.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+        if d.id:
+            entry["id"] = d.id
+        if d.function and d.function.name:
+            entry["name"] += d.function.name
+        if d.function and d.function.arguments:
+            entry["arguments"] += d.function.arguments
+check("streamed tool call assembled", len(streamed) == 1 and streamed[0]["name"] == "get_weather", repr(streamed))
+check("streamed tool call id", (streamed[0]["id"] or "").startswith("call_"))
+check("streamed arguments parse", set(json.loads(streamed[0]["arguments"])) == {"city", "unit"})
+check("streamed finish_reason", finish == "tool_calls", repr(finish))
+
+answered = client.chat.completions.create(
+    model=CHAT,
+    messages=question
+    + [
+        named.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 21, "sky": "clear"}'},
+    ],
+    tools=[weather],
+    tool_choice="none",
+    max_tokens=40,
+)
+check("tool result answered", bool(answered.choices[0].message.content), repr(answered.choices[0].message))
+
+# Log probabilities, and n choices with their usage summed.
+lp = client.chat.completions.create(
+    model=CHAT, messages=[{"role": "user", "content": "Name a colour."}], logprobs=True, top_logprobs=3, max_tokens=6
+)
+entries = lp.choices[0].logprobs.content
+check("logprobs per token", len(entries) == lp.usage.completion_tokens, f"{len(entries)} {lp.usage}")
+check("top_logprobs 3", all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries))
+three = client.chat.completions.create(
+    model=CHAT, messages=[{"role": "user", "content": "Name a colour."}], n=3, max_tokens=8, logprobs=True, seed=5
+)
+check("n=3 choices", [c.index for c in three.choices] == [0, 1, 2])
+check(
+    "n=3 usage summed",
+    three.usage.completion_tokens == sum(len(c.logprobs.content) for c in three.choices),
+    repr(three.usage),
+)
+
 # Errors, as the SDK's exception types.
 expect_error(
     "400 bad request",
     openai.BadRequestError,
     400,
-    lambda: client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}], n=2),
+    lambda: client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}], n=9),
 )
+expect_error(
+    "400 unknown field",
+    openai.BadRequestError,
+    400,
+    lambda: client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "x"}], extra_body={"frobnicate": 1}
+    ),
+)
+try:
+    client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}], extra_body={"frobnicate": 1})
+except openai.BadRequestError as e:
+    check("unknown field named", e.param == "frobnicate" and "frobnicate" in str(e), repr(e.body))
 expect_error("401 bad key", openai.AuthenticationError, 401, lambda: stranger.models.list())
 expect_error(
     "403 model not allowed",

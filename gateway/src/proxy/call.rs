@@ -6,6 +6,7 @@
 //! it did not need to change, or bound a call below what it can really use.
 
 use axum::body::Bytes;
+use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
 use crate::auth::KeyCaller;
@@ -30,6 +31,8 @@ enum Parsed {
         messages_bytes: i64,
         /// `max_completion_tokens`, else `max_tokens`, where one is an integer.
         max_tokens: Option<i64>,
+        /// `n`: choices, each bounded by `max_tokens`.
+        choices: i64,
     },
     /// Anything else, parsed whole so unknown fields pass through unchanged; `changed`
     /// once the gateway edited it (a stream's usage forced on).
@@ -40,9 +43,11 @@ enum Parsed {
 }
 
 /// The fields of a chat body the gateway reads, borrowed from the body. Any body this does
-/// not take as it is (not an object, a field of another type, a repeated field, a stream)
-/// goes the general way, which also words the errors.
+/// not take as it is (not an object, a field of another type, a repeated field, a stream,
+/// tools, a field not listed) goes the general way, which also words the errors.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the `IgnoredAny` fields are read only to be allowed
 struct ChatFields<'a> {
     #[serde(borrow)]
     model: std::borrow::Cow<'a, str>,
@@ -54,7 +59,47 @@ struct ChatFields<'a> {
     max_completion_tokens: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
     max_tokens: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a serde_json::value::RawValue>,
+    // Read by the worker alone: listed so that any other field leaves the one pass.
+    #[serde(default)]
+    temperature: IgnoredAny,
+    #[serde(default)]
+    top_p: IgnoredAny,
+    #[serde(default)]
+    seed: IgnoredAny,
+    #[serde(default)]
+    stop: IgnoredAny,
+    #[serde(default)]
+    stream_options: IgnoredAny,
+    #[serde(default)]
+    response_format: IgnoredAny,
+    #[serde(default)]
+    logprobs: IgnoredAny,
+    #[serde(default)]
+    top_logprobs: IgnoredAny,
+    #[serde(default)]
+    presence_penalty: IgnoredAny,
+    #[serde(default)]
+    frequency_penalty: IgnoredAny,
+    #[serde(default)]
+    logit_bias: IgnoredAny,
+    #[serde(default)]
+    user: IgnoredAny,
+    #[serde(default)]
+    top_k: IgnoredAny,
+    #[serde(default)]
+    min_p: IgnoredAny,
+    #[serde(default)]
+    repetition_penalty: IgnoredAny,
 }
+
+/// Prompt tokens a chat call's template can add beyond its messages' JSON: the template's
+/// own text, per message its role markers, and with tools the fixed text that describes
+/// them (their definitions count by their JSON).
+const TEMPLATE_OVERHEAD: i64 = 64;
+const MESSAGE_OVERHEAD: i64 = 32;
+const TOOLS_OVERHEAD: i64 = 512;
 
 impl ProxiedCall {
     pub fn parse(endpoint: &'static str, bytes: Bytes) -> Result<Self, GatewayError> {
@@ -71,6 +116,14 @@ impl ProxiedCall {
                 None,
             ));
         };
+        if endpoint == "/v1/chat/completions" {
+            if let Some((name, message)) = body
+                .keys()
+                .find_map(|k| openai_types::refused_chat_field(k).map(|m| (k, m)))
+            {
+                return Err(GatewayError::bad_request_param(message, name.clone()));
+            }
+        }
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(_) => {
@@ -114,13 +167,15 @@ impl ProxiedCall {
         let int = |v: Option<&serde_json::value::RawValue>| {
             v.and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
         };
+        let (messages_bytes, messages) = fields.messages.map_or((0, 0), |m| compact_len(m.get()));
         Some(Self {
             endpoint: "/v1/chat/completions",
             model: fields.model.into_owned(),
             raw: bytes.clone(),
             body: Parsed::Chat {
-                messages_bytes: fields.messages.map_or(0, |m| compact_len(m.get())),
+                messages_bytes: messages_bytes + MESSAGE_OVERHEAD * messages,
                 max_tokens: int(fields.max_completion_tokens).or(int(fields.max_tokens)),
+                choices: choices(int(fields.n)),
             },
         })
     }
@@ -153,20 +208,22 @@ impl ProxiedCall {
             .unwrap_or(false)
     }
 
-    /// An upper bound of the tokens this call can use, from its body alone:
-    /// `(prompt, completion)`. Byte-level tokenizers never make more tokens than bytes, and
-    /// the JSON of a message is longer than its text plus its role markers.
-    pub fn token_bound(&self, default_completion: i64) -> (i64, i64) {
-        const TEMPLATE_OVERHEAD: i64 = 64;
+    /// An upper bound of the tokens this call can use, from its body alone: prompt tokens,
+    /// completion tokens per choice, and choices. Byte-level tokenizers never make more
+    /// tokens than bytes, and the JSON of a message is longer than its text, less the
+    /// per-message overhead the template adds.
+    pub fn token_bound(&self, default_completion: i64) -> TokenBound {
         let body = match &self.body {
             Parsed::Chat {
                 messages_bytes,
                 max_tokens,
+                choices,
             } => {
-                return (
-                    messages_bytes + TEMPLATE_OVERHEAD,
-                    max_tokens.unwrap_or(default_completion).max(0),
-                )
+                return TokenBound {
+                    prompt: messages_bytes + TEMPLATE_OVERHEAD,
+                    completion: max_tokens.unwrap_or(default_completion).max(0),
+                    choices: *choices,
+                }
             }
             Parsed::Json { body, .. } => body,
         };
@@ -186,21 +243,40 @@ impl ProxiedCall {
                 None => 0,
             }
         };
+        let json_len = |v: Option<&Value>| {
+            v.and_then(|v| serde_json::to_vec(v).ok())
+                .map_or(0, |b| b.len() as i64)
+        };
         match self.endpoint {
             "/v1/chat/completions" => {
-                let prompt = body
+                let messages = body
                     .get("messages")
-                    .and_then(|m| serde_json::to_vec(m).ok())
-                    .map_or(0, |b| b.len() as i64)
+                    .and_then(Value::as_array)
+                    .map_or(0, |m| m.iter().filter(|m| m.is_object()).count());
+                let tools = match body.get("tools") {
+                    None | Some(Value::Null) => 0,
+                    tools => json_len(tools) + TOOLS_OVERHEAD,
+                };
+                let prompt = json_len(body.get("messages"))
+                    + MESSAGE_OVERHEAD * messages as i64
+                    + tools
                     + TEMPLATE_OVERHEAD;
                 let completion = ["max_completion_tokens", "max_tokens"]
                     .iter()
                     .find_map(|k| body.get(*k).and_then(Value::as_i64))
                     .unwrap_or(default_completion)
                     .max(0);
-                (prompt, completion)
+                TokenBound {
+                    prompt,
+                    completion,
+                    choices: choices(body.get("n").and_then(Value::as_i64)),
+                }
             }
-            _ => (inputs(body.get("input")) + inputs(body.get("labels")), 0),
+            _ => TokenBound {
+                prompt: inputs(body.get("input")) + inputs(body.get("labels")),
+                completion: 0,
+                choices: 1,
+            },
         }
     }
 
@@ -233,11 +309,13 @@ impl ProxiedCall {
     }
 }
 
-/// The length of valid JSON `text` written compactly: without the whitespace between
-/// tokens. Never less than `serde_json::to_vec` of the same value makes, except where a
-/// number is written shorter than serde writes it back, which no message text is.
-fn compact_len(text: &str) -> i64 {
+/// The length of valid JSON `text` written compactly (without the whitespace between
+/// tokens), and the number of objects directly inside it (messages, for an array of them).
+/// The length is never less than `serde_json::to_vec` of the same value makes, except where
+/// a number is written shorter than serde writes it back, which no message text is.
+fn compact_len(text: &str) -> (i64, i64) {
     let (mut len, mut in_string, mut escaped) = (0i64, false, false);
+    let (mut depth, mut objects) = (0u32, 0i64);
     for &b in text.as_bytes() {
         if in_string {
             len += 1;
@@ -251,9 +329,34 @@ fn compact_len(text: &str) -> i64 {
         } else if !b.is_ascii_whitespace() {
             len += 1;
             in_string = b == b'"';
+            match b {
+                b'{' | b'[' => {
+                    depth += 1;
+                    if b == b'{' && depth == 2 {
+                        objects += 1;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
         }
     }
-    len
+    (len, objects)
+}
+
+/// `n` as the worker reads it: absent or not a positive integer is one choice (the worker
+/// refuses a bad `n`, so no more is generated).
+fn choices(n: Option<i64>) -> i64 {
+    n.filter(|n| *n >= 1).unwrap_or(1)
+}
+
+/// The most tokens a call can use, from its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBound {
+    pub prompt: i64,
+    /// Per choice.
+    pub completion: i64,
+    pub choices: i64,
 }
 
 /// Who made the call and when, for the usage event.
@@ -282,7 +385,7 @@ mod tests {
             br#"{"model":"m","max_tokens":16,"messages":[{"role":"user","content":"a \"quoted\" \\ word"}]}"#,
             br#"{"messages":[{"role":"system","content":"x"},{"role":"user","content":"y"}],"max_completion_tokens":7,"max_tokens":99,"model":"m2"}"#,
             br#"{"model":"m","max_tokens":16.0,"messages":[]}"#,
-            br#"{"model":"m","max_tokens":-3,"stream":false,"extra":{"k":[1,2,3]}}"#,
+            br#"{"model":"m","max_tokens":-3,"stream":false,"logit_bias":{"k":[1,2,3]},"n":2}"#,
             br#"{"model":"m","max_tokens":null,"max_completion_tokens":"5","messages":[{"role":"user","content":"\u00e9t\u00e9"}]}"#,
             b"{\"model\":\"m\",\"max_tokens\":18446744073709551615,\"messages\":[{\"role\":\"user\",\"content\":\"caf\xc3\xa9\"}]}",
             br#"{"model":"m\u0021","messages":[{"role":"user","content":[{"type":"text","text":"t"}]}]}"#,
@@ -296,10 +399,11 @@ mod tests {
             assert_eq!(fast.model, whole.model, "{text}");
             assert!(!fast.is_stream() && !whole.is_stream(), "{text}");
             let (fast_bound, whole_bound) = (fast.token_bound(256), whole.token_bound(256));
-            assert_eq!(fast_bound.1, whole_bound.1, "{text}");
+            assert_eq!(fast_bound.completion, whole_bound.completion, "{text}");
+            assert_eq!(fast_bound.choices, whole_bound.choices, "{text}");
             // Escapes are written back shorter, never longer.
             assert!(
-                fast_bound.0 >= whole_bound.0,
+                fast_bound.prompt >= whole_bound.prompt,
                 "{text}: {fast_bound:?} {whole_bound:?}"
             );
             assert_eq!(
@@ -410,6 +514,38 @@ mod tests {
                 c
             });
             let text = String::from_utf8_lossy(bytes);
+            // A field the contract does not define is refused as chat, by name, and the
+            // worker refuses the same field.
+            let refused = whole.as_ref().ok().and_then(|w| {
+                w.json()?
+                    .keys()
+                    .find(|k| openai_types::refused_chat_field(k).is_some())
+                    .cloned()
+            });
+            if let Some(field) = refused {
+                match &fast {
+                    Err(GatewayError::BadRequest { param, .. }) => {
+                        prop_assert_eq!(param.as_deref(), Some(field.as_str()), "{:?}", text)
+                    }
+                    other => prop_assert!(false, "{:?}: not refused: {:?}", text, other.is_ok()),
+                }
+                if let Ok(req) =
+                    serde_json::from_slice::<openai_types::ChatCompletionRequest>(bytes)
+                {
+                    prop_assert!(req.validate().is_err(), "{:?}: the worker takes it", text);
+                }
+                return Ok(());
+            }
+            if fast.is_ok() {
+                // Whatever the gateway forwards, the worker never finds an unknown field in.
+                if let Ok(req) =
+                    serde_json::from_slice::<openai_types::ChatCompletionRequest>(bytes)
+                {
+                    if let Err((message, _)) = req.validate() {
+                        prop_assert!(!message.starts_with("Unrecognized"), "{:?}", text);
+                    }
+                }
+            }
             let (fast, whole) = match (fast, whole) {
                 (Err(_), Err(_)) => return Ok(()),
                 (Ok(f), Ok(w)) => (f, w),
@@ -424,14 +560,21 @@ mod tests {
             prop_assert_eq!(&fast.model, &whole.model, "{:?}", text);
             prop_assert_eq!(fast.is_stream(), whole.is_stream(), "{:?}", text);
             let (fb, wb) = (fast.token_bound(256), whole.token_bound(256));
-            prop_assert_eq!(fb.1, wb.1, "{:?}", text);
+            prop_assert_eq!(fb.completion, wb.completion, "{:?}", text);
+            prop_assert_eq!(fb.choices, wb.choices, "{:?}", text);
             // A number may be written shorter than serde writes it back, and `null` reads
             // as no messages; no message text is either, and the worker refuses both.
             let exempt = whole
                 .json()
                 .and_then(|b| b.get("messages"))
                 .is_some_and(|m| m.is_null() || has_number(m));
-            prop_assert!(exempt || fb.0 >= wb.0, "{:?}: {:?} < {:?}", text, fb, wb);
+            prop_assert!(
+                exempt || fb.prompt >= wb.prompt,
+                "{:?}: {:?} < {:?}",
+                text,
+                fb,
+                wb
+            );
             if matches!(fast.body, Parsed::Chat { .. }) {
                 prop_assert_eq!(fast.upstream_body().ok(), Some(raw), "{:?}", text);
             }
@@ -469,6 +612,10 @@ mod tests {
                 Just("max_completion_tokens"),
                 Just("stream_options"),
                 Just("temperature"),
+                Just("n"),
+                Just("tools"),
+                Just("logit_bias"),
+                Just("frobnicate"),
             ];
             let usual = prop_oneof![
                 "[a-zA-Z0-9._-]{0,10}".prop_map(Value::String),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use billing::Price;
 
-use super::call::{CallContext, ProxiedCall};
+use super::call::{CallContext, ProxiedCall, TokenBound};
 use crate::error::GatewayError;
 use crate::limits::{Admission, Demand, NotAdmitted, Permit, RateHeaders, Scope};
 use crate::pricing::PriceCache;
@@ -90,20 +90,30 @@ impl Reservation {
 /// context, and the dearer of the two splits at the context's edge (the cost is linear and
 /// grows in both, so its highest point under `prompt + completion <= context` is one of
 /// them).
-fn bounded_cost(
-    price: Option<&Price>,
-    (prompt, completion): (i64, i64),
-    context: Option<i64>,
-) -> Demand {
+fn bounded_cost(price: Option<&Price>, bound: TokenBound, context: Option<i64>) -> Demand {
+    let TokenBound {
+        prompt,
+        completion,
+        choices,
+    } = bound;
     let Some(context) = context else {
-        return cost(price, (prompt, completion));
+        return cost(price, (prompt, completion.saturating_mul(choices)));
     };
+    // Each choice holds the prompt and its own completion within the context; the prompt
+    // is read once for all of them.
     let (prompt, completion) = (prompt.min(context), completion.min(context));
-    let most_prompt = cost(price, (prompt, completion.min(context - prompt)));
-    let most_completion = cost(price, (prompt.min(context - completion), completion));
+    let most_prompt = (
+        prompt,
+        completion.min(context - prompt).saturating_mul(choices),
+    );
+    let most_completion = (
+        prompt.min(context - completion),
+        completion.saturating_mul(choices),
+    );
+    let (a, b) = (cost(price, most_prompt), cost(price, most_completion));
     Demand {
-        tokens: prompt.saturating_add(completion).min(context),
-        spend: most_prompt.spend.max(most_completion.spend),
+        tokens: a.tokens.max(b.tokens),
+        spend: a.spend.max(b.spend),
     }
 }
 
@@ -134,23 +144,41 @@ mod tests {
         }
     }
 
+    fn bound(prompt: i64, completion: i64, choices: i64) -> TokenBound {
+        TokenBound {
+            prompt,
+            completion,
+            choices,
+        }
+    }
+
     #[test]
-    fn a_bound_never_passes_the_context_nor_any_split_within_it() {
+    fn a_bound_covers_every_split_within_the_context_for_each_choice() {
         let context = 100;
         for p in [price(1_000, 3_000), price(3_000, 1_000)] {
-            for bound in [(10, 20), (10, 500), (500, 10), (80, 80), (0, 1000)] {
-                let demand = bounded_cost(Some(&p), bound, Some(context));
-                assert!(demand.tokens <= context.min(bound.0 + bound.1), "{bound:?}");
-                // Every use the worker allows costs no more than the bound.
-                for prompt in 0..=bound.0.min(context) {
-                    let completion = bound.1.min(context - prompt);
-                    let used = cost(Some(&p), (prompt, completion));
-                    assert!(used.tokens <= demand.tokens, "{bound:?} {prompt}");
-                    assert!(used.spend <= demand.spend, "{bound:?} {prompt}");
+            for (b_prompt, b_completion) in [(10, 20), (10, 500), (500, 10), (80, 80), (0, 1000)] {
+                for choices in [1, 3] {
+                    let b = bound(b_prompt, b_completion, choices);
+                    let demand = bounded_cost(Some(&p), b, Some(context));
+                    if choices == 1 {
+                        assert!(
+                            demand.tokens <= context.min(b_prompt + b_completion),
+                            "{b:?}"
+                        );
+                    }
+                    // Every use the worker allows costs no more than the bound: the prompt
+                    // once, each choice's completion within the context.
+                    for prompt in 0..=b_prompt.min(context) {
+                        let completion = b_completion.min(context - prompt) * choices;
+                        let used = cost(Some(&p), (prompt, completion));
+                        assert!(used.tokens <= demand.tokens, "{b:?} {prompt}");
+                        assert!(used.spend <= demand.spend, "{b:?} {prompt}");
+                    }
                 }
             }
         }
-        // Without a stated context the body's bound stands.
-        assert_eq!(bounded_cost(None, (10, 500), None).tokens, 510);
+        // Without a stated context the body's bound stands, times the choices.
+        assert_eq!(bounded_cost(None, bound(10, 500, 1), None).tokens, 510);
+        assert_eq!(bounded_cost(None, bound(10, 500, 3), None).tokens, 1510);
     }
 }

@@ -9,20 +9,27 @@
 //! never: run on the async runtime or block on a client (events go through bounded
 //! channels; a closed one ends its sequence).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use llguidance::Matcher;
 use openai_types::{FinishReason, Usage};
 use tokio::sync::mpsc;
 
 use super::model::{KvCache, Llama, Slot};
-use super::{GenerationEvent, GenerationJob, GenerationParams};
+use super::sampler::Sampler;
+use super::{GenerationEvent, GenerationJob, GenerationParams, TokenInfo};
 use crate::metrics::Metrics;
 
 /// Prompt tokens fed per step across all joining sequences, so a long prompt delays the
 /// sequences already decoding by a bounded amount.
 const PREFILL_TOKENS_PER_STEP: usize = 256;
+
+/// Tokens before a constrained reply's budget runs out from which closing tokens (and the
+/// end, where the grammar allows it) are favoured, so the reply ends valid.
+const CLOSING_TOKENS: usize = 48;
+/// How much they are favoured, in logits: enough to win wherever the grammar allows them.
+const CLOSING_BIAS: f32 = 20.0;
 
 pub struct Engine {
     model_name: String,
@@ -31,20 +38,68 @@ pub struct Engine {
     eos: u32,
     max_active: usize,
     metrics: Arc<Metrics>,
+    /// Token ids that only close quotes, brackets and braces.
+    closers: Vec<u32>,
 }
 
+/// One choice of one request.
 struct Sequence {
-    prompt: Vec<u32>,
+    index: u32,
+    prompt: Arc<Vec<u32>>,
     /// Prompt tokens already run through the model.
     fed: usize,
     generated: Vec<u32>,
     cache: KvCache,
-    sampler: LogitsProcessor,
-    params: GenerationParams,
+    sampler: Sampler,
+    grammar: Option<Matcher>,
+    params: Arc<GenerationParams>,
     events: mpsc::Sender<GenerationEvent>,
+    /// Choices still to split off this one once its prompt is read (`n` − 1, then 0).
+    forks: usize,
+    /// Completion tokens of all the request's choices together: what its usage reports.
+    completion: Arc<AtomicU64>,
+    /// Log probabilities of tokens whose text is not sent yet.
+    logprobs: Vec<TokenInfo>,
     /// Bytes of decoded text already sent.
     sent: usize,
     done: bool,
+}
+
+impl Sequence {
+    fn usage(&self) -> Usage {
+        Usage::new(
+            self.prompt.len() as u64,
+            self.completion.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The `index`-th choice: the same prompt, read once, with its own random stream and
+    /// grammar state.
+    fn fork(&self, index: usize) -> Self {
+        Self {
+            index: index as u32,
+            prompt: self.prompt.clone(),
+            fed: self.fed,
+            generated: Vec::new(),
+            cache: self.cache.clone(),
+            sampler: self.sampler.fork(index as u64),
+            grammar: self.grammar.as_ref().map(Matcher::deep_clone),
+            params: self.params.clone(),
+            events: self.events.clone(),
+            forks: 0,
+            completion: self.completion.clone(),
+            logprobs: Vec::new(),
+            sent: 0,
+            done: false,
+        }
+    }
+
+    fn fail(&mut self, e: impl std::fmt::Display) {
+        let _ = self
+            .events
+            .blocking_send(GenerationEvent::Failed(e.to_string()));
+        self.done = true;
+    }
 }
 
 impl Engine {
@@ -63,7 +118,14 @@ impl Engine {
             eos,
             max_active,
             metrics,
+            closers: Vec::new(),
         }
+    }
+
+    /// The tokens favoured as a constrained reply's budget runs out.
+    pub fn with_closers(mut self, closers: Vec<u32>) -> Self {
+        self.closers = closers;
+        self
     }
 
     pub fn run(self, mut queue: mpsc::Receiver<GenerationJob>) {
@@ -94,10 +156,7 @@ impl Engine {
                     // A failed pass leaves the caches in an unknown state: end every sequence
                     // in it with the error rather than continue from there.
                     for seq in active.iter_mut() {
-                        let _ = seq
-                            .events
-                            .blocking_send(GenerationEvent::Failed(e.to_string()));
-                        seq.done = true;
+                        seq.fail(&e);
                     }
                 }
             }
@@ -110,35 +169,31 @@ impl Engine {
     }
 
     fn start(&self, job: GenerationJob) -> Sequence {
-        let p = &job.params;
-        let sampling = if p.temperature < 1e-6 {
-            Sampling::ArgMax
-        } else {
-            match p.top_p {
-                Some(top_p) => Sampling::TopP {
-                    p: top_p,
-                    temperature: p.temperature,
-                },
-                None => Sampling::All {
-                    temperature: p.temperature,
-                },
-            }
-        };
+        let sampler = Sampler::new(
+            job.params.sampling.clone(),
+            &job.prompt,
+            self.model.hyper.vocab,
+        );
         Sequence {
-            prompt: job.prompt,
+            index: 0,
+            forks: job.params.choices.saturating_sub(1),
+            prompt: Arc::new(job.prompt),
             fed: 0,
             generated: Vec::new(),
             cache: KvCache::new(self.model.layers()),
-            sampler: LogitsProcessor::from_sampling(p.seed, sampling),
-            params: job.params,
+            sampler,
+            grammar: job.grammar,
+            params: Arc::new(job.params),
             events: job.events,
+            completion: Arc::new(AtomicU64::new(0)),
+            logprobs: Vec::new(),
             sent: 0,
             done: false,
         }
     }
 
     /// One batched forward pass and one sampled token per sequence that is ready for one.
-    fn step(&self, active: &mut [Sequence]) -> anyhow::Result<()> {
+    fn step(&self, active: &mut Vec<Sequence>) -> anyhow::Result<()> {
         let mut slots = Vec::new();
         let mut budget = PREFILL_TOKENS_PER_STEP;
         for (i, seq) in active.iter_mut().enumerate() {
@@ -168,33 +223,75 @@ impl Engine {
             self.model.forward(&slots, &mut caches)?
         };
         let ready = slots.iter().filter(|s| s.logits).map(|s| s.cache);
-        for (i, logits) in ready.zip(logits) {
+        let mut born = Vec::new();
+        for (i, mut logits) in ready.zip(logits) {
             let seq = &mut active[i];
-            if seq.generated.is_empty() {
+            if seq.generated.is_empty() && seq.index == 0 {
                 self.metrics
                     .prompt_tokens
                     .with_label_values(&[&self.model_name])
                     .inc_by(seq.prompt.len() as u64);
             }
-            let logits = Tensor::from_vec(logits, self.model.hyper.vocab, &Device::Cpu)?;
-            let token = seq.sampler.sample(&logits)?;
-            if let Err(e) = self.accept(seq, token) {
-                let _ = seq
-                    .events
-                    .blocking_send(GenerationEvent::Failed(e.to_string()));
-                seq.done = true;
+            // The other choices start from this prompt's cache and these logits.
+            for k in 1..=std::mem::take(&mut seq.forks) {
+                let mut child = seq.fork(k);
+                self.sample(&mut child, &mut logits.clone());
+                born.push(child);
             }
+            self.sample(seq, &mut logits);
         }
+        active.extend(born);
         Ok(())
     }
 
-    /// Takes a sampled token: ends the sequence on EOS, a stop sequence or a length limit,
-    /// and otherwise sends whatever text became safe to show.
+    /// Draws the sequence's next token from `logits` under its grammar, and takes it.
+    fn sample(&self, seq: &mut Sequence, logits: &mut [f32]) {
+        let mask = match seq.grammar.as_mut().map(Matcher::compute_mask) {
+            None => None,
+            Some(Ok(mask)) => Some(mask),
+            Some(Err(e)) => return seq.fail(format!("constrained decoding: {e}")),
+        };
+        let room = seq
+            .params
+            .max_tokens
+            .min(self.model.hyper.context_len - seq.prompt.len())
+            .saturating_sub(seq.generated.len());
+        if mask.is_some() && room <= CLOSING_TOKENS {
+            for &t in self.closers.iter().chain([&self.eos]) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l += CLOSING_BIAS;
+                }
+            }
+        }
+        let drawn = seq.sampler.sample(logits, mask.as_ref(), self.eos);
+        // The end of the sequence is not a token of the reply.
+        if let (Some(logprob), false) = (drawn.logprob, drawn.token == self.eos) {
+            seq.logprobs.push(TokenInfo {
+                token: drawn.token,
+                logprob,
+                top: drawn.top,
+            });
+        }
+        if let Some(grammar) = seq.grammar.as_mut() {
+            if drawn.token != self.eos {
+                if let Err(e) = grammar.consume_token(drawn.token) {
+                    return seq.fail(format!("constrained decoding: {e}"));
+                }
+            }
+        }
+        if let Err(e) = self.accept(seq, drawn.token) {
+            seq.fail(e);
+        }
+    }
+
+    /// Takes a sampled token: ends the sequence on EOS, a completed grammar, a stop
+    /// sequence or a length limit, and otherwise sends whatever text became safe to show.
     fn accept(&self, seq: &mut Sequence, token: u32) -> anyhow::Result<()> {
         if token == self.eos {
             return self.finish(seq, FinishReason::Stop, None);
         }
         seq.generated.push(token);
+        seq.completion.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .generated_tokens
             .with_label_values(&[&self.model_name])
@@ -207,6 +304,9 @@ impl Engine {
         if let Some(cut) = find_stop(&text, seq.sent, &seq.params.stop) {
             return self.finish(seq, FinishReason::Stop, Some(&text[..cut]));
         }
+        if seq.grammar.as_ref().is_some_and(Matcher::is_stopped) {
+            return self.finish(seq, FinishReason::Stop, Some(&text));
+        }
         let next_position = seq.prompt.len() + seq.generated.len();
         if seq.generated.len() >= seq.params.max_tokens
             || next_position >= self.model.hyper.context_len
@@ -218,10 +318,12 @@ impl Engine {
             let delta = text[seq.sent..safe].to_owned();
             seq.sent = safe;
             // A closed channel is noticed at the start of the next step.
-            let usage = Usage::new(seq.prompt.len() as u64, seq.generated.len() as u64);
-            let _ = seq
-                .events
-                .blocking_send(GenerationEvent::Delta { text: delta, usage });
+            let _ = seq.events.blocking_send(GenerationEvent::Delta {
+                index: seq.index,
+                text: delta,
+                logprobs: std::mem::take(&mut seq.logprobs),
+                usage: seq.usage(),
+            });
         }
         Ok(())
     }
@@ -232,7 +334,6 @@ impl Engine {
         reason: FinishReason,
         text: Option<&str>,
     ) -> anyhow::Result<()> {
-        let usage = Usage::new(seq.prompt.len() as u64, seq.generated.len() as u64);
         let text = match text {
             Some(t) => t.to_owned(),
             None => self
@@ -242,13 +343,18 @@ impl Engine {
         };
         if text.len() > seq.sent {
             let _ = seq.events.blocking_send(GenerationEvent::Delta {
+                index: seq.index,
                 text: text[seq.sent..].to_owned(),
-                usage,
+                logprobs: std::mem::take(&mut seq.logprobs),
+                usage: seq.usage(),
             });
         }
-        let _ = seq
-            .events
-            .blocking_send(GenerationEvent::Finished { reason, usage });
+        let _ = seq.events.blocking_send(GenerationEvent::Finished {
+            index: seq.index,
+            reason,
+            logprobs: std::mem::take(&mut seq.logprobs),
+            usage: seq.usage(),
+        });
         seq.done = true;
         Ok(())
     }

@@ -7,44 +7,63 @@
 //! tokenising run on blocking threads, a bounded number at once) or know who is asking.
 
 mod engine;
+mod grammar;
 mod kernels;
 mod model;
+mod sampler;
 mod template;
 mod tokenizer;
+pub mod toolcall;
 mod weights;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
+use llguidance::Matcher;
 use openai_types::{ChatCompletionRequest, FinishReason, MessageContent, Usage};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::WorkerError;
 use crate::metrics::Metrics;
+pub use sampler::SamplingParams;
 pub use template::{ChatTemplate, TemplateMessage};
 
 /// How the model samples and when it stops, resolved from a request.
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
+    /// Completion tokens per choice.
     pub max_tokens: usize,
-    pub temperature: f64,
-    pub top_p: Option<f64>,
-    pub seed: u64,
     pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+    /// Choices generated from the one prompt (`n`).
+    pub choices: usize,
 }
 
-/// What the engine tells a request as it generates.
+/// A generated token's log probability and the likeliest alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the engine tells a request as it generates; `index` is the choice.
 #[derive(Debug, Clone)]
 pub enum GenerationEvent {
-    /// New text, already safe to show (no partial stop sequence, no partial UTF-8), with
-    /// the tokens counted so far, so a stream cut short can be billed exactly.
+    /// New text, already safe to show (no partial stop sequence, no partial UTF-8), the
+    /// log probabilities of the tokens since the last delta (where asked), and the tokens
+    /// counted so far over all choices, so a stream cut short can be billed exactly.
     Delta {
+        index: u32,
         text: String,
+        logprobs: Vec<TokenInfo>,
         usage: Usage,
     },
     Finished {
+        index: u32,
         reason: FinishReason,
+        logprobs: Vec<TokenInfo>,
         usage: Usage,
     },
     Failed(String),
@@ -54,7 +73,17 @@ pub enum GenerationEvent {
 pub struct GenerationJob {
     pub prompt: Vec<u32>,
     pub params: GenerationParams,
+    /// The request's output constraint, matched from its first token.
+    pub grammar: Option<Matcher>,
     pub events: mpsc::Sender<GenerationEvent>,
+}
+
+/// A request made ready for the engine: its prompt, parameters and constraint.
+pub struct Prepared {
+    pub request: ChatCompletionRequest,
+    pub prompt: Vec<u32>,
+    pub params: GenerationParams,
+    pub grammar: Option<Matcher>,
 }
 
 /// Engine sizing, from the worker's configuration.
@@ -73,6 +102,11 @@ pub struct ChatModel {
     pub name: String,
     template: ChatTemplate,
     tokenizer: tokenizers::Tokenizer,
+    /// The bytes each token id stands for (special tokens marked), for log probabilities
+    /// and the grammar matcher.
+    token_bytes: Arc<Vec<Vec<u8>>>,
+    grammars: grammar::Grammars,
+    vocab: usize,
     context_len: usize,
     /// The most message text a prompt may hold: more bytes than this cannot fit the
     /// context window, whatever they tokenise to.
@@ -95,6 +129,8 @@ impl ChatModel {
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| anyhow::anyhow!("reading GGUF {}: {e}", path.display()))?;
         let (tokenizer, special) = tokenizer::from_gguf(&content)?;
+        let token_bytes = Arc::new(tokenizer::token_bytes(&content)?);
+        let grammars = grammar::Grammars::new(&token_bytes, special.eos)?;
         let template_src = content
             .metadata
             .get("tokenizer.chat_template")
@@ -107,6 +143,7 @@ impl ChatModel {
             special.eos_text.clone(),
         )?;
         let model = model::Llama::load(&content, &mut file)?;
+        let vocab = model.hyper.vocab;
         let context_len = limits.max_context.map_or(model.hyper.context_len, |m| {
             m.clamp(1, model.hyper.context_len)
         });
@@ -120,12 +157,16 @@ impl ChatModel {
             special.eos,
             limits.max_active.max(1),
             metrics,
-        );
+        )
+        .with_closers(grammar::closing_tokens(&token_bytes));
         crate::math::spawn_on_own_pool(format!("engine-{name}"), move || engine.run(queue))?;
         Ok(Arc::new(Self {
             name,
             template,
             tokenizer,
+            token_bytes,
+            grammars,
+            vocab,
             context_len,
             max_prompt_bytes,
             preparing: Arc::new(Semaphore::new(limits.max_queued.max(1))),
@@ -133,24 +174,25 @@ impl ChatModel {
         }))
     }
 
-    /// The prompt text for a request, rendered by the model's own template.
+    /// The prompt text for a request, rendered by the model's own template, with tools and
+    /// tool turns in the generic format.
     pub fn render_prompt(&self, req: &ChatCompletionRequest) -> Result<String, WorkerError> {
-        let messages = req
-            .messages
-            .iter()
-            .map(|m| {
-                Ok(TemplateMessage {
-                    role: m.role.clone(),
-                    content: m
-                        .content
-                        .to_text()
-                        .map_err(|e| WorkerError::invalid(e, "messages"))?,
-                })
-            })
-            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let messages =
+            toolcall::template_messages(req).map_err(|e| WorkerError::invalid(e, "messages"))?;
         self.template
             .render(&messages)
             .map_err(|e| WorkerError::invalid(format!("chat template: {e}"), "messages"))
+    }
+
+    /// The bytes token `id` stands for, and its text (lossy where the bytes are part of a
+    /// character).
+    pub fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self
+            .token_bytes
+            .get(id as usize)
+            .map(|b| b.strip_prefix(&[0xFF]).unwrap_or(b).to_vec())
+            .unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
     /// Token ids of `text`, special tokens recognised but none added.
@@ -167,18 +209,21 @@ impl ChatModel {
     pub fn check(&self, req: &ChatCompletionRequest) -> Result<(), WorkerError> {
         req.validate()
             .map_err(|(msg, param)| WorkerError::invalid(msg, param))?;
-        let bytes: usize = req
-            .messages
-            .iter()
-            .map(|m| match &m.content {
-                MessageContent::Text(t) => t.len(),
-                MessageContent::Parts(parts) => parts
-                    .iter()
-                    .map(|p| p.text.as_ref().map_or(0, String::len))
-                    .sum(),
-                MessageContent::Null => 0,
-            })
-            .sum();
+        if let Some(bias) = &req.logit_bias {
+            if let Some(t) = bias
+                .keys()
+                .find(|t| t.parse::<usize>().is_ok_and(|t| t >= self.vocab))
+            {
+                return Err(WorkerError::invalid(
+                    format!(
+                        "`logit_bias` names token {t}; this model's vocabulary has {} tokens",
+                        self.vocab
+                    ),
+                    "logit_bias",
+                ));
+            }
+        }
+        let bytes = prompt_text_bytes(req);
         if bytes > self.max_prompt_bytes {
             return Err(WorkerError::ContextLength(format!(
                 "the messages hold {bytes} bytes of text; at most {} bytes fit this model's \
@@ -189,13 +234,12 @@ impl ChatModel {
         Ok(())
     }
 
-    /// Checks `req`, then renders and tokenises its prompt on a blocking thread (never the
-    /// async runtime), at most a bounded number at once. Gives the request back with its
-    /// prompt and sampling parameters.
+    /// Checks `req`, then renders and tokenises its prompt and compiles its constraint on a
+    /// blocking thread (never the async runtime), at most a bounded number at once.
     pub async fn prepare_off_runtime(
         self: &Arc<Self>,
         req: ChatCompletionRequest,
-    ) -> Result<(ChatCompletionRequest, Vec<u32>, GenerationParams), WorkerError> {
+    ) -> Result<Prepared, WorkerError> {
         self.check(&req)?;
         let permit = self
             .preparing
@@ -205,21 +249,18 @@ impl ChatModel {
         let model = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let (prompt, params) = model.prepare(&req)?;
-            Ok((req, prompt, params))
+            model.prepare(req)
         })
         .await
         .map_err(|e| WorkerError::Internal(format!("preparing the prompt: {e}")))?
     }
 
-    /// Tokenizes the prompt and resolves sampling parameters within the context window.
-    /// Blocks for as long as the prompt is long: call it off the async runtime.
-    pub fn prepare(
-        &self,
-        req: &ChatCompletionRequest,
-    ) -> Result<(Vec<u32>, GenerationParams), WorkerError> {
-        self.check(req)?;
-        let prompt = self.encode(&self.render_prompt(req)?)?;
+    /// Tokenizes the prompt, resolves sampling parameters within the context window and
+    /// compiles the output constraint. Blocks for as long as the prompt is long: call it
+    /// off the async runtime.
+    pub fn prepare(&self, req: ChatCompletionRequest) -> Result<Prepared, WorkerError> {
+        self.check(&req)?;
+        let prompt = self.encode(&self.render_prompt(&req)?)?;
         if prompt.len() >= self.context_len {
             return Err(WorkerError::ContextLength(format!(
                 "the prompt is {} tokens; this model's context window is {} tokens",
@@ -227,18 +268,47 @@ impl ChatModel {
                 self.context_len
             )));
         }
+        let grammar = self.grammars.matcher_for(&req).map_err(|e| {
+            let param = if req.response_format.is_some() {
+                "response_format"
+            } else {
+                "tools"
+            };
+            WorkerError::invalid(format!("this schema cannot be enforced: {e}"), param)
+        })?;
         let room = self.context_len - prompt.len();
         let max_tokens = req
             .requested_max_tokens()
             .map_or(room, |m| (m as usize).min(room));
+        let sampling = SamplingParams {
+            temperature: req.temperature.unwrap_or(1.0) as f32,
+            top_p: req.top_p.unwrap_or(1.0) as f32,
+            top_k: req.top_k.unwrap_or(0) as usize,
+            min_p: req.min_p.unwrap_or(0.0) as f32,
+            presence_penalty: req.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0) as f32,
+            repetition_penalty: req.repetition_penalty.unwrap_or(1.0) as f32,
+            logit_bias: req
+                .logit_bias
+                .iter()
+                .flatten()
+                .filter_map(|(t, b)| Some((t.parse().ok()?, *b as f32)))
+                .collect(),
+            logprobs: (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0) as usize),
+            seed: req.seed.unwrap_or_else(rand::random),
+        };
         let params = GenerationParams {
             max_tokens,
-            temperature: req.temperature.unwrap_or(1.0),
-            top_p: req.top_p.filter(|p| *p < 1.0),
-            seed: req.seed.unwrap_or_else(rand::random),
             stop: req.stop_sequences(),
+            sampling,
+            choices: req.choices() as usize,
         };
-        Ok((prompt, params))
+        Ok(Prepared {
+            request: req,
+            prompt,
+            params,
+            grammar,
+        })
     }
 
     /// The most tokens one call can use, prompt and completion together.
@@ -253,6 +323,44 @@ impl ChatModel {
             mpsc::error::TrySendError::Closed(_) => WorkerError::Internal("engine stopped".into()),
         })
     }
+}
+
+/// Bytes of text a request's prompt holds for certain, whatever the template adds: message
+/// text, replayed calls, and the tools' names, descriptions and schemas.
+fn prompt_text_bytes(req: &ChatCompletionRequest) -> usize {
+    let messages: usize = req
+        .messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                MessageContent::Text(t) => t.len(),
+                MessageContent::Parts(parts) => parts
+                    .iter()
+                    .map(|p| p.text.as_ref().map_or(0, String::len))
+                    .sum(),
+                MessageContent::Null => 0,
+            };
+            let calls: usize = m
+                .tool_calls
+                .iter()
+                .flatten()
+                .map(|c| c.function.name.len() + c.function.arguments.len())
+                .sum();
+            content + calls
+        })
+        .sum();
+    let tools: usize = req
+        .tools
+        .iter()
+        .flatten()
+        .map(|t| {
+            let f = &t.function;
+            f.name.len()
+                + f.description.as_ref().map_or(0, String::len)
+                + f.parameters.as_ref().map_or(0, |p| p.to_string().len())
+        })
+        .sum();
+    messages + tools
 }
 
 /// Bytes of text the longest token stands for: byte-level tokens spell one byte per

@@ -49,7 +49,7 @@ pub struct Hyper {
 /// One sequence's keys and values, per layer, `kv_heads · head_dim` values per position,
 /// kept in f16 as llama.cpp's cache keeps them: half the memory, and half the bytes that
 /// attention reads per step, which dominate it once several long sequences decode together.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct KvCache {
     keys: Vec<Vec<f16>>,
     values: Vec<Vec<f16>>,

@@ -110,3 +110,70 @@ pub fn from_gguf(content: &Content) -> anyhow::Result<(Tokenizer, SpecialTokens)
     };
     Ok((tokenizer, special))
 }
+
+/// The bytes each token id stands for, in id order: byte-level tokens decoded from GPT-2's
+/// printable alphabet, special tokens as a 0xFF byte and their text (the form the grammar
+/// matcher reserves for tokens no text can produce).
+pub fn token_bytes(content: &Content) -> anyhow::Result<Vec<Vec<u8>>> {
+    let tokens = string_array(content, "tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<Result<_, _>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let mut byte_of = vec![b'?'; 512];
+    for (b, c) in byte_alphabet().iter().enumerate() {
+        if let Some(slot) = byte_of.get_mut(*c as usize) {
+            *slot = b as u8;
+        }
+    }
+    Ok(tokens
+        .iter()
+        .enumerate()
+        .map(|(i, tok)| {
+            let t = types.get(i).copied().unwrap_or(1);
+            if t == CONTROL_TOKEN || t == USER_DEFINED_TOKEN {
+                let mut b = vec![0xFF];
+                b.extend_from_slice(tok.as_bytes());
+                b
+            } else {
+                tok.chars()
+                    .map(|c| byte_of.get(c as usize).copied().unwrap_or(b'?'))
+                    .collect()
+            }
+        })
+        .collect())
+}
+
+/// GPT-2's byte-level alphabet: the character that stands for each byte.
+fn byte_alphabet() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let mut next = 256u32;
+    for (b, slot) in out.iter_mut().enumerate() {
+        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let code = if printable {
+            b as u32
+        } else {
+            next += 1;
+            next - 1
+        };
+        *slot = char::from_u32(code).unwrap_or('?');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alphabet_maps_space_and_newline_as_gpt2_does() {
+        let a = byte_alphabet();
+        assert_eq!(a[b' ' as usize], 'Ġ');
+        assert_eq!(a[b'\n' as usize], 'Ċ');
+        assert_eq!(a[b'a' as usize], 'a');
+    }
+}

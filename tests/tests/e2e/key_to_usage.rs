@@ -14,7 +14,7 @@ async fn chat_completion_is_answered_by_the_model_and_recorded_once() {
         .post(
             "/v1/chat/completions",
             json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}],
-                   "max_tokens": 12, "temperature": 0, "some_unknown_field": true}),
+                   "max_tokens": 12, "temperature": 0}),
         )
         .send()
         .await
@@ -264,4 +264,141 @@ async fn a_key_reads_its_own_tenants_usage_and_nobody_elses() {
     let (status, _) = usage("sk-gw-nope".into(), "").await;
     assert_eq!(status, 401);
     s.gateway.stop().await;
+}
+
+/// Tool definitions, constrained calls and every choice of `n` are billed exactly as the
+/// worker counted them, streamed or not; a field outside the contract is refused by name at
+/// the gateway and bills nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn tools_structured_output_and_n_choices_are_billed_as_the_worker_counted() {
+    let s = Stack::start("tools").await;
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": false}}});
+    let question = json!([{"role": "user", "content": "What is the weather in Rome?"}]);
+    let bodies = [
+        json!({"model": CHAT_MODEL, "messages": question, "tools": [weather], "tool_choice": "required"}),
+        json!({"model": CHAT_MODEL, "messages": question, "max_tokens": 60,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema":
+                   {"type": "object", "properties": {"sky": {"enum": ["clear", "rain"]}}, "required": ["sky"]}}}}),
+        json!({"model": CHAT_MODEL, "messages": question, "n": 3, "max_tokens": 8}),
+    ];
+    let plain = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "messages": question, "max_tokens": 8}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let plain: Value = plain.json().await.unwrap();
+    for body in bodies {
+        let response = s
+            .post("/v1/chat/completions", body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = request_id(&response);
+        let v: Value = response.json().await.unwrap();
+        let record = s.gateway.usage_record(&id).await.expect("recorded");
+        assert_eq!(
+            record.prompt_tokens,
+            v["usage"]["prompt_tokens"].as_i64().unwrap(),
+            "{body}"
+        );
+        assert_eq!(
+            record.completion_tokens,
+            v["usage"]["completion_tokens"].as_i64().unwrap(),
+            "{body}"
+        );
+        if body.get("tools").is_some() {
+            // The rendered definitions are prompt tokens like any other.
+            assert!(record.prompt_tokens > plain["usage"]["prompt_tokens"].as_i64().unwrap() + 20);
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        }
+        if body.get("n").is_some() {
+            assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+            assert!(
+                record.completion_tokens > 8,
+                "three choices of up to 8 tokens: {v}"
+            );
+        }
+    }
+
+    // Streamed tool call: the record holds what the stream's usage chunk said.
+    let response = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": CHAT_MODEL, "messages": question, "tools": [weather], "tool_choice": "required",
+                   "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let text = response.text().await.unwrap();
+    let usage = text
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
+        .expect("usage chunk");
+    assert!(text.contains("\"tool_calls\""), "{text}");
+    let record = s.gateway.usage_record(&id).await.expect("recorded");
+    assert_eq!(
+        record.prompt_tokens,
+        usage["prompt_tokens"].as_i64().unwrap()
+    );
+    assert_eq!(
+        record.completion_tokens,
+        usage["completion_tokens"].as_i64().unwrap()
+    );
+
+    // Unknown fields: refused with their name, before admission; nothing recorded.
+    let before = billing::Ledger::new(s.gateway.db.clone())
+        .for_tenant(
+            &s.gateway
+                .tenants
+                .tenant_by_name("tools")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        )
+        .await
+        .unwrap()
+        .len();
+    for stream in [false, true] {
+        let response = s
+            .post(
+                "/v1/chat/completions",
+                json!({"model": CHAT_MODEL, "messages": question, "stream": stream, "frobnicate": 1}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let v: Value = response.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "frobnicate", "{v}");
+        assert_eq!(
+            v["error"]["message"],
+            "Unrecognized request argument supplied: frobnicate"
+        );
+    }
+    let after = billing::Ledger::new(s.gateway.db.clone())
+        .for_tenant(
+            &s.gateway
+                .tenants
+                .tenant_by_name("tools")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        )
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(before, after);
 }
