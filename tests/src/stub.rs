@@ -3,10 +3,12 @@
 //!
 //! Chat: `prompt_tokens` is 10; `completion_tokens` is `max_tokens` (default 16), so a
 //! call uses all of the completion it reserved. Embeddings: 2 tokens per input.
-//! A `stub_delay_ms` body field holds the reply back that long (the gateway forwards
-//! unknown fields), to keep requests in flight.
+//! Knobs ride in the body's `user` field as `name=value` pairs split by `;` (the gateway
+//! forwards `user` as it is and refuses fields it does not know), or, for embeddings, as
+//! body fields. `stub_delay_ms=N` holds the reply back that long, to keep requests in
+//! flight.
 //!
-//! A stream with `stub_deltas: N` is cut short instead: N one-token content deltas, each
+//! A stream with `stub_deltas=N` is cut short instead: N one-token content deltas, each
 //! followed by its usage comment as the worker writes them, then, by `stub_end`, the
 //! stream stalls for good (`"stall"`, the default) or the connection breaks (`"break"`),
 //! never reaching a finish reason or `[DONE]`. A client that has read N deltas has then
@@ -42,8 +44,23 @@ async fn models() -> Json<Value> {
     }))
 }
 
+/// A knob's value: from `user` (`name=value;...`), else the body field of that name.
+fn knob(body: &Value, name: &str) -> Option<Value> {
+    let from_user = body
+        .get("user")
+        .and_then(Value::as_str)
+        .and_then(|u| {
+            u.split(';').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k.trim() == name).then(|| v.trim().to_owned())
+            })
+        })
+        .map(|v| v.parse::<u64>().map_or(Value::String(v), Value::from));
+    from_user.or_else(|| body.get(name).cloned())
+}
+
 async fn hold(body: &Value) {
-    if let Some(ms) = body.get("stub_delay_ms").and_then(Value::as_u64) {
+    if let Some(ms) = knob(body, "stub_delay_ms").and_then(|v| v.as_u64()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
@@ -62,8 +79,9 @@ async fn chat(Json(body): Json<Value>) -> Response {
     });
     let model = body.get("model").cloned().unwrap_or(Value::Null);
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-    if let (true, Some(n)) = (stream, body.get("stub_deltas").and_then(Value::as_u64)) {
-        let breaks = body.get("stub_end").and_then(Value::as_str) == Some("break");
+    if let (true, Some(n)) = (stream, knob(&body, "stub_deltas").and_then(|v| v.as_u64())) {
+        let breaks = knob(&body, "stub_end").and_then(|v| v.as_str().map(str::to_owned))
+            == Some("break".to_owned());
         return cut_stream(&model, n, breaks);
     }
     if stream {

@@ -145,7 +145,7 @@ async fn rates_and_concurrency(url: &str) {
     )
     .await;
     let mut slow = chat(4);
-    slow["stub_delay_ms"] = json!(1500);
+    slow["user"] = json!("stub_delay_ms=1500");
     let held: Vec<_> = (0..2)
         .map(|_| {
             let (http, url, key, slow) = (http.clone(), gw.url.clone(), key.clone(), slow.clone());

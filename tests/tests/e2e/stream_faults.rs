@@ -110,7 +110,7 @@ async fn cut_stub_stream(
         .tenant_with_key("cut", gateway::tenants::NewKey::default())
         .await;
     let body = json!({"model": STUB_CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}],
-                      "max_tokens": 500, "stream": true, "stub_deltas": deltas, "stub_end": end});
+                      "max_tokens": 500, "stream": true, "user": format!("stub_deltas={deltas};stub_end={end}")});
     let (request_id, mut stream) = open_stream(&gw.url, &key, body).await;
     let mut seen = read_deltas(&mut stream, deltas as usize).await;
     if read_to_end {
