@@ -24,12 +24,27 @@ pub struct WorkerNode {
     targets: Vec<(&'static str, Target)>,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
-    /// Each model it serves, with the context length it states (`None`: not stated).
-    models: RwLock<BTreeMap<String, Option<u64>>>,
+    /// Each model it serves, with the context length it states (`None`: not stated) and
+    /// what it does.
+    models: RwLock<BTreeMap<String, ModelFacts>>,
+}
+
+/// What a worker states of a model it serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelFacts {
+    pub context_length: Option<u64>,
+    /// `chat` or `embedding`, where stated.
+    pub kind: Option<String>,
 }
 
 /// The endpoints consumer calls are forwarded to.
-pub const FORWARDED: [&str; 3] = ["/v1/chat/completions", "/v1/embeddings", "/v1/classify"];
+pub const FORWARDED: [&str; 5] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/classify",
+];
 
 /// Where a request for one endpoint goes on a worker, as an HTTP/1.1 connection needs it.
 #[derive(Debug, Clone)]
@@ -258,13 +273,28 @@ impl WorkerPool {
             let Ok(models) = node.models.read() else {
                 return None;
             };
-            match models.get(model) {
+            match models.get(model).map(|f| f.context_length) {
                 None => {}
                 Some(None) => return None,
-                Some(Some(n)) => longest = longest.max(Some(*n)),
+                Some(Some(n)) => longest = longest.max(Some(n)),
             }
         }
         longest
+    }
+
+    /// What the workers state of `model`: its context length as [`Self::context_length`]
+    /// gives it, and its kind; `None` if no healthy worker serves it.
+    pub fn facts(&self, model: &str) -> Option<ModelFacts> {
+        let kind = self
+            .nodes()
+            .iter()
+            .filter(|n| n.is_healthy())
+            .find_map(|n| n.models.read().ok()?.get(model).cloned())?
+            .kind;
+        Some(ModelFacts {
+            context_length: self.context_length(model),
+            kind,
+        })
     }
 
     /// Whether any worker, healthy or not, has ever reported `model`.
@@ -331,7 +361,13 @@ impl WorkerPool {
                         *m = list
                             .data
                             .into_iter()
-                            .map(|m| (m.id, m.context_length))
+                            .map(|m| {
+                                let facts = ModelFacts {
+                                    context_length: m.context_length,
+                                    kind: m.kind,
+                                };
+                                (m.id, facts)
+                            })
                             .collect();
                     }
                 }

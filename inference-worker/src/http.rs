@@ -16,9 +16,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use openai_types::{
-    ChatCompletionRequest, ClassifyRequest, ClassifyResponse, ClassifyResult, Embedding,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody, Model,
-    ModelList,
+    ChatCompletionRequest, ClassifyRequest, ClassifyResponse, ClassifyResult, CompletionRequest,
+    Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ErrorBody,
+    Model, ModelList, ResponsesRequest,
 };
 use serde::de::DeserializeOwned;
 
@@ -34,6 +34,8 @@ const MAX_LABELS: usize = 64;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(list_models))
@@ -130,12 +132,14 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<ModelLis
         .chat
         .values()
         .map(|m| {
-            Model::new(m.name.clone(), state.started_at).with_context_length(m.context_len() as u64)
+            Model::new(m.name.clone(), state.started_at)
+                .with_context_length(m.context_len() as u64)
+                .with_kind("chat")
         })
         .chain(
             set.embedding
                 .keys()
-                .map(|n| Model::new(n.clone(), state.started_at)),
+                .map(|n| Model::new(n.clone(), state.started_at).with_kind("embedding")),
         )
         .collect();
     list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -149,6 +153,24 @@ async fn chat_completions(
     let req: ChatCompletionRequest = read_json(body, state.max_body_bytes).await?;
     let model = chat_model(&state, &req.model)?;
     chat::complete(model, req).await
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, WorkerError> {
+    let req: CompletionRequest = read_json(body, state.max_body_bytes).await?;
+    let model = chat_model(&state, &req.model)?;
+    crate::completions::complete(model, req).await
+}
+
+async fn responses(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, WorkerError> {
+    let req: ResponsesRequest = read_json(body, state.max_body_bytes).await?;
+    let model = chat_model(&state, &req.model)?;
+    crate::responses::respond(model, req).await
 }
 
 async fn embeddings(

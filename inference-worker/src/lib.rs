@@ -6,6 +6,7 @@
 //! reports token counts; what they cost is someone else's business.
 
 mod chat;
+mod completions;
 pub mod config;
 pub mod embed;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod llm;
 mod math;
 pub mod metrics;
+mod responses;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};

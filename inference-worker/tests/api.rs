@@ -110,6 +110,30 @@ async fn bad_input_gets_openai_shaped_errors() {
             "model",
         ),
         (
+            "/v1/completions",
+            json!({"model": CHAT, "prompt": [1, 999999]}),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": CHAT, "prompt": "x", "suffix": "y"}),
+            400,
+            "suffix",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": CHAT, "input": "x", "store": true}),
+            400,
+            "store",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": CHAT, "input": [{"type": "input_image"}]}),
+            400,
+            "input[0]",
+        ),
+        (
             "/v1/embeddings",
             json!({"model": EMBED, "input": ["ok", ""]}),
             400,
@@ -419,4 +443,48 @@ async fn an_oversized_prompt_is_refused_fast_and_starves_no_one() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_read_text_and_token_ids_alike_without_a_template() {
+    let w = worker(&[]).await;
+    let (status, _, text) = w
+        .post(
+            "/v1/completions",
+            json!({"model": CHAT, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text["object"], "text_completion");
+    // No template: the prompt is the text's own tokens.
+    let prompt_tokens = text["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens < 10, "{text}");
+    let tokens = text["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
+    assert_eq!(tokens, text["usage"]["completion_tokens"].as_u64().unwrap());
+    // The same prompt as token ids (from a model of the same file) gives the same text.
+    let limits = inference_worker::llm::EngineLimits {
+        max_active: 1,
+        max_queued: 1,
+        max_context: None,
+    };
+    let model = inference_worker::llm::ChatModel::load(
+        "m".into(),
+        &common::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        limits,
+        std::sync::Arc::new(inference_worker::metrics::Metrics::new().unwrap()),
+    )
+    .unwrap();
+    let ids = model.encode("The capital of France is").unwrap();
+    let (status, _, by_ids) = w
+        .post(
+            "/v1/completions",
+            json!({"model": CHAT, "prompt": ids, "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{by_ids}");
+    assert_eq!(by_ids["choices"][0]["text"], text["choices"][0]["text"]);
+    assert_eq!(by_ids["usage"], text["usage"]);
 }

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::fields::CHAT_RULES;
 use crate::tools::*;
 
 /// Most stop sequences a request may carry.
@@ -15,75 +16,18 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Most entries of `logit_bias`.
 pub const MAX_LOGIT_BIAS: usize = 300;
 
-/// Every top-level field a chat request may carry: OpenAI's that we honour, and our
-/// documented extensions (`top_k`, `min_p`, `repetition_penalty`). Any other field is
-/// refused, so a caller never pays for a reply that ignored what it asked for.
-pub const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "stream",
-    "stream_options",
-    "n",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "logprobs",
-    "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-    "safety_identifier",
-    "prompt_cache_key",
-    "store",
-    "service_tier",
-    "modalities",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-];
-
-/// OpenAI fields we know and cannot honour, with why; a request that sets one (to other
-/// than its neutral value, where it has one) is refused.
-const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
-    ("audio", "audio output is not supported"),
-    ("prediction", "predicted outputs are not supported"),
-    ("web_search_options", "web search is not supported"),
-    (
-        "functions",
-        "use `tools`; the deprecated `functions` is not supported",
-    ),
-    (
-        "function_call",
-        "use `tool_choice`; the deprecated `function_call` is not supported",
-    ),
-    ("reasoning_effort", "the served models do not reason"),
-    ("verbosity", "the served models do not support `verbosity`"),
-    ("metadata", "stored completions are not supported"),
-];
-
 /// Whether a top-level chat field is refused as unknown: neither ours nor OpenAI's.
 pub fn is_unknown_chat_field(name: &str) -> bool {
-    !CHAT_FIELDS.contains(&name) && !UNSUPPORTED_FIELDS.iter().any(|(f, _)| *f == name)
+    CHAT_RULES.is_unknown(name)
 }
 
-/// The error for a top-level field a chat request may not carry, if `name` is one:
-/// `(message, param)` worded as OpenAI words it.
+/// The error for a top-level field a chat request may not carry, if `name` is one,
+/// worded as OpenAI words it.
 pub fn refused_chat_field(name: &str) -> Option<String> {
-    if let Some((_, why)) = UNSUPPORTED_FIELDS.iter().find(|(f, _)| *f == name) {
-        return Some(format!("`{name}` is not supported: {why}"));
-    }
-    is_unknown_chat_field(name).then(|| format!("Unrecognized request argument supplied: {name}"))
+    CHAT_RULES.refusal(name)
 }
 
-/// `POST /v1/chat/completions`. Fields outside [`CHAT_FIELDS`] land in `other` and are
+/// `POST /v1/chat/completions`. Fields outside [`CHAT_RULES`] land in `other` and are
 /// refused by [`ChatCompletionRequest::validate`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -568,7 +512,7 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"store":false,"user":"u","top_k":5,"min_p":0.1,"repetition_penalty":1.1,"logit_bias":{"42":-100},"logprobs":true,"top_logprobs":3,"n":8}"#,
         );
         assert_eq!(ok.validate(), Ok(()));
-        assert!(CHAT_FIELDS.iter().all(|f| !is_unknown_chat_field(f)));
+        assert!(CHAT_RULES.known.iter().all(|f| !is_unknown_chat_field(f)));
     }
 
     #[test]

@@ -9,15 +9,21 @@ use serde::{Deserialize, Serialize};
 
 mod chat;
 mod chat_reply;
+mod completions;
 mod embeddings;
 mod error;
+mod fields;
+mod responses;
 mod tools;
 mod usage_comment;
 
 pub use chat::*;
 pub use chat_reply::*;
+pub use completions::*;
 pub use embeddings::*;
 pub use error::*;
+pub use fields::*;
+pub use responses::*;
 pub use tools::*;
 pub use usage_comment::{parse_usage_comment, usage_comment};
 
@@ -52,6 +58,10 @@ pub struct Model {
     /// completion together. An extension to OpenAI's shape, written by workers only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<u64>,
+    /// What the model does: `chat` (chat, completions, responses) or `embedding`
+    /// (embeddings, classify). An extension to OpenAI's shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 impl Model {
@@ -62,7 +72,14 @@ impl Model {
             created,
             owned_by: "system".into(),
             context_length: None,
+            kind: None,
         }
+    }
+
+    /// The same, stating what the model does.
+    pub fn with_kind(mut self, kind: &str) -> Self {
+        self.kind = Some(kind.to_owned());
+        self
     }
 
     /// The same, stating the model's context window.

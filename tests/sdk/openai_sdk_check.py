@@ -210,6 +210,152 @@ check(
     repr(three.usage),
 )
 
+# Legacy completions, Responses and model retrieval. Each call's request id and the usage
+# the SDK reported are written to GATEWAY_USAGE_OUT for the test to compare with the ledger.
+reported = []
+
+
+def note(raw, usage_in, usage_out):
+    reported.append({"request_id": raw.headers.get("x-request-id"), "prompt": usage_in, "completion": usage_out})
+
+
+raw = client.completions.with_raw_response.create(model=CHAT, prompt="Once upon a time", max_tokens=8, temperature=0)
+comp = raw.parse()
+note(raw, comp.usage.prompt_tokens, comp.usage.completion_tokens)
+check("completion text", len(comp.choices[0].text) > 0 and comp.object == "text_completion", repr(comp))
+check("completion usage", comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length", repr(comp.usage))
+
+raw = client.completions.with_raw_response.create(
+    model=CHAT, prompt=["The sea is", "The sky is"], n=2, max_tokens=4, logprobs=2, seed=3
+)
+many = raw.parse()
+note(raw, many.usage.prompt_tokens, many.usage.completion_tokens)
+check("completions: 2 prompts x n=2", sorted(c.index for c in many.choices) == [0, 1, 2, 3], repr(many.choices))
+check(
+    "completion logprobs",
+    all(len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) and len(c.logprobs.top_logprobs[0]) <= 2 for c in many.choices),
+)
+check(
+    "completions usage summed",
+    many.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in many.choices),
+    repr(many.usage),
+)
+echo = client.completions.create(model=CHAT, prompt="Hello there", max_tokens=3, echo=True, temperature=0)
+check("completion echo", echo.choices[0].text.startswith("Hello there"), repr(echo.choices[0].text))
+
+raw = client.completions.with_raw_response.create(
+    model=CHAT, prompt="Count: one, two,", max_tokens=6, stream=True, stream_options={"include_usage": True}
+)
+text, usage = "", None
+for chunk in raw.parse():
+    if chunk.choices:
+        text += chunk.choices[0].text
+    if chunk.usage:
+        usage = chunk.usage
+note(raw, usage.prompt_tokens, usage.completion_tokens)
+check("completion stream", len(text) > 0 and usage.completion_tokens == 6, repr((text, usage)))
+
+raw = client.responses.with_raw_response.create(
+    model=CHAT, instructions="Answer briefly.", input="What is the capital of France?", max_output_tokens=24, temperature=0
+)
+resp = raw.parse()
+note(raw, resp.usage.input_tokens, resp.usage.output_tokens)
+check("responses output_text", len(resp.output_text) > 0 and resp.id.startswith("resp_"), repr(resp.output))
+check("responses usage", resp.usage.output_tokens > 0 and resp.usage.input_tokens > 0, repr(resp.usage))
+
+
+class Capital(BaseModel):
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+parsed = client.responses.parse(
+    model=CHAT, input=[{"role": "user", "content": "Name a capital city."}], text_format=Capital, temperature=0.5
+)
+check("responses.parse", isinstance(parsed.output_parsed, Capital), repr(parsed.output_text))
+
+fn = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "parameters": weather["function"]["parameters"],
+    "strict": True,
+}
+raw = client.responses.with_raw_response.create(
+    model=CHAT, input="What is the weather in Paris?", tools=[fn], tool_choice="required", parallel_tool_calls=False
+)
+called = raw.parse()
+note(raw, called.usage.input_tokens, called.usage.output_tokens)
+calls = [o for o in called.output if o.type == "function_call"]
+check("responses function call", len(calls) == 1 and calls[0].name == "get_weather", repr(called.output))
+check("responses call arguments", set(json.loads(calls[0].arguments)) == {"city", "unit"}, calls[0].arguments)
+answer = client.responses.create(
+    model=CHAT,
+    input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name, "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temperature": 21}'},
+    ],
+    tools=[fn],
+    tool_choice="none",
+    max_output_tokens=30,
+)
+check("responses answers a function result", len(answer.output_text) > 0, repr(answer.output))
+
+raw = client.responses.with_raw_response.create(model=CHAT, input="Write a haiku about rain.", max_output_tokens=20, stream=True)
+kinds, deltas, final = [], "", None
+for event in raw.parse():
+    kinds.append(event.type)
+    if event.type == "response.output_text.delta":
+        deltas += event.delta
+    if event.type in ("response.completed", "response.incomplete"):
+        final = event.response
+note(raw, final.usage.input_tokens, final.usage.output_tokens)
+check("responses stream events", kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed", "response.incomplete"), repr(kinds))
+check("responses stream text", deltas == final.output_text and len(deltas) > 0, repr((deltas, final.output_text)))
+check(
+    "responses stream usage",
+    (final.status, final.usage.output_tokens == 20) in (("incomplete", True), ("completed", False))
+    and 0 < final.usage.output_tokens <= 20,
+    repr((final.status, final.usage)),
+)
+
+raw = client.responses.with_raw_response.create(
+    model=CHAT, input="What is the weather in Oslo?", tools=[fn], tool_choice="required", stream=True, parallel_tool_calls=False
+)
+args, done_args, final = "", None, None
+for event in raw.parse():
+    if event.type == "response.function_call_arguments.delta":
+        args += event.delta
+    if event.type == "response.function_call_arguments.done":
+        done_args = event.arguments
+    if event.type == "response.completed":
+        final = event.response
+note(raw, final.usage.input_tokens, final.usage.output_tokens)
+check("responses streamed call", args == done_args and set(json.loads(args)) == {"city", "unit"}, repr(args))
+
+expect_error(
+    "responses store refused",
+    openai.BadRequestError,
+    400,
+    lambda: client.responses.create(model=CHAT, input="x", store=True),
+)
+expect_error(
+    "responses previous_response_id refused",
+    openai.BadRequestError,
+    400,
+    lambda: client.responses.create(model=CHAT, input="x", previous_response_id="resp_123"),
+)
+
+model = client.models.retrieve(CHAT)
+check("models.retrieve", model.id == CHAT and getattr(model, "context_length", 0) > 0 and getattr(model, "kind", "") == "chat", repr(model))
+check("models.retrieve embedding", getattr(client.models.retrieve(EMBED), "kind", "") == "embedding")
+expect_error("models.retrieve unknown", openai.NotFoundError, 404, lambda: client.models.retrieve("no-such-model"))
+expect_error("models.retrieve not allowed", openai.NotFoundError, 404, lambda: narrow.models.retrieve(CHAT))
+
+with open(os.environ["GATEWAY_USAGE_OUT"], "w") as out:
+    json.dump(reported, out)
+
 # Errors, as the SDK's exception types.
 expect_error(
     "400 bad request",

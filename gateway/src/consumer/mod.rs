@@ -57,9 +57,12 @@ pub struct ConsumerState {
 /// Every path of the consumer API (the OpenAPI document must list exactly these).
 pub const PUBLIC_PATHS: &[&str] = &[
     "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
     "/v1/embeddings",
     "/v1/classify",
     "/v1/models",
+    "/v1/models/{id}",
     "/v1/usage",
     "/health",
 ];
@@ -67,9 +70,12 @@ pub const PUBLIC_PATHS: &[&str] = &[
 pub fn router(state: Arc<ConsumerState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(reads::list_models))
+        .route("/v1/models/{id}", get(reads::retrieve_model))
         .route("/v1/usage", get(reads::own_usage))
         .route(
             "/health",
@@ -139,6 +145,14 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConsumerService {
 
 async fn chat_completions(state: State<Arc<ConsumerState>>, req: Request) -> Response {
     proxied(state, req, "/v1/chat/completions").await
+}
+
+async fn completions(state: State<Arc<ConsumerState>>, req: Request) -> Response {
+    proxied(state, req, "/v1/completions").await
+}
+
+async fn responses(state: State<Arc<ConsumerState>>, req: Request) -> Response {
+    proxied(state, req, "/v1/responses").await
 }
 
 async fn embeddings(state: State<Arc<ConsumerState>>, req: Request) -> Response {

@@ -1,12 +1,12 @@
 //! The consumer API's reads: the models a key may call, and its tenant's own usage.
 //!
-//! Owns: `GET /v1/models` and `GET /v1/usage`. Must never: show a tenant anything of
+//! Owns: `GET /v1/models`, `GET /v1/models/{id}` and `GET /v1/usage`. Must never: show a tenant anything of
 //! another tenant, or a key a model it may not call.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -87,7 +87,33 @@ pub(super) async fn list_models(
         .models()
         .into_iter()
         .filter(|m| caller.key.allows_model(m))
-        .map(|m| Model::new(m, state.started_at))
+        .map(|m| model_object(&state, m))
         .collect();
     Ok(Json(ModelList::new(models)).into_response())
+}
+
+/// `GET /v1/models/{id}`: one model this key may call, else 404 (a model it may not call
+/// is as unknown to it as one nobody serves).
+pub(super) async fn retrieve_model(
+    State(state): State<Arc<ConsumerState>>,
+    headers: HeaderMap,
+    client: Option<Extension<ClientAddr>>,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    let client = client.map(|Extension(a)| a.0.ip());
+    let caller = state.auth.authenticate(&headers, client).await?;
+    if !caller.key.allows_model(&id) || !state.pool.models().contains(&id) {
+        return Err(GatewayError::ModelNotFound(id));
+    }
+    Ok(Json(model_object(&state, id)).into_response())
+}
+
+/// A model as the consumer API shows it: OpenAI's fields, with its context length and kind
+/// where its workers state them.
+fn model_object(state: &ConsumerState, id: String) -> Model {
+    let facts = state.pool.facts(&id).unwrap_or_default();
+    let mut model = Model::new(id, state.started_at);
+    model.context_length = facts.context_length;
+    model.kind = facts.kind;
+    model
 }

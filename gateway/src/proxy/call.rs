@@ -116,10 +116,9 @@ impl ProxiedCall {
                 None,
             ));
         };
-        if endpoint == "/v1/chat/completions" {
-            if let Some((name, message)) = body
-                .keys()
-                .find_map(|k| openai_types::refused_chat_field(k).map(|m| (k, m)))
+        if let Some(rules) = openai_types::rules_for(endpoint) {
+            if let Some((name, message)) =
+                body.keys().find_map(|k| rules.refusal(k).map(|m| (k, m)))
             {
                 return Err(GatewayError::bad_request_param(message, name.clone()));
             }
@@ -272,6 +271,46 @@ impl ProxiedCall {
                     choices: choices(body.get("n").and_then(Value::as_i64)),
                 }
             }
+            "/v1/completions" => {
+                let prompts = match body.get("prompt") {
+                    Some(Value::Array(items)) if items.iter().all(|i| !i.is_number()) => {
+                        items.len().max(1) as i64
+                    }
+                    _ => 1,
+                };
+                TokenBound {
+                    prompt: inputs(body.get("prompt")),
+                    completion: body
+                        .get("max_tokens")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(i64::from(openai_types::DEFAULT_COMPLETION_TOKENS))
+                        .max(0),
+                    choices: choices(body.get("n").and_then(Value::as_i64)).saturating_mul(prompts),
+                }
+            }
+            "/v1/responses" => {
+                let items = body
+                    .get("input")
+                    .and_then(Value::as_array)
+                    .map_or(1, Vec::len) as i64;
+                let tools = match body.get("tools") {
+                    None | Some(Value::Null) => 0,
+                    tools => json_len(tools) + TOOLS_OVERHEAD,
+                };
+                TokenBound {
+                    prompt: json_len(body.get("input"))
+                        + json_len(body.get("instructions"))
+                        + MESSAGE_OVERHEAD * (items + 1)
+                        + tools
+                        + TEMPLATE_OVERHEAD,
+                    completion: body
+                        .get("max_output_tokens")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(default_completion)
+                        .max(0),
+                    choices: 1,
+                }
+            }
             _ => TokenBound {
                 prompt: inputs(body.get("input")) + inputs(body.get("labels")),
                 completion: 0,
@@ -288,9 +327,10 @@ impl ProxiedCall {
             .unwrap_or(false)
     }
 
-    /// Billing needs the usage chunk whatever the client asked.
+    /// Billing needs the usage chunk whatever the client asked (the Responses API sends
+    /// its usage in its last event anyway).
     pub(super) fn force_stream_usage(&mut self) {
-        if self.client_wants_usage() {
+        if self.client_wants_usage() || self.endpoint == "/v1/responses" {
             return;
         }
         let Parsed::Json { body, changed } = &mut self.body else {

@@ -89,6 +89,8 @@ enum SseEvent<'a> {
     Counted(u64, u64),
     Comment,
     Done,
+    /// A Responses stream's last event, with the reply's usage: billed, then sent on.
+    Final,
     Data(&'a str),
 }
 
@@ -99,12 +101,26 @@ fn classify_event(event: &str) -> SseEvent<'_> {
     if event.starts_with(':') {
         return SseEvent::Comment;
     }
-    match event.strip_prefix("data:").map(str::trim) {
-        Some("[DONE]") => SseEvent::Done,
-        Some(data) => SseEvent::Data(data),
-        None => SseEvent::Comment,
+    // A Responses API event names its type on an `event:` line before its data.
+    let (mut name, mut data) = (None, None);
+    for line in event.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            name = name.or(Some(v.trim()));
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data = data.or(Some(v.trim()));
+        }
+    }
+    match (name, data) {
+        (_, Some("[DONE]")) => SseEvent::Done,
+        (Some(FINAL_EVENT | INCOMPLETE_EVENT), Some(_)) => SseEvent::Final,
+        (_, Some(data)) => SseEvent::Data(data),
+        (_, None) => SseEvent::Comment,
     }
 }
+
+/// The Responses API's last events: after them nothing is sent, and no `[DONE]`.
+const FINAL_EVENT: &str = "response.completed";
+const INCOMPLETE_EVENT: &str = "response.incomplete";
 
 /// Passes the worker's SSE stream through, reading usage from it, hiding the usage chunk
 /// if the client did not ask for it, and recording usage before `[DONE]` goes out.
@@ -145,6 +161,18 @@ fn metered<E: std::fmt::Display + Send + 'static>(
                         st.finished = true;
                         let out = if st.meter.record(UsageStatus::Success).await {
                             Bytes::from_static(b"data: [DONE]\n\n")
+                        } else {
+                            Bytes::from(error_event(
+                                "usage could not be recorded",
+                                "metering_unavailable",
+                            ))
+                        };
+                        return Some((Ok(out), st));
+                    }
+                    SseEvent::Final => {
+                        st.finished = true;
+                        let out = if st.meter.record(UsageStatus::Success).await {
+                            Bytes::from(raw)
                         } else {
                             Bytes::from(error_event(
                                 "usage could not be recorded",
@@ -221,6 +249,18 @@ mod tests {
             classify_event("data: {\"a\":1}"),
             SseEvent::Data("{\"a\":1}")
         ));
+        assert!(matches!(
+            classify_event("event: response.output_text.delta\ndata: {\"a\":1}"),
+            SseEvent::Data("{\"a\":1}")
+        ));
+        assert!(matches!(
+            classify_event("event: response.completed\ndata: {}"),
+            SseEvent::Final
+        ));
+        assert!(matches!(
+            classify_event("event: response.completed"),
+            SseEvent::Comment
+        ));
     }
 
     #[test]
@@ -236,7 +276,11 @@ mod tests {
         assert_eq!(read(chunk), Some((None, false)));
         let error = r#"{"error":{"message":"boom","type":"server_error"}}"#;
         assert_eq!(read(error), Some((None, true)));
-        assert_eq!(read(r#"{"error":null}"#), Some((None, true)));
+        assert_eq!(read(r#"{"error":null}"#), Some((None, false)));
+        // The Responses API's counts, and its objects' null `error`.
+        let response = r#"{"object":"response","error":null,
+            "usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}"#;
+        assert_eq!(read(response), Some((Some((7, 3)), false)));
         assert_eq!(read("not json"), None);
     }
 
@@ -251,6 +295,14 @@ mod tests {
                 .unwrap_or(default)
         }
 
+        /// The value of an event's first `data:` line.
+        fn first_data(event: &str) -> Option<&str> {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+        }
+
         /// Events as a worker writes them, and near misses of each.
         fn event() -> impl Strategy<Value = String> {
             prop_oneof![
@@ -260,6 +312,8 @@ mod tests {
                         .to_owned()
                 }),
                 Just("data: [DONE]".to_owned()),
+                "(response\\.completed|response\\.incomplete|response\\.output_text\\.delta|x)"
+                    .prop_map(|n| format!("event: {n}\ndata: {{}}")),
                 "[ \\t]{0,2}".prop_map(|w| format!("data:{w}[DONE]{w}")),
                 ".{0,20}".prop_map(|t| format!("data: {}", serde_json::json!({"t": t}))),
                 ".{0,20}".prop_map(|t| format!(": {t}")),
@@ -282,15 +336,19 @@ mod tests {
                         prop_assert_eq!(usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((p, c)));
                     }
                     SseEvent::Done => {
-                        prop_assert_eq!(event.strip_prefix("data:").map(str::trim), Some("[DONE]"));
+                        prop_assert_eq!(first_data(&event), Some("[DONE]"));
+                    }
+                    SseEvent::Final => {
+                        prop_assert!(event.lines().any(|l| l.strip_prefix("event:").map(str::trim) == Some(FINAL_EVENT) || l.strip_prefix("event:").map(str::trim) == Some(INCOMPLETE_EVENT)), "{:?}", event);
+                        prop_assert!(first_data(&event).is_some());
                     }
                     SseEvent::Data(data) => {
                         prop_assert!(!event.starts_with(':'), "{:?}", event);
-                        prop_assert_eq!(event.strip_prefix("data:").map(str::trim), Some(data));
+                        prop_assert_eq!(first_data(&event), Some(data));
                     }
                     SseEvent::Comment => {
                         prop_assert!(openai_types::parse_usage_comment(&event).is_none());
-                        prop_assert!(event.starts_with(':') || !event.starts_with("data:"), "{:?}", event);
+                        prop_assert!(event.starts_with(':') || first_data(&event).is_none(), "{:?}", event);
                     }
                 }
             }

@@ -22,19 +22,24 @@ use crate::metrics::GatewayMetrics;
 #[derive(Deserialize)]
 pub(super) struct WorkerJson {
     usage: Option<Counts>,
-    /// Whether the JSON carries an `error`, whatever its value.
+    /// Whether the JSON carries a non-null `error` (a Responses object always has the key,
+    /// null when it succeeded).
     #[serde(default, deserialize_with = "present")]
     pub(super) error: bool,
 }
 
+/// Chat, completions and embeddings count `prompt_tokens`/`completion_tokens`; the
+/// Responses API counts `input_tokens`/`output_tokens`.
 #[derive(Deserialize)]
 struct Counts {
+    #[serde(alias = "input_tokens")]
     prompt_tokens: u64,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+    Option::<serde::de::IgnoredAny>::deserialize(d).map(|v| v.is_some())
 }
 
 impl WorkerJson {

@@ -195,6 +195,13 @@ impl ChatModel {
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
+    /// The text of token ids.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, WorkerError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| WorkerError::Internal(format!("tokenizer: {e}")))
+    }
+
     /// Token ids of `text`, special tokens recognised but none added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, WorkerError> {
         self.tokenizer
@@ -209,6 +216,20 @@ impl ChatModel {
     pub fn check(&self, req: &ChatCompletionRequest) -> Result<(), WorkerError> {
         req.validate()
             .map_err(|(msg, param)| WorkerError::invalid(msg, param))?;
+        self.check_sampling(req)?;
+        let bytes = prompt_text_bytes(req);
+        if bytes > self.max_prompt_bytes {
+            return Err(WorkerError::ContextLength(format!(
+                "the messages hold {bytes} bytes of text; at most {} bytes fit this model's \
+                 context window of {} tokens",
+                self.max_prompt_bytes, self.context_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checks of sampling fields that need the model: token ids within its vocabulary.
+    fn check_sampling(&self, req: &ChatCompletionRequest) -> Result<(), WorkerError> {
         if let Some(bias) = &req.logit_bias {
             if let Some(t) = bias
                 .keys()
@@ -223,15 +244,27 @@ impl ChatModel {
                 ));
             }
         }
-        let bytes = prompt_text_bytes(req);
-        if bytes > self.max_prompt_bytes {
-            return Err(WorkerError::ContextLength(format!(
-                "the messages hold {bytes} bytes of text; at most {} bytes fit this model's \
-                 context window of {} tokens",
-                self.max_prompt_bytes, self.context_len
-            )));
-        }
         Ok(())
+    }
+
+    /// Runs `work` on a blocking thread (never the async runtime), at most a bounded number
+    /// at once; none free is `Overloaded`.
+    pub async fn off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&ChatModel) -> Result<T, WorkerError> + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let permit = self
+            .preparing
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Overloaded)?;
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&model)
+        })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("preparing the prompt: {e}")))?
     }
 
     /// Checks `req`, then renders and tokenises its prompt and compiles its constraint on a
@@ -241,18 +274,7 @@ impl ChatModel {
         req: ChatCompletionRequest,
     ) -> Result<Prepared, WorkerError> {
         self.check(&req)?;
-        let permit = self
-            .preparing
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| WorkerError::Overloaded)?;
-        let model = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            model.prepare(req)
-        })
-        .await
-        .map_err(|e| WorkerError::Internal(format!("preparing the prompt: {e}")))?
+        self.off_runtime(move |model| model.prepare(req)).await
     }
 
     /// Tokenizes the prompt, resolves sampling parameters within the context window and
@@ -261,6 +283,59 @@ impl ChatModel {
     pub fn prepare(&self, req: ChatCompletionRequest) -> Result<Prepared, WorkerError> {
         self.check(&req)?;
         let prompt = self.encode(&self.render_prompt(&req)?)?;
+        self.prepare_tokens(req, prompt)
+    }
+
+    /// A legacy completion's prompts, each as it is (no template): text tokenised, token
+    /// ids checked against the vocabulary. `sampling` holds the request's sampling fields.
+    /// Blocks: call it off the async runtime.
+    pub fn prepare_raw(
+        &self,
+        parts: &[openai_types::PromptPart],
+        sampling: &ChatCompletionRequest,
+    ) -> Result<Vec<Prepared>, WorkerError> {
+        self.check_sampling(sampling)?;
+        parts
+            .iter()
+            .map(|part| {
+                let prompt = match part {
+                    openai_types::PromptPart::Text(t) => {
+                        if t.len() > self.max_prompt_bytes {
+                            return Err(WorkerError::ContextLength(format!(
+                                "the prompt holds {} bytes; at most {} bytes fit this model's \
+                                 context window of {} tokens",
+                                t.len(),
+                                self.max_prompt_bytes,
+                                self.context_len
+                            )));
+                        }
+                        self.encode(t)?
+                    }
+                    openai_types::PromptPart::Tokens(ids) => {
+                        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+                            return Err(WorkerError::invalid(
+                                format!(
+                                    "token {id} is not in this model's vocabulary of {} tokens",
+                                    self.vocab
+                                ),
+                                "prompt",
+                            ));
+                        }
+                        ids.clone()
+                    }
+                };
+                self.prepare_tokens(sampling.clone(), prompt)
+            })
+            .collect()
+    }
+
+    /// Resolves a tokenised prompt's constraint and sampling parameters within the context
+    /// window.
+    fn prepare_tokens(
+        &self,
+        req: ChatCompletionRequest,
+        prompt: Vec<u32>,
+    ) -> Result<Prepared, WorkerError> {
         if prompt.len() >= self.context_len {
             return Err(WorkerError::ContextLength(format!(
                 "the prompt is {} tokens; this model's context window is {} tokens",

@@ -1033,7 +1033,7 @@ where
     }
 }
 
-fn check_with_python(doc: &str, samples: &[Value]) {
+pub(crate) fn check_with_python(doc: &str, samples: &[Value]) {
     let dir = std::env::temp_dir().join(format!("gw-openapi-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("openapi.json"), doc).unwrap();
@@ -1080,6 +1080,20 @@ async fn public_samples(admin: &Admin, s: &Seeded) -> Vec<Value> {
             Some(&s.a_key_plain),
         ),
         ("get", "/v1/usage", "/v1/usage".into(), None, None),
+        (
+            "get",
+            "/v1/models/{id}",
+            format!("/v1/models/{STUB_CHAT_MODEL}"),
+            None,
+            Some(&s.a_key_plain),
+        ),
+        (
+            "get",
+            "/v1/models/{id}",
+            "/v1/models/no-such-model".into(),
+            None,
+            Some(&s.a_key_plain),
+        ),
         ("get", "/health", "/health".into(), None, None),
         (
             "post",

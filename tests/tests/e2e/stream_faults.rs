@@ -155,3 +155,64 @@ async fn a_broken_upstream_is_billed_exactly_the_tokens_the_client_received() {
         );
     }
 }
+
+/// The Responses API's stream goes the chat path: a client that leaves is billed for what
+/// it was delivered, and the worker stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_responses_stream_cut_by_the_client_is_billed_for_what_was_delivered() {
+    let s = Stack::start("responses-leaver").await;
+    let response = s
+        .post(
+            "/v1/responses",
+            json!({"model": CHAT_MODEL, "input": "Write a very long story.", "max_output_tokens": 2000,
+                   "temperature": 0, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = e2e_tests::request_id(&response);
+    let mut stream = response.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("event: response.output_text.delta").count() < 5 {
+        seen.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    drop(stream);
+    let deltas = seen.matches("event: response.output_text.delta").count() as i64;
+    assert!(seen.starts_with("event: response.created\n"), "{seen}");
+    assert!(
+        !seen.contains(": usage"),
+        "usage comments reached the client: {seen}"
+    );
+
+    let started = Instant::now();
+    while metric(
+        &s.http,
+        &format!("{}/metrics", s.worker.url),
+        "worker_cancelled_generations_total",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the worker kept generating"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = s
+        .gateway
+        .usage_record(&request_id)
+        .await
+        .expect("a cut stream is recorded");
+    assert_eq!(record.endpoint, "/v1/responses");
+    assert_eq!(record.status, UsageStatus::ClientCancelled);
+    assert!(
+        record.completion_tokens >= deltas && record.completion_tokens < 200,
+        "{} tokens billed for {deltas} deltas received",
+        record.completion_tokens
+    );
+    s.gateway.stop().await;
+}
