@@ -96,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
             max_active: 16,
             max_queued: 64,
             max_context: None,
+            prefix_cache_bytes: 0,
         },
         Arc::new(Metrics::new()?),
     )?;

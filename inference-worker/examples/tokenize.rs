@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         max_active: 1,
         max_queued: 1,
         max_context: None,
+        prefix_cache_bytes: 0,
     };
     let model = ChatModel::load("m".into(), path.as_ref(), limits, Arc::new(Metrics::new()?))?;
     let prompt = if raw {

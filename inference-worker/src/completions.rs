@@ -129,13 +129,14 @@ impl Totals {
     }
 
     fn sum(&self) -> Usage {
-        let (p, c) = self.0.iter().fold((0u64, 0u64), |(p, c), u| {
+        let (p, c, cached) = self.0.iter().fold((0u64, 0u64, 0u64), |(p, c, k), u| {
             (
                 p.saturating_add(u.prompt_tokens),
                 c.saturating_add(u.completion_tokens),
+                k.saturating_add(u.cached_tokens()),
             )
         });
-        Usage::new(p, c)
+        Usage::new(p, c).with_cached(cached)
     }
 }
 

@@ -44,6 +44,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_MAX_CONTEXT")]
     pub max_context: Option<usize>,
 
+    /// Bytes of finished sequences' keys and values kept per chat model, so a prompt that
+    /// begins as an earlier one did (a conversation's next turn, a shared system prompt)
+    /// reads only the rest; the least recently used go first. 0 keeps none.
+    #[arg(long, env = "WORKER_PREFIX_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub prefix_cache_bytes: usize,
+
     /// Requests that may wait per model before new ones get 503.
     #[arg(long, env = "WORKER_MAX_QUEUED", default_value_t = 64)]
     pub max_queued: usize,

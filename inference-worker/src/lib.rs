@@ -43,6 +43,7 @@ impl ModelSet {
             max_active: config.max_active_sequences,
             max_queued: config.max_queued,
             max_context: config.max_context,
+            prefix_cache_bytes: config.prefix_cache_bytes,
         };
         for spec in &config.chat_models {
             let (name, path) = config::named_path(spec);

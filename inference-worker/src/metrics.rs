@@ -14,6 +14,11 @@ pub struct Metrics {
     pub cancelled: IntCounterVec,
     pub active_sequences: IntGaugeVec,
     pub embed_batch_seconds: HistogramVec,
+    pub prefix_cache_bytes: IntGaugeVec,
+    pub prefix_cache_hits: IntCounterVec,
+    pub prefix_cache_misses: IntCounterVec,
+    pub prefix_cache_evictions: IntCounterVec,
+    pub prefix_cached_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -64,6 +69,36 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
             &["model"],
         )?;
+        let prefix_cache_bytes = IntGaugeVec::new(
+            Opts::new(
+                "worker_prefix_cache_bytes",
+                "Bytes of keys and values kept for prompts that begin the same way",
+            ),
+            &["model"],
+        )?;
+        let counter =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model"]);
+        let prefix_cache_hits = counter(
+            "worker_prefix_cache_hits_total",
+            "Prompts that began as a kept sequence did",
+        )?;
+        let prefix_cache_misses = counter(
+            "worker_prefix_cache_misses_total",
+            "Prompts that found no kept start of theirs",
+        )?;
+        let prefix_cache_evictions = counter(
+            "worker_prefix_cache_evictions_total",
+            "Kept sequences dropped to stay within the bound",
+        )?;
+        let prefix_cached_tokens = counter(
+            "worker_prefix_cached_tokens_total",
+            "Prompt tokens read from the prefix cache instead of the model",
+        )?;
+        registry.register(Box::new(prefix_cache_bytes.clone()))?;
+        registry.register(Box::new(prefix_cache_hits.clone()))?;
+        registry.register(Box::new(prefix_cache_misses.clone()))?;
+        registry.register(Box::new(prefix_cache_evictions.clone()))?;
+        registry.register(Box::new(prefix_cached_tokens.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -80,6 +115,11 @@ impl Metrics {
             cancelled,
             active_sequences,
             embed_batch_seconds,
+            prefix_cache_bytes,
+            prefix_cache_hits,
+            prefix_cache_misses,
+            prefix_cache_evictions,
+            prefix_cached_tokens,
         })
     }
 

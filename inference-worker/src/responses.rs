@@ -75,7 +75,7 @@ fn base_object(id: &str, req: &ResponsesRequest) -> Map<String, Value> {
 fn usage_object(u: Usage) -> Value {
     json!({
         "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": u.cached_tokens()},
         "output_tokens": u.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.total_tokens,

@@ -36,6 +36,7 @@ fn model() -> Arc<ChatModel> {
         max_active: 4,
         max_queued: 16,
         max_context: None,
+        prefix_cache_bytes: 0,
     };
     ChatModel::load(
         "smollm2".into(),

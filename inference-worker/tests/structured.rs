@@ -389,6 +389,7 @@ async fn logit_bias_bans_and_forces_tokens() {
         max_active: 1,
         max_queued: 1,
         max_context: None,
+        prefix_cache_bytes: 0,
     };
     let model = ChatModel::load(
         "m".into(),

@@ -34,6 +34,15 @@ pub struct Usage {
     #[serde(default)]
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of the prompt tokens, how many were read from the prefix cache (chat and
+    /// completions; embeddings leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u64,
 }
 
 impl Usage {
@@ -43,7 +52,19 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
         }
+    }
+
+    /// The same, stating how many prompt tokens came from the cache.
+    pub fn with_cached(mut self, cached_tokens: u64) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
+        self
+    }
+
+    /// Prompt tokens read from the cache (0 where not stated).
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
     }
 }
 

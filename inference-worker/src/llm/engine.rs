@@ -9,6 +9,7 @@
 //! never: run on the async runtime or block on a client (events go through bounded
 //! channels; a closed one ends its sequence).
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use openai_types::{FinishReason, Usage};
 use tokio::sync::mpsc;
 
 use super::model::{KvCache, Llama, Slot};
+use super::prefix::PrefixCache;
 use super::sampler::Sampler;
 use super::{GenerationEvent, GenerationJob, GenerationParams, TokenInfo};
 use crate::metrics::Metrics;
@@ -40,14 +42,18 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// Token ids that only close quotes, brackets and braces.
     closers: Vec<u32>,
+    /// Finished sequences' keys and values, for prompts that begin the same way.
+    prefix: RefCell<PrefixCache>,
 }
 
 /// One choice of one request.
 struct Sequence {
     index: u32,
     prompt: Arc<Vec<u32>>,
-    /// Prompt tokens already run through the model.
+    /// Prompt tokens already run through the model (or read from the prefix cache).
     fed: usize,
+    /// Prompt tokens read from the prefix cache.
+    cached: usize,
     generated: Vec<u32>,
     cache: KvCache,
     sampler: Sampler,
@@ -71,6 +77,7 @@ impl Sequence {
             self.prompt.len() as u64,
             self.completion.load(Ordering::Relaxed),
         )
+        .with_cached(self.cached as u64)
     }
 
     /// The `index`-th choice: the same prompt, read once, with its own random stream and
@@ -80,6 +87,7 @@ impl Sequence {
             index: index as u32,
             prompt: self.prompt.clone(),
             fed: self.fed,
+            cached: self.cached,
             generated: Vec::new(),
             cache: self.cache.clone(),
             sampler: self.sampler.fork(index as u64),
@@ -111,6 +119,7 @@ impl Engine {
         max_active: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let kv_dim = model.kv_dim();
         Self {
             model_name,
             model,
@@ -119,6 +128,50 @@ impl Engine {
             max_active,
             metrics,
             closers: Vec::new(),
+            prefix: RefCell::new(PrefixCache::new(0, kv_dim)),
+        }
+    }
+
+    /// Keeps up to `bytes` of finished sequences' keys and values for later prompts.
+    pub fn with_prefix_cache(self, bytes: usize) -> Self {
+        let kv_dim = self.model.kv_dim();
+        Self {
+            prefix: RefCell::new(PrefixCache::new(bytes, kv_dim)),
+            ..self
+        }
+    }
+
+    /// Gives a sequence's keys and values to the prefix cache, for the tokens they hold.
+    fn keep(&self, seq: &mut Sequence) {
+        let cache = std::mem::take(&mut seq.cache);
+        let positions = cache.positions(self.model.kv_dim());
+        let tokens: Vec<u32> = seq
+            .prompt
+            .iter()
+            .chain(&seq.generated)
+            .take(positions)
+            .copied()
+            .collect();
+        if tokens.len() == positions {
+            self.prefix.borrow_mut().insert(tokens, cache);
+            self.report_prefix();
+        }
+    }
+
+    fn report_prefix(&self) {
+        let stats = self.prefix.borrow().stats();
+        let m = &self.metrics;
+        let label = [self.model_name.as_str()];
+        m.prefix_cache_bytes
+            .with_label_values(&label)
+            .set(stats.bytes as i64);
+        for (counter, value) in [
+            (&m.prefix_cache_hits, stats.hits),
+            (&m.prefix_cache_misses, stats.misses),
+            (&m.prefix_cache_evictions, stats.evictions),
+        ] {
+            let c = counter.with_label_values(&label);
+            c.inc_by(value.saturating_sub(c.get()));
         }
     }
 
@@ -149,6 +202,8 @@ impl Engine {
                     .with_label_values(&[&self.model_name])
                     .inc();
                 seq.done = true;
+                // What it read stays useful: a conversation may go on from it.
+                self.keep(seq);
             }
             active.retain(|s| !s.done);
             if !active.is_empty() {
@@ -174,13 +229,26 @@ impl Engine {
             &job.prompt,
             self.model.hyper.vocab,
         );
+        let hit = self.prefix.borrow_mut().lookup(&job.prompt);
+        self.report_prefix();
+        let (cache, cached) = match hit {
+            Some(hit) => {
+                self.metrics
+                    .prefix_cached_tokens
+                    .with_label_values(&[&self.model_name])
+                    .inc_by(hit.positions as u64);
+                (hit.cache, hit.positions)
+            }
+            None => (KvCache::new(self.model.layers()), 0),
+        };
         Sequence {
             index: 0,
             forks: job.params.choices.saturating_sub(1),
             prompt: Arc::new(job.prompt),
-            fed: 0,
+            fed: cached,
+            cached,
             generated: Vec::new(),
-            cache: KvCache::new(self.model.layers()),
+            cache,
             sampler,
             grammar: job.grammar,
             params: Arc::new(job.params),
@@ -356,6 +424,7 @@ impl Engine {
             usage: seq.usage(),
         });
         seq.done = true;
+        self.keep(seq);
         Ok(())
     }
 }

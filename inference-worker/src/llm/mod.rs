@@ -10,6 +10,7 @@ mod engine;
 mod grammar;
 mod kernels;
 mod model;
+mod prefix;
 mod sampler;
 mod template;
 mod tokenizer;
@@ -93,6 +94,8 @@ pub struct EngineLimits {
     pub max_active: usize,
     /// Requests waiting beyond those; a full queue is answered 503.
     pub max_queued: usize,
+    /// Bytes of keys and values the prefix cache keeps; 0 keeps none.
+    pub prefix_cache_bytes: usize,
     /// Most tokens one sequence may hold, prompt and completion, where below the model's
     /// own context window.
     pub max_context: Option<usize>,
@@ -158,7 +161,8 @@ impl ChatModel {
             limits.max_active.max(1),
             metrics,
         )
-        .with_closers(grammar::closing_tokens(&token_bytes));
+        .with_closers(grammar::closing_tokens(&token_bytes))
+        .with_prefix_cache(limits.prefix_cache_bytes);
         crate::math::spawn_on_own_pool(format!("engine-{name}"), move || engine.run(queue))?;
         Ok(Arc::new(Self {
             name,

@@ -49,7 +49,7 @@ pub struct Hyper {
 /// One sequence's keys and values, per layer, `kv_heads · head_dim` values per position,
 /// kept in f16 as llama.cpp's cache keeps them: half the memory, and half the bytes that
 /// attention reads per step, which dominate it once several long sequences decode together.
-#[derive(Default, Clone)]
+#[derive(Default, Clone, Debug, PartialEq)]
 pub struct KvCache {
     keys: Vec<Vec<f16>>,
     values: Vec<Vec<f16>>,
@@ -60,6 +60,43 @@ impl KvCache {
         Self {
             keys: vec![Vec::new(); layers],
             values: vec![Vec::new(); layers],
+        }
+    }
+
+    /// A copy of the first `positions` positions (`kv_dim` values each per layer).
+    pub fn prefix(&self, positions: usize, kv_dim: usize) -> Self {
+        let cut = |layers: &Vec<Vec<f16>>| {
+            layers
+                .iter()
+                .map(|l| l[..(positions * kv_dim).min(l.len())].to_vec())
+                .collect()
+        };
+        Self {
+            keys: cut(&self.keys),
+            values: cut(&self.values),
+        }
+    }
+
+    /// Positions held (`kv_dim` values each per layer).
+    pub fn positions(&self, kv_dim: usize) -> usize {
+        self.keys.first().map_or(0, |l| l.len() / kv_dim.max(1))
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        let values: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
+        values * std::mem::size_of::<f16>()
+    }
+
+    /// A cache whose every value is its position, for tests of what holds caches.
+    #[cfg(test)]
+    pub fn from_positions(layers: usize, kv_dim: usize, positions: usize) -> Self {
+        let layer: Vec<f16> = (0..positions * kv_dim)
+            .map(|i| f16::from_f32((i / kv_dim) as f32))
+            .collect();
+        Self {
+            keys: vec![layer.clone(); layers],
+            values: vec![layer; layers],
         }
     }
 }
@@ -197,6 +234,11 @@ impl Llama {
             head,
             rope,
         })
+    }
+
+    /// Values per position per layer in a cache, for the keys and for the values.
+    pub fn kv_dim(&self) -> usize {
+        self.hyper.kv_heads * self.hyper.head_dim
     }
 
     pub fn layers(&self) -> usize {
