@@ -95,6 +95,16 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_PARTITION_INTERVAL", default_value_t = 3600)]
     pub partition_interval_secs: u64,
 
+    /// Send calls whose prompts begin alike to the same worker (where that start is likely
+    /// in its prefix cache) while it has at most this many calls in flight beyond the least
+    /// loaded worker; past that, or with `--no-prefix-affinity`, the less loaded of two.
+    #[arg(long, env = "GATEWAY_PREFIX_AFFINITY_SLACK", default_value_t = 4)]
+    pub prefix_affinity_slack: usize,
+
+    /// Route by load alone, ignoring where prompts are likely cached.
+    #[arg(long, env = "GATEWAY_NO_PREFIX_AFFINITY")]
+    pub no_prefix_affinity: bool,
+
     /// Workers one call may be tried on, while nothing of it has reached the client.
     #[arg(long, env = "GATEWAY_UPSTREAM_MAX_ATTEMPTS", default_value_t = 3)]
     pub upstream_max_attempts: usize,

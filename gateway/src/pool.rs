@@ -29,6 +29,15 @@ pub struct WorkerNode {
     models: RwLock<BTreeMap<String, ModelFacts>>,
 }
 
+/// A worker's rank for a prompt's affinity hash: the highest wins.
+fn rendezvous(key: u64, worker: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    worker.hash(&mut h);
+    h.finish()
+}
+
 /// What a worker states of a model it serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelFacts {
@@ -302,18 +311,35 @@ impl WorkerPool {
         self.nodes().iter().any(|n| n.serves(model))
     }
 
-    /// Picks a healthy worker for `model`, skipping `exclude`: two at random, the less
-    /// loaded wins.
-    pub fn pick(&self, model: &str, exclude: &[String]) -> Option<WorkerSlot> {
+    /// Picks a healthy worker for `model`, skipping `exclude`. With an `affinity` (a hash of
+    /// where the prompt begins), the worker that hash ranks first (rendezvous hashing, so
+    /// workers coming and going move few prompts), where its prompt's start is likely
+    /// cached, unless it has more than `affinity_slack` calls in flight beyond the least
+    /// loaded; otherwise two at random, the less loaded wins.
+    pub fn pick(
+        &self,
+        model: &str,
+        exclude: &[String],
+        affinity: Option<u64>,
+        affinity_slack: usize,
+    ) -> Option<WorkerSlot> {
         let nodes = self.nodes();
         let candidates: Vec<&Arc<WorkerNode>> = nodes
             .iter()
             .filter(|n| n.is_healthy() && n.serves(model) && !exclude.contains(&n.base_url))
             .collect();
-        let node = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            len => {
+        let preferred = affinity.and_then(|key| {
+            let least = candidates.iter().map(|n| n.outstanding()).min()?;
+            candidates
+                .iter()
+                .max_by_key(|n| rendezvous(key, &n.base_url))
+                .filter(|n| n.outstanding() <= least + affinity_slack)
+        });
+        let node = match (preferred, candidates.len()) {
+            (Some(n), _) => n,
+            (None, 0) => return None,
+            (None, 1) => candidates[0],
+            (None, len) => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..len);
                 let b = (a + rng.random_range(1..len)) % len;
@@ -419,5 +445,60 @@ mod tests {
                 port: 8081
             }
         );
+    }
+
+    /// A pool of healthy workers serving model `m`, without polling.
+    fn pool_of(n: usize) -> Arc<WorkerPool> {
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 9000 + i))
+            .collect();
+        let pool = WorkerPool::new(&urls, reqwest::Client::new());
+        for node in pool.nodes() {
+            node.healthy.store(true, Ordering::Relaxed);
+            if let Ok(mut m) = node.models.write() {
+                m.insert("m".into(), ModelFacts::default());
+            }
+        }
+        pool
+    }
+
+    #[test]
+    fn an_affinity_goes_to_one_worker_until_it_is_loaded_past_the_slack() {
+        let pool = pool_of(4);
+        let mut chosen = std::collections::BTreeSet::new();
+        for key in 0..64u64 {
+            let first = pool
+                .pick("m", &[], Some(key), 2)
+                .unwrap()
+                .node
+                .base_url
+                .clone();
+            for _ in 0..5 {
+                let again = pool.pick("m", &[], Some(key), 2).unwrap();
+                assert_eq!(again.node.base_url, first, "key {key} moved");
+            }
+            chosen.insert(first);
+        }
+        // Keys spread over the workers.
+        assert_eq!(chosen.len(), 4);
+        // Loaded past the slack, the preferred worker gives way; excluded, another is taken.
+        let preferred = pool.pick("m", &[], Some(7), 2).unwrap();
+        let held: Vec<WorkerSlot> = (0..2)
+            .map(|_| pool.pick("m", &[], Some(7), 2).unwrap())
+            .collect();
+        assert!(held
+            .iter()
+            .all(|s| s.node.base_url == preferred.node.base_url));
+        let elsewhere = pool.pick("m", &[], Some(7), 2).unwrap();
+        assert_ne!(elsewhere.node.base_url, preferred.node.base_url);
+        let excluded = pool
+            .pick(
+                "m",
+                std::slice::from_ref(&preferred.node.base_url),
+                Some(7),
+                100,
+            )
+            .unwrap();
+        assert_ne!(excluded.node.base_url, preferred.node.base_url);
     }
 }

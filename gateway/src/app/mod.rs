@@ -234,6 +234,7 @@ fn consumer_state(config: &GatewayConfig, parts: &Parts, threads: usize) -> Cons
         admission: parts.admission.clone(),
         prices: parts.prices.clone(),
         default_completion_reserve: config.default_completion_reserve,
+        affinity_slack: (!config.no_prefix_affinity).then_some(config.prefix_affinity_slack),
     };
     ConsumerState {
         auth: parts.auth.clone(),

@@ -7,6 +7,7 @@
 
 use axum::body::Bytes;
 use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::auth::KeyCaller;
@@ -20,6 +21,10 @@ pub struct ProxiedCall {
     /// The body as the client sent it: forwarded as is unless the gateway changed it.
     raw: Bytes,
     body: Parsed,
+    /// A hash of where the prompt begins (the first message, a completion's prompt, a
+    /// response's instructions and first input): calls that share it are sent where their
+    /// start is likely cached.
+    pub affinity: Option<u64>,
 }
 
 /// What a call's body is to the gateway.
@@ -138,6 +143,28 @@ impl ProxiedCall {
                 ))
             }
         };
+        let first = |field: &str| match body.get(field) {
+            Some(Value::Array(items)) => items.first(),
+            other => other,
+        };
+        let affinity = match endpoint {
+            "/v1/chat/completions" => first("messages")
+                .and_then(|m| Opening::deserialize(m).ok())
+                .map(|o| o.hash(&model)),
+            "/v1/completions" => first("prompt").map(|p| prompt_hash(&model, &[&text_of(p)])),
+            "/v1/responses" => {
+                let instructions = body.get("instructions").map(text_of).unwrap_or_default();
+                let input = match first("input") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(item) => Opening::deserialize(item)
+                        .map(|o| format!("{}\n{}", o.role.as_deref().unwrap_or(""), o.text()))
+                        .unwrap_or_default(),
+                    None => String::new(),
+                };
+                Some(prompt_hash(&model, &[&instructions, &input]))
+            }
+            _ => None,
+        };
         Ok(Self {
             endpoint,
             model,
@@ -146,6 +173,7 @@ impl ProxiedCall {
                 body,
                 changed: false,
             },
+            affinity,
         })
     }
 
@@ -167,9 +195,15 @@ impl ProxiedCall {
             v.and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
         };
         let (messages_bytes, messages) = fields.messages.map_or((0, 0), |m| compact_len(m.get()));
+        let affinity = fields.messages.and_then(|m| {
+            let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(m.get()).ok()?;
+            let opening: Opening<'_> = serde_json::from_str(items.first()?.get()).ok()?;
+            Some(opening.hash(&fields.model))
+        });
         Some(Self {
             endpoint: "/v1/chat/completions",
             model: fields.model.into_owned(),
+            affinity,
             raw: bytes.clone(),
             body: Parsed::Chat {
                 messages_bytes: messages_bytes + MESSAGE_OVERHEAD * messages,
@@ -384,6 +418,57 @@ fn compact_len(text: &str) -> (i64, i64) {
     (len, objects)
 }
 
+/// The most bytes of a prompt's start that go into its affinity hash.
+const AFFINITY_BYTES: usize = 2048;
+
+/// A prompt's first message as its affinity reads it: role and text, whatever the order
+/// or spacing of its JSON.
+#[derive(serde::Deserialize)]
+struct Opening<'a> {
+    #[serde(borrow, default)]
+    role: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+impl Opening<'_> {
+    fn text(&self) -> String {
+        self.content.as_ref().map(text_of).unwrap_or_default()
+    }
+
+    fn hash(&self, model: &str) -> u64 {
+        prompt_hash(model, &[self.role.as_deref().unwrap_or(""), &self.text()])
+    }
+}
+
+/// The text of a content value: a string as it is, text parts joined, anything else as
+/// compact JSON.
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) if parts.iter().all(|p| p.get("text").is_some()) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        other => other.to_string(),
+    }
+}
+
+/// A hash of a prompt's start: the model and the first `AFFINITY_BYTES` of `parts`.
+fn prompt_hash(model: &str, parts: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    model.hash(&mut h);
+    let mut left = AFFINITY_BYTES;
+    for part in parts {
+        let take = part.len().min(left);
+        h.write(&part.as_bytes()[..take]);
+        h.write_u8(0xFF);
+        left -= take;
+    }
+    h.finish()
+}
+
 /// `n` as the worker reads it: absent or not a positive integer is one choice (the worker
 /// refuses a bad `n`, so no more is generated).
 fn choices(n: Option<i64>) -> i64 {
@@ -508,6 +593,44 @@ mod tests {
         assert_eq!(message(br#"{"messages":[]}"#), "`model` is required");
         assert!(message(br#"{"model":"m""#).starts_with("invalid JSON body"));
         assert!(message(br#"{"model":"m"} x"#).starts_with("invalid JSON body"));
+    }
+
+    #[test]
+    fn prompts_that_begin_alike_share_an_affinity_whichever_way_they_are_read() {
+        let call = |b: &str| {
+            ProxiedCall::parse("/v1/chat/completions", Bytes::from(b.to_owned())).unwrap()
+        };
+        let turn1 = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]}"#;
+        let turn2 = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello"},{"role":"user","content":"More"}]}"#;
+        let spaced_stream = r#"{ "model": "m", "stream": true, "messages": [ {"role": "system", "content": "Be brief."} ] }"#;
+        let other = r#"{"model":"m","messages":[{"role":"system","content":"Be long."}]}"#;
+        let other_model = r#"{"model":"n","messages":[{"role":"system","content":"Be brief."}]}"#;
+        let a = call(turn1).affinity;
+        assert!(a.is_some());
+        assert!(matches!(call(turn1).body, Parsed::Chat { .. }));
+        assert_eq!(call(turn2).affinity, a);
+        // The general way (a stream), written with spaces: the same start, the same hash.
+        assert!(matches!(call(spaced_stream).body, Parsed::Json { .. }));
+        assert_eq!(call(spaced_stream).affinity, a);
+        assert_ne!(call(other).affinity, a);
+        assert_ne!(call(other_model).affinity, a);
+        let embed = ProxiedCall::parse(
+            "/v1/embeddings",
+            Bytes::from_static(br#"{"model":"e","input":"x"}"#),
+        );
+        assert_eq!(embed.unwrap().affinity, None);
+        let completion = |p: &str| {
+            ProxiedCall::parse(
+                "/v1/completions",
+                Bytes::from(format!(r#"{{"model":"m","prompt":{p}}}"#)),
+            )
+            .unwrap()
+            .affinity
+        };
+        assert_eq!(
+            completion(r#""Once upon""#),
+            completion(r#"["Once upon", "x"]"#)
+        );
     }
 
     #[test]

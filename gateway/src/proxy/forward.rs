@@ -114,7 +114,9 @@ impl Proxy {
     ) -> Result<(WorkerSlot, hyper::Response<UpstreamBody>), GatewayError> {
         let body = call.upstream_body()?;
         while tried.len() < self.timeouts.max_attempts.max(1) {
-            let Some(slot) = self.pool.pick(&call.model, tried) else {
+            let affinity = call.affinity.filter(|_| self.affinity_slack.is_some());
+            let slack = self.affinity_slack.unwrap_or(0);
+            let Some(slot) = self.pool.pick(&call.model, tried, affinity, slack) else {
                 break;
             };
             if !tried.is_empty() {

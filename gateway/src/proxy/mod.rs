@@ -60,6 +60,9 @@ pub struct Proxy {
     /// Completion tokens reserved for a chat call that sets no `max_tokens`, to a model
     /// whose workers state no context length.
     pub default_completion_reserve: i64,
+    /// Calls in flight a worker may carry beyond the least loaded and still get the calls
+    /// whose prompts begin as its cached ones; `None` routes by load alone.
+    pub affinity_slack: Option<usize>,
 }
 
 impl Proxy {

@@ -19,6 +19,7 @@ mod limits;
 mod limits_store_outage;
 mod metric_labels;
 mod openai_sdk;
+mod prefix_affinity;
 mod quota_bound;
 mod revocation;
 mod shipper_priority;
