@@ -9,8 +9,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
@@ -227,7 +226,7 @@ impl Reply {
             choices,
             usage,
         };
-        sse_data(&serde_json::to_string(&c).unwrap_or_default())
+        crate::sse::data(&serde_json::to_string(&c).unwrap_or_default())
     }
 
     /// SSE: a role delta per choice first, content (or tool call) deltas each followed by
@@ -319,23 +318,21 @@ impl Reply {
                         if include_usage {
                             v.push(self.chunk(Vec::new(), Some(usage)));
                         }
-                        v.push(sse_data("[DONE]"));
+                        v.push(crate::sse::data("[DONE]"));
                     }
                     v
                 }
                 GenerationEvent::Failed(e) => {
                     let err = ErrorBody::new(e, "server_error", None, None);
-                    vec![sse_data(&serde_json::to_string(&err).unwrap_or_default())]
+                    vec![crate::sse::data(
+                        &serde_json::to_string(&err).unwrap_or_default(),
+                    )]
                 }
             };
             futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
         });
         let body = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(body);
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(body))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        crate::sse::response(body)
     }
 }
 
@@ -398,8 +395,4 @@ fn max_usage(a: Usage, b: Usage) -> Usage {
     } else {
         a
     }
-}
-
-fn sse_data(payload: &str) -> Bytes {
-    Bytes::from(format!("data: {payload}\n\n"))
 }

@@ -8,14 +8,13 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use openai_types::{
-    usage_comment, ChatCompletionRequest, Completion, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, ErrorBody, PromptPart, Usage, DEFAULT_COMPLETION_TOKENS,
+    usage_comment, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ErrorBody,
+    PromptPart, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,28 +25,6 @@ use crate::unix_now;
 
 const EVENT_BUFFER: usize = 256;
 
-/// The sampling fields of a completion request, in the chat request the engine reads.
-fn sampling_of(req: &CompletionRequest) -> ChatCompletionRequest {
-    ChatCompletionRequest {
-        model: req.model.clone(),
-        max_completion_tokens: Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-        stop: req.stop.clone(),
-        n: req.n,
-        logprobs: req.logprobs.map(|_| true),
-        top_logprobs: req.logprobs,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        logit_bias: req.logit_bias.clone(),
-        top_k: req.top_k,
-        min_p: req.min_p,
-        repetition_penalty: req.repetition_penalty,
-        ..ChatCompletionRequest::default()
-    }
-}
-
 /// Runs a parsed completion request and answers it, streamed or whole.
 pub async fn complete(
     model: Arc<ChatModel>,
@@ -56,7 +33,7 @@ pub async fn complete(
     req.validate()
         .map_err(|(m, p)| WorkerError::invalid(m, p))?;
     let parts = req.prompt.parts();
-    let sampling = sampling_of(&req);
+    let sampling = req.sampling();
     let prepared = {
         let parts = parts.clone();
         model
@@ -240,7 +217,7 @@ impl Reply {
             choices,
             usage,
         };
-        sse_data(&serde_json::to_string(&c).unwrap_or_default())
+        crate::sse::data(&serde_json::to_string(&c).unwrap_or_default())
     }
 
     /// SSE: the echoed prompt first (where asked), text chunks each followed by the usage
@@ -315,26 +292,20 @@ impl Reply {
                         if include_usage {
                             v.push(self.chunk(Vec::new(), Some(sum)));
                         }
-                        v.push(sse_data("[DONE]"));
+                        v.push(crate::sse::data("[DONE]"));
                     }
                     v
                 }
                 GenerationEvent::Failed(e) => {
                     let err = ErrorBody::new(e, "server_error", None, None);
-                    vec![sse_data(&serde_json::to_string(&err).unwrap_or_default())]
+                    vec![crate::sse::data(
+                        &serde_json::to_string(&err).unwrap_or_default(),
+                    )]
                 }
             };
             futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
         });
         let body = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(body);
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(body))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        crate::sse::response(body)
     }
-}
-
-fn sse_data(payload: &str) -> Bytes {
-    Bytes::from(format!("data: {payload}\n\n"))
 }

@@ -15,6 +15,7 @@ pub mod llm;
 mod math;
 pub mod metrics;
 mod responses;
+mod sse;
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};

@@ -9,8 +9,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
@@ -344,10 +343,6 @@ impl Builder {
             futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
         });
         let body = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(body);
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(body))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        crate::sse::response(body)
     }
 }

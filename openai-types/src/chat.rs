@@ -155,6 +155,44 @@ impl ChatCompletionRequest {
         for (i, m) in self.messages.iter().enumerate() {
             m.validate().map_err(|e| (e, format!("messages[{i}]")))?;
         }
+        self.validate_sampling()?;
+        if self.store == Some(true) {
+            return err(
+                "stored completions are not supported: `store` must be false",
+                "store",
+            );
+        }
+        if let Some(tier) = &self.service_tier {
+            if tier != "auto" && tier != "default" {
+                return err("`service_tier` must be `auto` or `default`", "service_tier");
+            }
+        }
+        if let Some(m) = &self.modalities {
+            if m.iter().any(|m| m != "text") {
+                return err("only the `text` modality is supported", "modalities");
+            }
+        }
+        self.validate_tools()?;
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
+            if !valid_name(&json_schema.name) {
+                return err(
+                    "`response_format.json_schema.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -",
+                    "response_format",
+                );
+            }
+            if json_schema.schema.as_ref().is_some_and(|s| !s.is_object()) {
+                return err(
+                    "`response_format.json_schema.schema` must be an object",
+                    "response_format",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the fields that say how to sample and when to stop, which completions share.
+    pub(crate) fn validate_sampling(&self) -> Result<(), (String, String)> {
+        let err = |m: &str, p: &str| Err((m.to_owned(), p.to_owned()));
         if let Some(n) = self.n {
             if !(1..=MAX_CHOICES).contains(&n) {
                 return err(&format!("`n` must be between 1 and {MAX_CHOICES}"), "n");
@@ -229,22 +267,6 @@ impl ChatCompletionRequest {
                 "repetition_penalty",
             );
         }
-        if self.store == Some(true) {
-            return err(
-                "stored completions are not supported: `store` must be false",
-                "store",
-            );
-        }
-        if let Some(tier) = &self.service_tier {
-            if tier != "auto" && tier != "default" {
-                return err("`service_tier` must be `auto` or `default`", "service_tier");
-            }
-        }
-        if let Some(m) = &self.modalities {
-            if m.iter().any(|m| m != "text") {
-                return err("only the `text` modality is supported", "modalities");
-            }
-        }
         let stops = self.stop_sequences();
         if stops.len() > MAX_STOP_SEQUENCES {
             return err(
@@ -257,21 +279,6 @@ impl ChatCompletionRequest {
         }
         if self.requested_max_tokens() == Some(0) {
             return err("`max_tokens` must be at least 1", "max_tokens");
-        }
-        self.validate_tools()?;
-        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
-            if !valid_name(&json_schema.name) {
-                return err(
-                    "`response_format.json_schema.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -",
-                    "response_format",
-                );
-            }
-            if json_schema.schema.as_ref().is_some_and(|s| !s.is_object()) {
-                return err(
-                    "`response_format.json_schema.schema` must be an object",
-                    "response_format",
-                );
-            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::chat::{Stop, StreamOptions, MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP_SEQUENCES};
+use crate::chat::{ChatCompletionRequest, Stop, StreamOptions};
 use crate::chat_reply::FinishReason;
 use crate::fields::COMPLETION_RULES;
 use crate::Usage;
@@ -153,19 +153,8 @@ impl CompletionRequest {
         if self.max_tokens == Some(0) {
             return err("`max_tokens` must be at least 1", "max_tokens");
         }
-        if let Some(n) = self.n {
-            if !(1..=MAX_CHOICES).contains(&n) {
-                return err(&format!("`n` must be between 1 and {MAX_CHOICES}"), "n");
-            }
-        }
         if self.best_of.is_some_and(|b| Some(b) != self.n && b != 1) {
             return err("`best_of` other than `n` is not supported", "best_of");
-        }
-        if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-            return err("`temperature` must be between 0 and 2", "temperature");
-        }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return err("`top_p` must be in (0, 1]", "top_p");
         }
         if self.logprobs.is_some_and(|k| k > MAX_COMPLETION_LOGPROBS) {
             return err(
@@ -179,49 +168,29 @@ impl CompletionRequest {
                 "echo",
             );
         }
-        for (field, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-                return err(&format!("`{field}` must be between -2 and 2"), field);
-            }
+        self.sampling().validate_sampling()
+    }
+
+    /// The request's sampling fields, as the chat request the engine reads.
+    pub fn sampling(&self) -> ChatCompletionRequest {
+        ChatCompletionRequest {
+            model: self.model.clone(),
+            max_completion_tokens: Some(self.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            n: self.n,
+            logprobs: self.logprobs.map(|_| true),
+            top_logprobs: self.logprobs,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            ..ChatCompletionRequest::default()
         }
-        if let Some(bias) = &self.logit_bias {
-            if bias.len() > MAX_LOGIT_BIAS
-                || bias
-                    .iter()
-                    .any(|(t, b)| t.parse::<u32>().is_err() || !(-100.0..=100.0).contains(b))
-            {
-                return err(
-                    "`logit_bias` maps at most 300 token ids to biases between -100 and 100",
-                    "logit_bias",
-                );
-            }
-        }
-        if self.top_k == Some(0) {
-            return err("`top_k` must be at least 1", "top_k");
-        }
-        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return err("`min_p` must be between 0 and 1", "min_p");
-        }
-        if self
-            .repetition_penalty
-            .is_some_and(|r| !(r > 0.0 && r <= 2.0))
-        {
-            return err(
-                "`repetition_penalty` must be in (0, 2]",
-                "repetition_penalty",
-            );
-        }
-        let stops = self.stop_sequences();
-        if stops.len() > MAX_STOP_SEQUENCES || stops.iter().any(String::is_empty) {
-            return err(
-                &format!("at most {MAX_STOP_SEQUENCES} non-empty stop sequences are allowed"),
-                "stop",
-            );
-        }
-        Ok(())
     }
 }
 

@@ -39,6 +39,18 @@ fn string_array(content: &Content, key: &str) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
+/// Each token's GGUF type; all normal where the file states none.
+fn token_types(content: &Content, tokens: usize) -> anyhow::Result<Vec<i32>> {
+    match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => Ok(v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<Result<_, _>>()?),
+        None => Ok(vec![1; tokens]),
+    }
+}
+
 /// Builds the tokenizer and reads its special tokens.
 pub fn from_gguf(content: &Content) -> anyhow::Result<(Tokenizer, SpecialTokens)> {
     let model = metadata(content, "tokenizer.ggml.model")?.to_string()?;
@@ -47,14 +59,7 @@ pub fn from_gguf(content: &Content) -> anyhow::Result<(Tokenizer, SpecialTokens)
     }
     let tokens = string_array(content, "tokenizer.ggml.tokens")?;
     let merges = string_array(content, "tokenizer.ggml.merges")?;
-    let token_types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|t| t.to_i32())
-            .collect::<Result<_, _>>()?,
-        None => vec![1; tokens.len()],
-    };
+    let token_types = token_types(content, tokens.len())?;
 
     let vocab: Vocab = tokens
         .iter()
@@ -116,14 +121,7 @@ pub fn from_gguf(content: &Content) -> anyhow::Result<(Tokenizer, SpecialTokens)
 /// matcher reserves for tokens no text can produce).
 pub fn token_bytes(content: &Content) -> anyhow::Result<Vec<Vec<u8>>> {
     let tokens = string_array(content, "tokenizer.ggml.tokens")?;
-    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|t| t.to_i32())
-            .collect::<Result<_, _>>()?,
-        None => vec![1; tokens.len()],
-    };
+    let types = token_types(content, tokens.len())?;
     let mut byte_of = vec![b'?'; 512];
     for (b, c) in byte_alphabet().iter().enumerate() {
         if let Some(slot) = byte_of.get_mut(*c as usize) {
