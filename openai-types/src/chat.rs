@@ -72,6 +72,10 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<BTreeMap<String, f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Labels of the call (up to 16 string pairs, as OpenAI bounds them); no effect on the
+    /// reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety_identifier: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +165,17 @@ impl ChatCompletionRequest {
                 "stored completions are not supported: `store` must be false",
                 "store",
             );
+        }
+        if let Some(m) = &self.metadata {
+            if m.len() > 16
+                || m.iter()
+                    .any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|v| v.len() > 512))
+            {
+                return err(
+                    "`metadata` holds at most 16 string values, keys up to 64 and values up to 512 characters",
+                    "metadata",
+                );
+            }
         }
         if let Some(tier) = &self.service_tier {
             if tier != "auto" && tier != "default" {
@@ -515,8 +530,14 @@ mod tests {
             refusal(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"store":true}"#),
             "store"
         );
+        assert_eq!(
+            refusal(
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"metadata":{"k":1}}"#
+            ),
+            "metadata"
+        );
         let ok = parse(
-            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"store":false,"user":"u","top_k":5,"min_p":0.1,"repetition_penalty":1.1,"logit_bias":{"42":-100},"logprobs":true,"top_logprobs":3,"n":8}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"store":false,"user":"u","metadata":{"team":"a"},"top_k":5,"min_p":0.1,"repetition_penalty":1.1,"logit_bias":{"42":-100},"logprobs":true,"top_logprobs":3,"n":8}"#,
         );
         assert_eq!(ok.validate(), Ok(()));
         assert!(CHAT_RULES.known.iter().all(|f| !is_unknown_chat_field(f)));

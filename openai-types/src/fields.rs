@@ -61,6 +61,7 @@ pub const CHAT_RULES: FieldRules = FieldRules {
         "frequency_penalty",
         "logit_bias",
         "user",
+        "metadata",
         "safety_identifier",
         "prompt_cache_key",
         "store",
@@ -84,7 +85,6 @@ pub const CHAT_RULES: FieldRules = FieldRules {
         ),
         ("reasoning_effort", "the served models do not reason"),
         ("verbosity", "the served models do not support `verbosity`"),
-        ("metadata", "stored completions are not supported"),
     ],
 };
 

@@ -193,6 +193,11 @@ answered = client.chat.completions.create(
 )
 check("tool result answered", bool(answered.choices[0].message.content), repr(answered.choices[0].message))
 
+labelled = client.chat.completions.create(
+    model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, metadata={"purpose": "sdk-check"}, user="u-1"
+)
+check("labels accepted (metadata, user)", labelled.usage.completion_tokens > 0)
+
 # Log probabilities, and n choices with their usage summed.
 lp = client.chat.completions.create(
     model=CHAT, messages=[{"role": "user", "content": "Name a colour."}], logprobs=True, top_logprobs=3, max_tokens=6

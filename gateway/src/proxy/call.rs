@@ -92,6 +92,8 @@ struct ChatFields<'a> {
     #[serde(default)]
     user: IgnoredAny,
     #[serde(default)]
+    metadata: IgnoredAny,
+    #[serde(default)]
     top_k: IgnoredAny,
     #[serde(default)]
     min_p: IgnoredAny,
