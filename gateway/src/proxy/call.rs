@@ -10,6 +10,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::affinity::{prompt_hash, text_of, Opening};
+use super::bound::TokenBound;
+use super::bound::{choices, compact_len};
 use crate::auth::KeyCaller;
 use crate::error::GatewayError;
 
@@ -383,107 +386,6 @@ impl ProxiedCall {
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
-}
-
-/// The length of valid JSON `text` written compactly (without the whitespace between
-/// tokens), and the number of objects directly inside it (messages, for an array of them).
-/// The length is never less than `serde_json::to_vec` of the same value makes, except where
-/// a number is written shorter than serde writes it back, which no message text is.
-fn compact_len(text: &str) -> (i64, i64) {
-    let (mut len, mut in_string, mut escaped) = (0i64, false, false);
-    let (mut depth, mut objects) = (0u32, 0i64);
-    for &b in text.as_bytes() {
-        if in_string {
-            len += 1;
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !b.is_ascii_whitespace() {
-            len += 1;
-            in_string = b == b'"';
-            match b {
-                b'{' | b'[' => {
-                    depth += 1;
-                    if b == b'{' && depth == 2 {
-                        objects += 1;
-                    }
-                }
-                b'}' | b']' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
-    }
-    (len, objects)
-}
-
-/// The most bytes of a prompt's start that go into its affinity hash.
-const AFFINITY_BYTES: usize = 2048;
-
-/// A prompt's first message as its affinity reads it: role and text, whatever the order
-/// or spacing of its JSON.
-#[derive(serde::Deserialize)]
-struct Opening<'a> {
-    #[serde(borrow, default)]
-    role: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    content: Option<Value>,
-}
-
-impl Opening<'_> {
-    fn text(&self) -> String {
-        self.content.as_ref().map(text_of).unwrap_or_default()
-    }
-
-    fn hash(&self, model: &str) -> u64 {
-        prompt_hash(model, &[self.role.as_deref().unwrap_or(""), &self.text()])
-    }
-}
-
-/// The text of a content value: a string as it is, text parts joined, anything else as
-/// compact JSON.
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) if parts.iter().all(|p| p.get("text").is_some()) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
-        other => other.to_string(),
-    }
-}
-
-/// A hash of a prompt's start: the model and the first `AFFINITY_BYTES` of `parts`.
-fn prompt_hash(model: &str, parts: &[&str]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    model.hash(&mut h);
-    let mut left = AFFINITY_BYTES;
-    for part in parts {
-        let take = part.len().min(left);
-        h.write(&part.as_bytes()[..take]);
-        h.write_u8(0xFF);
-        left -= take;
-    }
-    h.finish()
-}
-
-/// `n` as the worker reads it: absent or not a positive integer is one choice (the worker
-/// refuses a bad `n`, so no more is generated).
-fn choices(n: Option<i64>) -> i64 {
-    n.filter(|n| *n >= 1).unwrap_or(1)
-}
-
-/// The most tokens a call can use, from its body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenBound {
-    pub prompt: i64,
-    /// Per choice.
-    pub completion: i64,
-    pub choices: i64,
 }
 
 /// Who made the call and when, for the usage event.

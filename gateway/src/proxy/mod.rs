@@ -25,6 +25,8 @@ use crate::pool::WorkerPool;
 use crate::pricing::PriceCache;
 use crate::upstream::Upstream;
 
+mod affinity;
+mod bound;
 mod call;
 mod forward;
 mod meter;

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use billing::Price;
 
-use super::call::{CallContext, ProxiedCall, TokenBound};
+use super::bound::TokenBound;
+use super::call::{CallContext, ProxiedCall};
 use crate::error::GatewayError;
 use crate::limits::{Admission, Demand, NotAdmitted, Permit, RateHeaders, Scope};
 use crate::pricing::PriceCache;
