@@ -357,19 +357,7 @@ async fn tools_structured_output_and_n_choices_are_billed_as_the_worker_counted(
     );
 
     // Unknown fields: refused with their name, before admission; nothing recorded.
-    let before = billing::Ledger::new(s.gateway.db.clone())
-        .for_tenant(
-            &s.gateway
-                .tenants
-                .tenant_by_name("tools")
-                .await
-                .unwrap()
-                .unwrap()
-                .id,
-        )
-        .await
-        .unwrap()
-        .len();
+    let before = records_of(&s, "tools").await;
     for stream in [false, true] {
         let response = s
             .post(
@@ -387,18 +375,22 @@ async fn tools_structured_output_and_n_choices_are_billed_as_the_worker_counted(
             "Unrecognized request argument supplied: frobnicate"
         );
     }
-    let after = billing::Ledger::new(s.gateway.db.clone())
-        .for_tenant(
-            &s.gateway
-                .tenants
-                .tenant_by_name("tools")
-                .await
-                .unwrap()
-                .unwrap()
-                .id,
-        )
+    let after = records_of(&s, "tools").await;
+    assert_eq!(before, after);
+}
+
+/// How many usage records a tenant has.
+async fn records_of(s: &Stack, tenant: &str) -> usize {
+    let tenant = s
+        .gateway
+        .tenants
+        .tenant_by_name(tenant)
         .await
         .unwrap()
-        .len();
-    assert_eq!(before, after);
+        .unwrap();
+    billing::Ledger::new(s.gateway.db.clone())
+        .for_tenant(&tenant.id)
+        .await
+        .unwrap()
+        .len()
 }

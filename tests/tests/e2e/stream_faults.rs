@@ -9,7 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use billing::{Delivery, UsageStatus};
 use e2e_tests::stub::{StubWorker, STUB_CHAT_MODEL, STUB_PROMPT_TOKENS};
@@ -18,6 +18,17 @@ use e2e_tests::{
 };
 use futures::StreamExt;
 use serde_json::json;
+
+/// Waits until the stack's worker has stopped a generation its client left.
+async fn until_the_worker_stops(s: &Stack) {
+    let url = format!("{}/metrics", s.worker.url);
+    e2e_tests::wait::wait_until(
+        "the worker stops generating",
+        Duration::from_secs(10),
+        || async { metric(&s.http, &url, "worker_cancelled_generations_total").await >= 1.0 },
+    )
+    .await;
+}
 
 fn long_stream() -> serde_json::Value {
     json!({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
@@ -31,21 +42,7 @@ async fn a_client_that_leaves_stops_the_worker_and_is_billed_for_what_it_got() {
     let seen = read_deltas(&mut stream, 5).await;
     drop(stream);
 
-    let started = Instant::now();
-    while metric(
-        &s.http,
-        &format!("{}/metrics", s.worker.url),
-        "worker_cancelled_generations_total",
-    )
-    .await
-        < 1.0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the worker kept generating"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_the_worker_stops(&s).await;
     let record = s
         .gateway
         .usage_record(&request_id)
@@ -187,21 +184,7 @@ async fn a_responses_stream_cut_by_the_client_is_billed_for_what_was_delivered()
         "usage comments reached the client: {seen}"
     );
 
-    let started = Instant::now();
-    while metric(
-        &s.http,
-        &format!("{}/metrics", s.worker.url),
-        "worker_cancelled_generations_total",
-    )
-    .await
-        < 1.0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the worker kept generating"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_the_worker_stops(&s).await;
     let record = s
         .gateway
         .usage_record(&request_id)
