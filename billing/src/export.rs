@@ -56,7 +56,7 @@ pub struct UsageSelection {
     pub to_ms: i64,
 }
 
-const USAGE_COLUMNS: [&str; 12] = [
+const USAGE_COLUMNS: [&str; 14] = [
     "request_id",
     "tenant_id",
     "key_id",
@@ -69,6 +69,8 @@ const USAGE_COLUMNS: [&str; 12] = [
     "status",
     "delivery",
     "invoice_id",
+    "cached_tokens",
+    "cache_hit_minor_per_mreq",
 ];
 
 /// A CSV field, quoted when it must be (RFC 4180).
@@ -197,6 +199,7 @@ pub async fn export_usage<W: AsyncWrite + Unpin>(
         );
         let (status, delivery) = (text("status")?, text("delivery")?);
         let invoice: Option<String> = r.try_get("invoice_id")?;
+        let hit_rate: Option<i64> = r.try_get("cache_hit_minor_per_mreq")?;
         writer
             .row(
                 &USAGE_COLUMNS,
@@ -213,6 +216,8 @@ pub async fn export_usage<W: AsyncWrite + Unpin>(
                     Value::Text(&status),
                     Value::Text(&delivery),
                     invoice.as_deref().map_or(Value::Null, Value::Text),
+                    Value::Int(int("cached_tokens")?),
+                    hit_rate.map_or(Value::Null, Value::Int),
                 ],
             )
             .await?;
@@ -235,7 +240,8 @@ const TRACE_COLUMNS: [&str; 8] = [
 ];
 
 /// Streams, for a finalised invoice, every record it counted with the line it is on:
-/// each invoice line traced to its request ids (rejected records say why in `billed`).
+/// each invoice line traced to its request ids (rejected records say why in `billed`;
+/// responses served from the response cache are `billed:cache_hit`).
 pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
     db: &Db,
     invoice_id: &str,
@@ -254,8 +260,8 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
         period_bounds(&period).map_err(|e| DbError::Sqlx(sqlx::Error::Protocol(e.to_string())))?;
     let book = PriceBook::load(db).await?;
     let mut rows = sqlx::query(
-        "SELECT request_id, model, started_at, delivery, prompt_tokens, completion_tokens \
-         FROM usage_records WHERE invoice_id = $1 ORDER BY started_at, request_id",
+        "SELECT request_id, model, started_at, delivery, prompt_tokens, completion_tokens, \
+         cache_hit_minor_per_mreq FROM usage_records WHERE invoice_id = $1 ORDER BY started_at, request_id",
     )
     .bind(invoice_id)
     .fetch(db.pool());
@@ -272,7 +278,11 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
         } else {
             "adjustment"
         };
+        let hit = r
+            .try_get::<Option<i64>, _>("cache_hit_minor_per_mreq")?
+            .is_some();
         let billed = match delivery.as_str() {
+            "delivered" if hit => "billed:cache_hit",
             "delivered" => "billed",
             "undelivered" => "rejected:undelivered",
             _ => "rejected:delivery_unknown",
@@ -298,7 +308,7 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
     Ok(Some(writer.finish().await?))
 }
 
-const LINE_COLUMNS: [&str; 13] = [
+const LINE_COLUMNS: [&str; 16] = [
     "invoice_id",
     "kind",
     "usage_period",
@@ -312,6 +322,9 @@ const LINE_COLUMNS: [&str; 13] = [
     "output_tokens",
     "amount_micros",
     "amount_minor",
+    "cached_input_minor_per_mtok",
+    "cached_input_tokens",
+    "cache_hit_minor_per_mreq",
 ];
 
 /// An invoice's lines as CSV, one row per line, for spreadsheets; the JSON form is the
@@ -339,6 +352,11 @@ pub fn invoice_lines_csv(invoice: &crate::Invoice) -> String {
             l.output_tokens.to_string(),
             l.amount_micros.to_string(),
             l.amount_minor.to_string(),
+            l.cached_input_minor_per_mtok
+                .map_or(String::new(), |r| r.to_string()),
+            l.cached_input_tokens.to_string(),
+            l.cache_hit_minor_per_mreq
+                .map_or(String::new(), |r| r.to_string()),
         ];
         out.push_str(&fields.join(","));
         out.push('\n');

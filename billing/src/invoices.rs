@@ -13,6 +13,11 @@
 //! (in flight when a gateway died) are counted on the invoice as rejected, with that
 //! reason, and cost nothing: records = billed + rejected (SPEC §6.5).
 //!
+//! Prompt tokens a worker read from its prefix cache are counted on their line apart
+//! (`cached_input_tokens`, of `input_tokens`) and priced at the version's cached-input rate
+//! when it has one. Responses served from the gateway's response cache go on lines of their
+//! own, one per cache-hit rate, each hit priced at that rate instead of by its tokens.
+//!
 //! Money: each line's exact cost in millionths of a minor unit is rounded once, half to
 //! even, to whole minor units; the total is the sum of the rounded lines, so lines always
 //! add up to the total.
@@ -23,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::period::{self, period_of, BadPeriod};
-use crate::prices::{Micros, PriceBook};
+use crate::prices::{cache_hit_cost, Micros, PriceBook, Tokens};
 use crate::{Db, DbError};
 
 /// Whether a line bills the invoice's own month or late usage of an earlier one.
@@ -45,16 +50,30 @@ pub struct InvoiceLine {
     pub input_minor_per_mtok: i64,
     pub output_minor_per_mtok: i64,
     pub request_minor_per_mreq: i64,
+    /// The version's rate of cached prompt tokens; absent: they cost the input rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_minor_per_mtok: Option<i64>,
+    /// Set on a line of responses served from the response cache: each costs this many
+    /// minor units per million, whatever its tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hit_minor_per_mreq: Option<i64>,
     /// The version's volume tiers, graduated over this line's tokens; absent: flat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<crate::prices::Tier>,
     pub requests: i64,
     pub input_tokens: i64,
+    /// Of `input_tokens`, those read from a worker's prefix cache.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_input_tokens: i64,
     pub output_tokens: i64,
     /// Exact cost, millionths of a minor unit.
     pub amount_micros: i64,
     /// `amount_micros` rounded half to even: the billed amount.
     pub amount_minor: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// Records counted but not billed, by reason.
@@ -143,7 +162,10 @@ struct Aggregate {
     delivery: String,
     requests: i64,
     input: i64,
+    cached: i64,
     output: i64,
+    /// Set for responses served from the response cache (see [`InvoiceLine`]).
+    hit_rate: Option<i64>,
 }
 
 /// Time boundaries that split usage so that each piece has one price version and one month:
@@ -197,8 +219,10 @@ async fn aggregate(
     let sql = format!(
         "SELECT model, CAST({segment} AS BIGINT) AS segment, delivery, COUNT(*) AS requests, \
          CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS input, \
-         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS output \
-         FROM usage_records WHERE {filter} GROUP BY 1, 2, 3"
+         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS output, \
+         CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
+         cache_hit_minor_per_mreq AS hit_rate \
+         FROM usage_records WHERE {filter} GROUP BY 1, 2, 3, cache_hit_minor_per_mreq"
     );
     let mut query = sqlx::query(&sql);
     query = match selection {
@@ -217,7 +241,9 @@ async fn aggregate(
                 delivery: r.try_get("delivery")?,
                 requests: r.try_get("requests")?,
                 input: r.try_get("input")?,
+                cached: r.try_get("cached")?,
                 output: r.try_get("output")?,
+                hit_rate: r.try_get("hit_rate")?,
             })
         })
         .collect()
@@ -239,7 +265,7 @@ fn build(
     book: &PriceBook,
     default_currency: &str,
 ) -> Result<Invoice, InvoiceError> {
-    type LineKey = (LineKind, String, String, Option<i64>);
+    type LineKey = (LineKind, String, String, Option<i64>, Option<i64>);
     let mut lines: BTreeMap<LineKey, InvoiceLine> = BTreeMap::new();
     let mut rejected: BTreeMap<(String, String), Rejected> = BTreeMap::new();
     let mut currencies: std::collections::BTreeSet<String> = Default::default();
@@ -293,6 +319,7 @@ fn build(
             usage_period.clone(),
             a.model.clone(),
             price.map(|p| p.effective_from),
+            a.hit_rate,
         );
         let line = lines.entry(key).or_insert_with(|| InvoiceLine {
             kind,
@@ -302,15 +329,19 @@ fn build(
             input_minor_per_mtok: price.map_or(0, |p| p.input_minor_per_mtok),
             output_minor_per_mtok: price.map_or(0, |p| p.output_minor_per_mtok),
             request_minor_per_mreq: price.map_or(0, |p| p.request_minor_per_mreq),
+            cached_input_minor_per_mtok: price.and_then(|p| p.cached_input_minor_per_mtok),
+            cache_hit_minor_per_mreq: a.hit_rate,
             tiers: price.map_or_else(Vec::new, |p| p.tiers.clone()),
             requests: 0,
             input_tokens: 0,
+            cached_input_tokens: 0,
             output_tokens: 0,
             amount_micros: 0,
             amount_minor: 0,
         });
         line.requests += a.requests;
         line.input_tokens += a.input;
+        line.cached_input_tokens += a.cached;
         line.output_tokens += a.output;
     }
     if currencies.len() > 1 {
@@ -321,8 +352,16 @@ fn build(
     let mut lines: Vec<InvoiceLine> = lines.into_values().collect();
     for l in &mut lines {
         // Priced once per line, on its whole volume: tiers are graduated over the line.
-        if let Some(p) = l.price_effective_from.and_then(|t| book.at(&l.model, t)) {
-            l.amount_micros = p.cost(l.requests, l.input_tokens, l.output_tokens).0;
+        if let Some(rate) = l.cache_hit_minor_per_mreq {
+            l.amount_micros = cache_hit_cost(l.requests, rate).0;
+        } else if let Some(p) = l.price_effective_from.and_then(|t| book.at(&l.model, t)) {
+            let usage = Tokens {
+                requests: l.requests,
+                input: l.input_tokens,
+                cached_input: l.cached_input_tokens,
+                output: l.output_tokens,
+            };
+            l.amount_micros = p.charge((0, 0), &usage).0;
         }
         l.amount_minor = Micros(l.amount_micros).to_minor_half_even();
     }

@@ -19,7 +19,7 @@ pub mod usage;
 pub use db::{Db, DbError};
 pub use invoices::{Invoice, InvoiceError, InvoiceLine, InvoiceStatus, Invoices, LineKind};
 pub use period::{now_ms, period_of};
-pub use prices::{Micros, Price, PriceBook, PriceError, Tier};
+pub use prices::{Micros, Price, PriceBook, PriceError, Tier, Tokens};
 pub use sample::UsageEventBuilder;
 pub use spool::{
     Shipper, ShipperHandle, ShipperStats, Spool, SpoolError, SpoolOptions, SpoolStats,

@@ -11,6 +11,11 @@
 //! falls in). Input and output tokens climb the tiers separately. The volume is that of one
 //! invoice line: a tenant's delivered usage of the model in one month under one version
 //! (late usage, billed as an adjustment line, climbs from zero on its own line).
+//!
+//! A version may also set a cached-input rate: prompt tokens a worker read from its prefix
+//! cache then cost that flat rate and do not climb the tiers; unset, they are input tokens
+//! like any other. Responses served whole from the gateway's response cache are not priced
+//! by tokens at all: each costs the cache-hit rate recorded with it ([`cache_hit_cost`]).
 
 use sqlx::Row;
 
@@ -49,6 +54,9 @@ pub struct Price {
     pub input_minor_per_mtok: i64,
     pub output_minor_per_mtok: i64,
     pub request_minor_per_mreq: i64,
+    /// Rate of prompt tokens read from a worker's prefix cache; `None`: the input rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_minor_per_mtok: Option<i64>,
     /// Volume tiers above the base rates, by increasing `from_tokens`; empty: flat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<Tier>,
@@ -61,6 +69,23 @@ pub struct Tier {
     pub from_tokens: i64,
     pub input_minor_per_mtok: i64,
     pub output_minor_per_mtok: i64,
+}
+
+/// What a set of calls used, as a price reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub requests: i64,
+    /// Every prompt token, cached ones included.
+    pub input: i64,
+    /// Of `input`, those read from a worker's prefix cache.
+    pub cached_input: i64,
+    pub output: i64,
+}
+
+/// The exact cost of `hits` responses served from the response cache at `rate` minor units
+/// per million.
+pub fn cache_hit_cost(hits: i64, rate: i64) -> Micros {
+    Micros(hits.saturating_mul(rate))
 }
 
 impl Price {
@@ -89,6 +114,40 @@ impl Price {
         )
     }
 
+    /// The exact cost of `usage` after `before` (input, output) tokens of the same volume:
+    /// cached prompt tokens at the cached-input rate when the version has one, every other
+    /// token as [`Price::cost_from`] prices it.
+    pub fn charge(&self, before: (i64, i64), usage: &Tokens) -> Micros {
+        let Some(rate) = self.cached_input_minor_per_mtok else {
+            return self.cost_from(
+                before.0,
+                before.1,
+                usage.requests,
+                usage.input,
+                usage.output,
+            );
+        };
+        let cached = usage.cached_input.clamp(0, usage.input.max(0));
+        let rest = self.cost_from(
+            before.0,
+            before.1,
+            usage.requests,
+            usage.input - cached,
+            usage.output,
+        );
+        Micros(rest.0.saturating_add(cached.saturating_mul(rate)))
+    }
+
+    /// The (input, output) tokens of `usage` that climb the tiers: cached prompt tokens
+    /// priced at their own rate do not.
+    pub fn volume(&self, usage: &Tokens) -> (i64, i64) {
+        let input = match self.cached_input_minor_per_mtok {
+            Some(_) => usage.input - usage.cached_input.clamp(0, usage.input.max(0)),
+            None => usage.input,
+        };
+        (input, usage.output)
+    }
+
     /// The highest rates of any tier: what admission reserves, so a spend cap is never
     /// under-counted whatever volume a tenant is at.
     pub fn ceiling(&self) -> Price {
@@ -96,6 +155,10 @@ impl Price {
         for t in &self.tiers {
             top.input_minor_per_mtok = top.input_minor_per_mtok.max(t.input_minor_per_mtok);
             top.output_minor_per_mtok = top.output_minor_per_mtok.max(t.output_minor_per_mtok);
+        }
+        // Whether a prompt will be read from a cache is not known before the call.
+        if let Some(cached) = top.cached_input_minor_per_mtok.take() {
+            top.input_minor_per_mtok = top.input_minor_per_mtok.max(cached);
         }
         top.tiers.clear();
         top
@@ -133,6 +196,7 @@ impl Price {
             self.input_minor_per_mtok,
             self.output_minor_per_mtok,
             self.request_minor_per_mreq,
+            self.cached_input_minor_per_mtok.unwrap_or(0),
         ];
         if rates.iter().any(|r| *r < 0)
             || self
@@ -201,7 +265,8 @@ impl PriceBook {
     pub async fn load(db: &Db) -> Result<Self, DbError> {
         let rows = sqlx::query(
             "SELECT model, effective_from, currency, input_minor_per_mtok, \
-             output_minor_per_mtok, request_minor_per_mreq, tiers FROM prices",
+             output_minor_per_mtok, request_minor_per_mreq, tiers, cached_input_minor_per_mtok \
+             FROM prices",
         )
         .fetch_all(db.pool())
         .await?;
@@ -214,6 +279,7 @@ impl PriceBook {
                 input_minor_per_mtok: r.try_get("input_minor_per_mtok")?,
                 output_minor_per_mtok: r.try_get("output_minor_per_mtok")?,
                 request_minor_per_mreq: r.try_get("request_minor_per_mreq")?,
+                cached_input_minor_per_mtok: r.try_get("cached_input_minor_per_mtok")?,
                 tiers: match r.try_get::<Option<String>, _>("tiers")? {
                     Some(json) => serde_json::from_str(&json).map_err(|e| {
                         DbError::Sqlx(sqlx::Error::Decode(
@@ -249,8 +315,8 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     };
     sqlx::query(
         "INSERT INTO prices (model, effective_from, currency, input_minor_per_mtok, \
-         output_minor_per_mtok, request_minor_per_mreq, created_at, tiers) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         output_minor_per_mtok, request_minor_per_mreq, created_at, tiers, \
+         cached_input_minor_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&price.model)
     .bind(price.effective_from)
@@ -260,6 +326,7 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     .bind(price.request_minor_per_mreq)
     .bind(crate::now_ms())
     .bind(tiers)
+    .bind(price.cached_input_minor_per_mtok)
     .execute(db.pool())
     .await?;
     Ok(())
@@ -277,6 +344,7 @@ mod tests {
             input_minor_per_mtok: input,
             output_minor_per_mtok: 2 * input,
             request_minor_per_mreq: 0,
+            cached_input_minor_per_mtok: None,
             tiers: Vec::new(),
         }
     }
@@ -352,5 +420,120 @@ mod tests {
         assert_eq!(r(2_500_001), 3);
         assert_eq!(r(-1_500_000), -2);
         assert_eq!(r(-2_500_000), -2);
+    }
+
+    fn tiered(input: i64, cached: Option<i64>, tiers: &[(i64, i64)]) -> Price {
+        Price {
+            cached_input_minor_per_mtok: cached,
+            tiers: tiers
+                .iter()
+                .map(|&(from_tokens, rate)| Tier {
+                    from_tokens,
+                    input_minor_per_mtok: rate,
+                    output_minor_per_mtok: 2 * rate,
+                })
+                .collect(),
+            request_minor_per_mreq: 7,
+            ..price(0, input)
+        }
+    }
+
+    #[test]
+    fn cached_tokens_cost_their_own_flat_rate() {
+        // 100 per Mtok input (60 from 1000 tokens), cached 10: 400 of 1,500 prompt tokens
+        // cached leave 1,100 climbing the tiers.
+        let p = tiered(100, Some(10), &[(1000, 60)]);
+        let u = Tokens {
+            requests: 1,
+            input: 1500,
+            cached_input: 400,
+            output: 3,
+        };
+        assert_eq!(
+            p.charge((0, 0), &u),
+            Micros(1000 * 100 + 100 * 60 + 400 * 10 + 3 * 200 + 7)
+        );
+        assert_eq!(p.volume(&u), (1100, 3));
+        // Without a cached rate they are input tokens like any other.
+        let plain = tiered(100, None, &[(1000, 60)]);
+        assert_eq!(plain.charge((0, 0), &u), plain.cost(1, 1500, 3));
+        assert_eq!(plain.volume(&u), (1500, 3));
+        // A reservation prices every prompt token at the dearest rate, cached ones included.
+        assert_eq!(tiered(10, Some(50), &[]).ceiling().input_minor_per_mtok, 50);
+        assert!(matches!(
+            tiered(1, Some(-1), &[]).validate(),
+            Err(PriceError::Negative)
+        ));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_price() -> impl Strategy<Value = Price> {
+            (
+                0i64..10_000,
+                proptest::option::of(0i64..10_000),
+                proptest::collection::vec((1i64..5_000, 0i64..10_000), 0..4),
+            )
+                .prop_map(|(input, cached, mut tiers)| {
+                    tiers.sort_unstable();
+                    tiers.dedup_by_key(|t| t.0);
+                    tiered(input, cached, &tiers)
+                })
+        }
+
+        fn any_usage() -> impl Strategy<Value = Tokens> {
+            (0i64..5, 0i64..20_000, 0i64..20_000, 0i64..20_000).prop_map(
+                |(requests, input, cached, output)| Tokens {
+                    requests,
+                    input,
+                    cached_input: cached.min(input),
+                    output,
+                },
+            )
+        }
+
+        proptest! {
+            /// Pricing usage in two pieces, the second after the first's volume, equals
+            /// pricing it at once: invoices, series and exports may cut it anywhere.
+            #[test]
+            fn charges_add_up_over_any_cut(p in any_price(), a in any_usage(), b in any_usage()) {
+                let both = Tokens {
+                    requests: a.requests + b.requests,
+                    input: a.input + b.input,
+                    cached_input: a.cached_input + b.cached_input,
+                    output: a.output + b.output,
+                };
+                let first = p.charge((0, 0), &a);
+                let second = p.charge(p.volume(&a), &b);
+                prop_assert_eq!(first.0 + second.0, p.charge((0, 0), &both).0);
+            }
+
+            /// What admission reserves covers what is charged, whatever part of the prompt a
+            /// worker finds cached and wherever in the volume the call falls.
+            #[test]
+            fn the_ceiling_covers_any_charge(
+                p in any_price(), u in any_usage(), before in 0i64..50_000,
+            ) {
+                let reserved = p.ceiling().cost(u.requests, u.input, u.output);
+                prop_assert!(p.charge((before, before), &u) <= reserved);
+            }
+
+            /// Without a cached rate, cached tokens change nothing; with one no dearer than
+            /// every input rate, they never raise the cost.
+            #[test]
+            fn cached_tokens_never_cost_more_than_input(p in any_price(), u in any_usage()) {
+                let plain = Price { cached_input_minor_per_mtok: None, ..p.clone() };
+                prop_assert_eq!(plain.charge((0, 0), &u), plain.cost(u.requests, u.input, u.output));
+                let cheapest = std::iter::once(p.input_minor_per_mtok)
+                    .chain(p.tiers.iter().map(|t| t.input_minor_per_mtok))
+                    .min()
+                    .unwrap_or(0);
+                if p.cached_input_minor_per_mtok.is_some_and(|c| c <= cheapest) {
+                    prop_assert!(p.charge((0, 0), &u) <= plain.charge((0, 0), &u));
+                }
+            }
+        }
     }
 }

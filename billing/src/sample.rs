@@ -25,6 +25,8 @@ impl UsageEvent {
             endpoint: "/v1/chat/completions".into(),
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_tokens: 0,
+            cache_hit_minor_per_mreq: None,
             started_at: 0,
             finished_at: 0,
             status: UsageStatus::Success,
@@ -47,6 +49,18 @@ impl UsageEventBuilder {
     pub fn tokens(mut self, prompt: i64, completion: i64) -> Self {
         self.0.prompt_tokens = prompt;
         self.0.completion_tokens = completion;
+        self
+    }
+
+    /// Of the prompt tokens, `cached` were read from a worker's prefix cache.
+    pub fn cached(mut self, cached: i64) -> Self {
+        self.0.cached_tokens = cached;
+        self
+    }
+
+    /// Served from the response cache at `rate` minor units per million hits.
+    pub fn cache_hit(mut self, rate: i64) -> Self {
+        self.0.cache_hit_minor_per_mreq = Some(rate);
         self
     }
 

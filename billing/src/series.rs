@@ -8,6 +8,8 @@
 //! Tiered prices are graduated over a tenant's month under one version, as on an invoice
 //! line: each bucket's tokens cost the rates of the tiers their positions fall in, in time
 //! order (a bucket shared by several keys of one tenant takes them in key order).
+//! Cached prompt tokens and response-cache hits are counted apart and priced as invoices
+//! price them.
 //! Must never: write anything.
 
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use sqlx::Row;
 
 use crate::invoices::{boundaries, segment_sql};
 use crate::period::{period_bounds, period_of};
-use crate::prices::PriceBook;
+use crate::prices::{cache_hit_cost, PriceBook, Tokens};
 use crate::{Db, DbError};
 
 /// Width of a time bucket. Buckets start at UTC hour or midnight boundaries.
@@ -78,6 +80,10 @@ pub struct Point {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of `prompt_tokens`, those read from a worker's prefix cache.
+    pub cached_tokens: i64,
+    /// Of `requests`, those served from the gateway's response cache.
+    pub cache_hits: i64,
     /// Records not billed (undelivered or delivery unknown).
     pub unbilled_requests: i64,
     /// Exact cost of the billed records, millionths of a minor unit.
@@ -91,6 +97,8 @@ pub struct TopEntry {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cache_hits: i64,
     pub spend_micros: i64,
 }
 
@@ -142,12 +150,16 @@ pub async fn usage_series(
                 requests: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
+                cached_tokens: 0,
+                cache_hits: 0,
                 unbilled_requests: 0,
                 spend_micros: 0,
             });
         p.requests += r.requests;
         p.prompt_tokens += r.prompt_tokens;
         p.completion_tokens += r.completion_tokens;
+        p.cached_tokens += r.cached_tokens;
+        p.cache_hits += r.cache_hits;
         p.unbilled_requests += r.unbilled_requests;
         p.spend_micros = p.spend_micros.saturating_add(r.spend_micros);
     }
@@ -173,11 +185,15 @@ pub async fn top(
             requests: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_tokens: 0,
+            cache_hits: 0,
             spend_micros: 0,
         });
         e.requests += r.requests;
         e.prompt_tokens += r.prompt_tokens;
         e.completion_tokens += r.completion_tokens;
+        e.cached_tokens += r.cached_tokens;
+        e.cache_hits += r.cache_hits;
         e.spend_micros = e.spend_micros.saturating_add(r.spend_micros);
     }
     let mut entries: Vec<TopEntry> = entries.into_values().collect();
@@ -199,23 +215,58 @@ struct Piece {
     requests: i64,
     prompt_tokens: i64,
     completion_tokens: i64,
+    cached_tokens: i64,
+    cache_hits: i64,
     unbilled_requests: i64,
     spend_micros: i64,
 }
 
 impl Piece {
-    fn counted(requests: i64, prompt_tokens: i64, completion_tokens: i64, spend: i64) -> Self {
+    fn counted(q: &Quantities, spend: i64) -> Self {
         Self {
             bucket: 0,
             group: None,
-            requests,
-            prompt_tokens,
-            completion_tokens,
+            requests: q.tokens.requests,
+            prompt_tokens: q.tokens.input,
+            completion_tokens: q.tokens.output,
+            cached_tokens: q.tokens.cached_input,
+            cache_hits: if q.hit_rate.is_some() {
+                q.tokens.requests
+            } else {
+                0
+            },
             unbilled_requests: 0,
             spend_micros: spend,
         }
     }
 }
+
+/// The summed quantities of one aggregate row, and its cache-hit rate if it holds hits.
+struct Quantities {
+    tokens: Tokens,
+    hit_rate: Option<i64>,
+}
+
+impl Quantities {
+    fn read(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            tokens: Tokens {
+                requests: r.try_get("requests")?,
+                input: r.try_get("prompt_tokens")?,
+                cached_input: r.try_get("cached_tokens")?,
+                output: r.try_get("completion_tokens")?,
+            },
+            hit_rate: r.try_get("hit_rate")?,
+        })
+    }
+}
+
+/// The columns every aggregate row sums, and its cache-hit rate (grouped by).
+const SUMS: &str = "COUNT(*) AS requests, \
+     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+     CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+     cache_hit_minor_per_mreq AS hit_rate";
 
 /// Groups records by bucket, group, model, price segment and delivery in SQL, then prices
 /// each group with the one price version in force throughout it.
@@ -253,11 +304,8 @@ async fn aggregate(
     let sql = format!(
         "SELECT CAST({bucket} AS BIGINT) AS bucket, {group} AS grp, model, \
          CAST({segment} AS BIGINT) AS segment, \
-         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, \
-         COUNT(*) AS requests, \
-         CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
-         FROM usage_records WHERE {} GROUP BY 1, 2, 3, 4, 5",
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS} \
+         FROM usage_records WHERE {} GROUP BY 1, 2, 3, 4, 5, cache_hit_minor_per_mreq",
         conditions.join(" AND ")
     );
     let mut query = sqlx::query(&sql).bind(filter.from_ms).bind(filter.to_ms);
@@ -274,9 +322,7 @@ async fn aggregate(
         let model: String = r.try_get("model")?;
         let segment = r.try_get::<i64, _>("segment")? as usize;
         let billed = r.try_get::<i64, _>("billed")? != 0;
-        let requests: i64 = r.try_get("requests")?;
-        let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
-        let completion_tokens: i64 = r.try_get("completion_tokens")?;
+        let q = Quantities::read(&r)?;
         // Any instant inside both the bucket and the segment has the group's price.
         let segment_start = if segment == 0 {
             filter.from_ms
@@ -284,17 +330,18 @@ async fn aggregate(
             cuts[segment - 1]
         };
         let at = segment_start.max(bucket).max(filter.from_ms);
-        let spend_micros = if billed {
-            book.at(&model, at)
-                .map_or(0, |p| p.cost(requests, prompt_tokens, completion_tokens).0)
-        } else {
-            0
+        let spend_micros = match (billed, q.hit_rate) {
+            (false, _) => 0,
+            (true, Some(rate)) => cache_hit_cost(q.tokens.requests, rate).0,
+            (true, None) => book
+                .at(&model, at)
+                .map_or(0, |p| p.charge((0, 0), &q.tokens).0),
         };
         pieces.push(Piece {
             bucket: if bucket_ms.is_some() { bucket } else { 0 },
             group: group_by.map(|_| r.try_get("grp")).transpose()?,
-            unbilled_requests: if billed { 0 } else { requests },
-            ..Piece::counted(requests, prompt_tokens, completion_tokens, spend_micros)
+            unbilled_requests: if billed { 0 } else { q.tokens.requests },
+            ..Piece::counted(&q, spend_micros)
         });
     }
     Ok(pieces)
@@ -329,12 +376,10 @@ async fn aggregate_tiered(
         "SELECT CAST((started_at / {width}) * {width} AS BIGINT) AS bucket, \
          CAST(CASE WHEN started_at < $3 THEN 1 ELSE 0 END AS BIGINT) AS before, \
          tenant_id, key_id, {group} AS grp, model, CAST({segment} AS BIGINT) AS segment, \
-         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, \
-         COUNT(*) AS requests, \
-         CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS} \
          FROM usage_records WHERE started_at >= $1 AND started_at < $2 {tenant_filter}\
-         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2 DESC, 3, 4, 6, 7"
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, cache_hit_minor_per_mreq \
+         ORDER BY 1, 2 DESC, 3, 4, 6, 7, cache_hit_minor_per_mreq"
     );
     let mut query = sqlx::query(&sql)
         .bind(scan_from)
@@ -359,27 +404,27 @@ async fn aggregate_tiered(
         let model: String = r.try_get("model")?;
         let segment: i64 = r.try_get("segment")?;
         let billed = r.try_get::<i64, _>("billed")? != 0;
-        let requests: i64 = r.try_get("requests")?;
-        let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
-        let completion_tokens: i64 = r.try_get("completion_tokens")?;
+        let q = Quantities::read(&r)?;
         let segment_start = if segment == 0 {
             scan_from
         } else {
             cuts[segment as usize - 1]
         };
         let mut spend_micros = 0;
-        if billed {
+        if let (true, Some(rate)) = (billed, q.hit_rate) {
+            // Hits are priced per hit and climb no tiers.
+            spend_micros = cache_hit_cost(q.tokens.requests, rate).0;
+        } else if billed {
             let at = segment_start.max(bucket);
             let done = volume
                 .entry((tenant.clone(), model.clone(), segment))
                 .or_default();
             if let Some(p) = book.at(&model, at) {
-                spend_micros = p
-                    .cost_from(done.0, done.1, requests, prompt_tokens, completion_tokens)
-                    .0;
+                spend_micros = p.charge(*done, &q.tokens).0;
+                let (input, output) = p.volume(&q.tokens);
+                done.0 += input;
+                done.1 += output;
             }
-            done.0 += prompt_tokens;
-            done.1 += completion_tokens;
         }
         let wanted = !before
             && filter.key_id.as_ref().is_none_or(|k| *k == key)
@@ -390,8 +435,8 @@ async fn aggregate_tiered(
         pieces.push(Piece {
             bucket: if bucket_ms.is_some() { bucket } else { 0 },
             group: group_by.map(|_| r.try_get("grp")).transpose()?,
-            unbilled_requests: if billed { 0 } else { requests },
-            ..Piece::counted(requests, prompt_tokens, completion_tokens, spend_micros)
+            unbilled_requests: if billed { 0 } else { q.tokens.requests },
+            ..Piece::counted(&q, spend_micros)
         });
     }
     Ok(pieces)

@@ -89,6 +89,13 @@ pub struct UsageEvent {
     pub endpoint: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of `prompt_tokens`, those the worker read from its prefix cache.
+    #[serde(default)]
+    pub cached_tokens: i64,
+    /// Set when the response came whole from the gateway's response cache: what a hit cost
+    /// under the tenant's plan then, minor units per million hits.
+    #[serde(default)]
+    pub cache_hit_minor_per_mreq: Option<i64>,
     /// Milliseconds since the epoch.
     pub started_at: i64,
     pub finished_at: i64,
@@ -98,7 +105,8 @@ pub struct UsageEvent {
 }
 
 const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
-                       completion_tokens, started_at, finished_at, status, delivery";
+                       completion_tokens, started_at, finished_at, status, delivery, \
+                       cached_tokens, cache_hit_minor_per_mreq";
 
 /// Usage of one model over a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +115,10 @@ pub struct ModelTotals {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of `prompt_tokens`, those read from a worker's prefix cache.
+    pub cached_tokens: i64,
+    /// Of `requests`, those served from the gateway's response cache.
+    pub cache_hits: i64,
 }
 
 /// Writes and reads usage records.
@@ -165,7 +177,10 @@ impl Ledger {
         let rows = sqlx::query(
             "SELECT model, COUNT(*) AS requests, \
                     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens \
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+                    CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+                    CAST(COALESCE(SUM(CASE WHEN cache_hit_minor_per_mreq IS NULL \
+                                      THEN 0 ELSE 1 END), 0) AS BIGINT) AS cache_hits \
              FROM usage_records \
              WHERE tenant_id = $1 AND started_at >= $2 AND started_at < $3 \
              GROUP BY model ORDER BY model",
@@ -182,6 +197,8 @@ impl Ledger {
                     requests: r.try_get("requests")?,
                     prompt_tokens: r.try_get("prompt_tokens")?,
                     completion_tokens: r.try_get("completion_tokens")?,
+                    cached_tokens: r.try_get("cached_tokens")?,
+                    cache_hits: r.try_get("cache_hits")?,
                 })
             })
             .collect()
@@ -229,22 +246,25 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
             .collect::<Vec<String>>()
     };
     let int = |f: fn(&UsageEvent) -> i64| events.iter().map(|e| f(e)).collect::<Vec<i64>>();
+    let hit_rates: Vec<Option<i64>> = events.iter().map(|e| e.cache_hit_minor_per_mreq).collect();
     // Request ids are unique forever through `usage_request_ids` (the records' table is
     // partitioned by time, so it cannot hold that constraint itself). New ids get their
     // record; a replayed id may only resolve an `unknown` delivery of a record not yet
     // invoiced, found through its partition key.
     let sql = "WITH input AS ( \
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                                $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
+                                $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[], \
+                                $12::int8[], $13::int8[]) \
            AS t(request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, \
-                started_at, finished_at, status, delivery)), \
+                started_at, finished_at, status, delivery, cached_tokens, cache_hit_minor_per_mreq)), \
          new_ids AS ( \
            INSERT INTO usage_request_ids (request_id, started_at) \
            SELECT request_id, started_at FROM input ON CONFLICT (request_id) DO NOTHING \
            RETURNING request_id), \
          inserted AS ( \
            INSERT INTO usage_records (request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
-                                      completion_tokens, started_at, finished_at, status, delivery) \
+                                      completion_tokens, started_at, finished_at, status, delivery, \
+                                      cached_tokens, cache_hit_minor_per_mreq) \
            SELECT i.* FROM input i JOIN new_ids n USING (request_id) RETURNING 1), \
          resolved AS ( \
            UPDATE usage_records u SET delivery = i.delivery \
@@ -266,6 +286,8 @@ async fn record_batch_postgres(pg: &sqlx::PgPool, events: &[UsageEvent]) -> Resu
         .bind(int(|e| e.finished_at))
         .bind(text(|e| e.status.as_str()))
         .bind(text(|e| e.delivery.as_str()))
+        .bind(int(|e| e.cached_tokens))
+        .bind(hit_rates)
         .fetch_one(pg)
         .await?;
     Ok(affected as u64)
@@ -276,7 +298,7 @@ fn sqlite_insert_sql(rows: usize) -> String {
     let mut sql = format!("INSERT INTO usage_records ({COLUMNS}) VALUES ");
     for i in 0..rows {
         sql.push_str(if i == 0 { "(" } else { ",(" });
-        sql.push_str("?,?,?,?,?,?,?,?,?,?,?)");
+        sql.push_str("?,?,?,?,?,?,?,?,?,?,?,?,?)");
     }
     sql.push(' ');
     sql.push_str(SQLITE_SKIP_STORED);
@@ -346,7 +368,9 @@ macro_rules! sqlite_record_batch {
                     .bind(e.started_at)
                     .bind(e.finished_at)
                     .bind(e.status.as_str())
-                    .bind(e.delivery.as_str());
+                    .bind(e.delivery.as_str())
+                    .bind(e.cached_tokens)
+                    .bind(e.cache_hit_minor_per_mreq);
             }
             let inserted = query.execute(&mut *tx).await?.rows_affected();
             affected += inserted;
@@ -369,7 +393,7 @@ use sqlite_record_batch;
 
 /// Rows per prepared SQLite insert, largest first: a batch is split into as many of the
 /// largest as fit, then the next size down; fewer than the smallest go as one statement
-/// parsed once. The largest binds 11,000 parameters, below SQLite's 32,766.
+/// parsed once. The largest binds 13,000 parameters, below SQLite's 32,766.
 const SQLITE_INSERT_SIZES: [usize; 3] = [1_000, 100, 10];
 
 /// SQLite's inserts skip request ids already stored, so a replay never changes a record;
@@ -392,6 +416,8 @@ fn from_row(row: &sqlx::any::AnyRow) -> Result<UsageEvent, DbError> {
         endpoint: row.try_get("endpoint")?,
         prompt_tokens: row.try_get("prompt_tokens")?,
         completion_tokens: row.try_get("completion_tokens")?,
+        cached_tokens: row.try_get("cached_tokens")?,
+        cache_hit_minor_per_mreq: row.try_get("cache_hit_minor_per_mreq")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         status: UsageStatus::parse(&status).ok_or_else(|| {

@@ -101,6 +101,16 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_PREFIX_AFFINITY_SLACK", default_value_t = 4)]
     pub prefix_affinity_slack: usize,
 
+    /// Bytes of responses this replica keeps in memory for plans with a response cache
+    /// (0: no response cache).
+    #[arg(long, env = "GATEWAY_RESPONSE_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub response_cache_bytes: u64,
+
+    /// Redis URL of the response cache's tier shared by replicas (e.g.
+    /// `redis://127.0.0.1:6379`); memory only without it.
+    #[arg(long, env = "GATEWAY_RESPONSE_CACHE_REDIS")]
+    pub response_cache_redis: Option<String>,
+
     /// Route by load alone, ignoring where prompts are likely cached.
     #[arg(long, env = "GATEWAY_NO_PREFIX_AFFINITY")]
     pub no_prefix_affinity: bool,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pool;
 pub mod pricing;
 pub mod proxy;
+pub mod response_cache;
 pub mod tenants;
 pub mod upstream;
 

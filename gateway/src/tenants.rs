@@ -50,6 +50,45 @@ pub struct KeyRecord {
     pub plan_limits: Limits,
     /// The key's own narrowing of the plan.
     pub key_limits: Limits,
+    /// The plan's response cache; `None`: off.
+    pub response_cache: Option<ResponseCachePolicy>,
+}
+
+/// How a plan's tenants use the response cache (SPEC §10): entries live `ttl_s` seconds,
+/// and each response served from it costs `hit_minor_per_mreq` minor units per million.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseCachePolicy {
+    pub ttl_s: i64,
+    #[serde(default)]
+    pub hit_minor_per_mreq: i64,
+}
+
+impl ResponseCachePolicy {
+    /// The longest lifetime a plan may give entries: a week.
+    pub const MAX_TTL_S: i64 = 7 * 86_400;
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=Self::MAX_TTL_S).contains(&self.ttl_s) {
+            return Err(format!(
+                "response_cache.ttl_s must be 1 to {} seconds",
+                Self::MAX_TTL_S
+            ));
+        }
+        if self.hit_minor_per_mreq < 0 {
+            return Err("response_cache.hit_minor_per_mreq must not be negative".into());
+        }
+        Ok(())
+    }
+
+    fn from_row(r: &sqlx::any::AnyRow, prefix: &str) -> Result<Option<Self>, sqlx::Error> {
+        let ttl: Option<i64> = r.try_get(format!("{prefix}response_cache_ttl_s").as_str())?;
+        let rate: Option<i64> = r.try_get(format!("{prefix}cache_hit_minor_per_mreq").as_str())?;
+        Ok(ttl.map(|ttl_s| Self {
+            ttl_s,
+            hit_minor_per_mreq: rate.unwrap_or(0),
+        }))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +150,8 @@ pub struct Plan {
     pub id: String,
     pub name: String,
     pub limits: Limits,
+    /// `None`: the plan's tenants get no response cache.
+    pub response_cache: Option<ResponseCachePolicy>,
 }
 
 impl KeyRecord {
@@ -137,6 +178,18 @@ pub struct NewKey {
 
 const LIMIT_COLUMNS: &str =
     "requests_per_minute, tokens_per_minute, max_concurrent, monthly_tokens, monthly_spend_minor";
+/// A plan's columns besides its id and name.
+const PLAN_COLUMNS: &str = "requests_per_minute, tokens_per_minute, max_concurrent, \
+     monthly_tokens, monthly_spend_minor, response_cache_ttl_s, cache_hit_minor_per_mreq";
+
+fn plan_from_row(r: &sqlx::any::AnyRow) -> Result<Plan, sqlx::Error> {
+    Ok(Plan {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        limits: limits_from_row(r, "")?,
+        response_cache: ResponseCachePolicy::from_row(r, "")?,
+    })
+}
 
 fn limits_from_row(r: &sqlx::any::AnyRow, prefix: &str) -> Result<Limits, sqlx::Error> {
     let get = |name: &str| r.try_get::<Option<i64>, _>(format!("{prefix}{name}").as_str());
@@ -232,6 +285,7 @@ impl TenantStore {
             revoked_at: None,
             plan_limits: Limits::default(),
             key_limits: new.limits,
+            response_cache: None,
         };
         validate_limits(&new.limits).map_err(TenantError::Invalid)?;
         sqlx::query(
@@ -263,7 +317,9 @@ impl TenantStore {
              k.monthly_tokens, k.monthly_spend_minor, \
              p.requests_per_minute AS p_requests_per_minute, \
              p.tokens_per_minute AS p_tokens_per_minute, p.max_concurrent AS p_max_concurrent, \
-             p.monthly_tokens AS p_monthly_tokens, p.monthly_spend_minor AS p_monthly_spend_minor \
+             p.monthly_tokens AS p_monthly_tokens, p.monthly_spend_minor AS p_monthly_spend_minor, \
+             p.response_cache_ttl_s AS p_response_cache_ttl_s, \
+             p.cache_hit_minor_per_mreq AS p_cache_hit_minor_per_mreq \
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
              LEFT JOIN plans p ON p.id = t.plan_id WHERE k.id = $1",
         )
@@ -283,20 +339,30 @@ impl TenantStore {
             revoked_at: r.try_get("revoked_at")?,
             plan_limits: limits_from_row(&r, "p_")?,
             key_limits: limits_from_row(&r, "")?,
+            response_cache: ResponseCachePolicy::from_row(&r, "p_")?,
         }))
     }
 
     /// Creates a plan. Names are unique.
-    pub async fn create_plan(&self, name: &str, limits: Limits) -> Result<Plan, TenantError> {
+    pub async fn create_plan(
+        &self,
+        name: &str,
+        limits: Limits,
+        response_cache: Option<ResponseCachePolicy>,
+    ) -> Result<Plan, TenantError> {
         validate_limits(&limits).map_err(TenantError::Invalid)?;
+        if let Some(c) = &response_cache {
+            c.validate().map_err(TenantError::Invalid)?;
+        }
         let plan = Plan {
             id: format!("pl_{}", uuid::Uuid::now_v7().simple()),
             name: name.to_owned(),
             limits,
+            response_cache,
         };
         sqlx::query(&format!(
-            "INSERT INTO plans (id, name, created_at, {LIMIT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO plans (id, name, created_at, {PLAN_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         ))
         .bind(&plan.id)
         .bind(&plan.name)
@@ -306,6 +372,8 @@ impl TenantStore {
         .bind(limits.max_concurrent)
         .bind(limits.monthly_tokens)
         .bind(limits.monthly_spend_minor)
+        .bind(response_cache.map(|c| c.ttl_s))
+        .bind(response_cache.map_or(0, |c| c.hit_minor_per_mreq))
         .execute(self.db.pool())
         .await?;
         Ok(plan)
@@ -313,17 +381,15 @@ impl TenantStore {
 
     pub async fn plan_by_name(&self, name: &str) -> Result<Option<Plan>, DbError> {
         let row = sqlx::query(&format!(
-            "SELECT id, name, {LIMIT_COLUMNS} FROM plans WHERE name = $1"
+            "SELECT id, name, {PLAN_COLUMNS} FROM plans WHERE name = $1"
         ))
         .bind(name)
         .fetch_optional(self.db.pool())
         .await?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(Plan {
-            id: r.try_get("id")?,
-            name: r.try_get("name")?,
-            limits: limits_from_row(&r, "")?,
-        }))
+        row.as_ref()
+            .map(plan_from_row)
+            .transpose()
+            .map_err(DbError::from)
     }
 
     /// Puts a tenant on a plan (`None`: no plan, no limits). Replicas see it within the
@@ -403,18 +469,12 @@ impl TenantStore {
     /// Every plan, by name.
     pub async fn list_plans(&self) -> Result<Vec<Plan>, DbError> {
         let rows = sqlx::query(&format!(
-            "SELECT id, name, {LIMIT_COLUMNS} FROM plans ORDER BY name"
+            "SELECT id, name, {PLAN_COLUMNS} FROM plans ORDER BY name"
         ))
         .fetch_all(self.db.pool())
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(Plan {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    limits: limits_from_row(r, "")?,
-                })
-            })
+            .map(plan_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(DbError::from)
     }

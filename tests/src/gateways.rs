@@ -106,10 +106,21 @@ impl RunningGateway {
         plan: gateway::limits::Limits,
         key: gateway::limits::Limits,
     ) -> (String, String) {
+        self.tenant_on_caching_plan(name, plan, key, None).await
+    }
+
+    /// As [`RunningGateway::tenant_on_plan`], the plan with a response cache.
+    pub async fn tenant_on_caching_plan(
+        &self,
+        name: &str,
+        plan: gateway::limits::Limits,
+        key: gateway::limits::Limits,
+        cache: Option<gateway::tenants::ResponseCachePolicy>,
+    ) -> (String, String) {
         let tenant = self.tenants.create_tenant(name).await.unwrap();
         let plan = self
             .tenants
-            .create_plan(&format!("{name}-plan"), plan)
+            .create_plan(&format!("{name}-plan"), plan, cache)
             .await
             .unwrap();
         self.tenants

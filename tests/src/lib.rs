@@ -16,7 +16,8 @@ pub mod wait;
 pub use client::{metric, open_stream, promtool_check, read_deltas, request_id, scrape};
 pub use gateways::{gateway_config, RunningGateway, Stack};
 pub use processes::{
-    binary, models_dir, workspace_root, GatewayProcess, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
+    binary, models_dir, workspace_root, GatewayProcess, RedisProcess, WorkerProcess, CHAT_MODEL,
+    EMBEDDING_MODEL,
 };
 pub use stores::{TempPostgres, TempSqlite, ThrowawayPostgres};
 pub use wait::{wait_for, wait_until};

@@ -192,3 +192,55 @@ impl Drop for GatewayProcess {
         self.kill();
     }
 }
+
+/// A throwaway `redis-server` on a free loopback port, with no persistence; killed when
+/// dropped. Never the machine's own server.
+pub struct RedisProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl RedisProcess {
+    pub async fn start() -> Self {
+        // Redis takes no port 0: take a free one from the system and hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting redis-server (Debian: apt-get install redis-server)");
+        let server = Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        wait_until(
+            "redis-server listening",
+            Duration::from_secs(10),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        server
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

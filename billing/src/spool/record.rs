@@ -1,13 +1,16 @@
 //! What a spool record holds, and its binary layout.
 //!
-//! A payload's first byte says what it holds: `USAGE` (one usage event) or `OUTCOMES`
-//! (the delivery outcome of one or more responses). Payloads starting with `{` are JSON
+//! A payload's first byte says what it holds: `CACHED_USAGE` or `USAGE` (one usage event)
+//! or `OUTCOMES` (the delivery outcome of one or more responses). Payloads starting with `{` are JSON
 //! records written by earlier versions; they are still read, so a spool left by an older
 //! gateway ships after an upgrade.
 //!
 //! Layout (integers little-endian, text as a `u16` byte length then UTF-8):
 //! - usage: `USAGE`, request id, tenant id, key id, model, endpoint, prompt tokens `i64`,
-//!   completion tokens `i64`, started at `i64`, finished at `i64`, status `u8`, delivery `u8`;
+//!   completion tokens `i64`, started at `i64`, finished at `i64`, status `u8`, delivery `u8`
+//!   (written by earlier versions; read with nothing cached);
+//! - cached usage: `CACHED_USAGE`, then as usage, then cached tokens `i64`, and the cache-hit
+//!   rate as a `u8` (0: none, 1: one follows) and an `i64`;
 //! - outcomes: `OUTCOMES`, delivered `u8` (0 or 1), count `u32`, then that many request ids.
 //!
 //! Owns: the payload codec, both ways. Must never: frame, checksum or read files (that is
@@ -23,6 +26,8 @@ use crate::usage::{Delivery, UsageEvent, UsageStatus};
 pub(super) const USAGE: u8 = 1;
 /// First byte of an outcomes payload.
 pub(super) const OUTCOMES: u8 = 2;
+/// First byte of a usage payload with its cache fields (what this version writes).
+pub(super) const CACHED_USAGE: u8 = 3;
 /// First byte of a JSON payload (earlier versions).
 const JSON: u8 = b'{';
 
@@ -62,7 +67,7 @@ fn delivery_code(delivery: Delivery) -> u8 {
 
 /// Appends the payload of a usage record.
 pub(super) fn put_usage(event: &UsageEvent, out: &mut Vec<u8>) -> io::Result<()> {
-    out.push(USAGE);
+    out.push(CACHED_USAGE);
     for text in [
         &event.request_id,
         &event.tenant_id,
@@ -82,6 +87,9 @@ pub(super) fn put_usage(event: &UsageEvent, out: &mut Vec<u8>) -> io::Result<()>
     }
     out.push(status_code(event.status));
     out.push(delivery_code(event.delivery));
+    out.extend_from_slice(&event.cached_tokens.to_le_bytes());
+    out.push(u8::from(event.cache_hit_minor_per_mreq.is_some()));
+    out.extend_from_slice(&event.cache_hit_minor_per_mreq.unwrap_or(0).to_le_bytes());
     Ok(())
 }
 
@@ -142,7 +150,7 @@ pub(super) fn decode(payload: &[u8], out: &mut Vec<SpoolEntry>) -> Option<()> {
             out.push(serde_json::from_slice(payload).ok()?);
             return Some(());
         }
-        USAGE => {
+        kind @ (USAGE | CACHED_USAGE) => {
             let (request_id, tenant_id, key_id, model, endpoint) =
                 (at.text()?, at.text()?, at.text()?, at.text()?, at.text()?);
             let (prompt_tokens, completion_tokens, started_at, finished_at) =
@@ -159,6 +167,18 @@ pub(super) fn decode(payload: &[u8], out: &mut Vec<SpoolEntry>) -> Option<()> {
                 2 => Delivery::Undelivered,
                 _ => return None,
             };
+            let (cached_tokens, cache_hit_minor_per_mreq) = if kind == CACHED_USAGE {
+                let cached = at.int()?;
+                let has_rate = at.byte()?;
+                let rate = at.int()?;
+                match has_rate {
+                    0 => (cached, None),
+                    1 => (cached, Some(rate)),
+                    _ => return None,
+                }
+            } else {
+                (0, None)
+            };
             out.push(SpoolEntry::Usage {
                 event: UsageEvent {
                     request_id,
@@ -168,6 +188,8 @@ pub(super) fn decode(payload: &[u8], out: &mut Vec<SpoolEntry>) -> Option<()> {
                     endpoint,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
+                    cache_hit_minor_per_mreq,
                     started_at,
                     finished_at,
                     status,
@@ -196,4 +218,50 @@ pub(super) fn decode(payload: &[u8], out: &mut Vec<SpoolEntry>) -> Option<()> {
         _ => return None,
     }
     at.0.is_empty().then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usage_payload_of_the_earlier_layout_reads_with_nothing_cached() {
+        let event = UsageEvent::builder("req_1", "t")
+            .tokens(12, 34)
+            .at(5, 6)
+            .build();
+        let mut new = Vec::new();
+        put_usage(
+            &UsageEvent {
+                cached_tokens: 9,
+                ..event.clone()
+            },
+            &mut new,
+        )
+        .unwrap();
+        // The earlier layout is the current one without its last 17 bytes.
+        let mut old = new[..new.len() - 17].to_vec();
+        old[0] = USAGE;
+        let mut read = Vec::new();
+        decode(&old, &mut read).unwrap();
+        decode(&new, &mut read).unwrap();
+        assert_eq!(
+            read,
+            vec![
+                SpoolEntry::Usage {
+                    event: event.clone()
+                },
+                SpoolEntry::Usage {
+                    event: UsageEvent {
+                        cached_tokens: 9,
+                        ..event
+                    }
+                },
+            ]
+        );
+        // A rate flag other than 0 or 1 is not a record.
+        let flag = new.len() - 9;
+        new[flag] = 2;
+        assert!(decode(&new, &mut Vec::new()).is_none());
+    }
 }

@@ -240,6 +240,8 @@ mod tests {
                 endpoint: "/v1/chat/completions".into(),
                 prompt_tokens: i64::MAX,
                 completion_tokens: -1,
+                cached_tokens: 7 * i as i64,
+                cache_hit_minor_per_mreq: [None, Some(0), Some(i64::MAX)][i],
                 started_at: 1_790_000_000_000 + i as i64,
                 finished_at: i64::MIN,
                 status,
@@ -347,24 +349,29 @@ mod tests {
             let usage = (
                 (text(), text(), text(), text(), text()),
                 (any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>()),
+                (any::<i64>(), any::<Option<i64>>()),
                 status,
                 delivery,
             )
                 .prop_map(
-                    |((r, t, k, m, e), (p, c, s, f), status, delivery)| SpoolEntry::Usage {
-                        event: UsageEvent {
-                            request_id: r,
-                            tenant_id: t,
-                            key_id: k,
-                            model: m,
-                            endpoint: e,
-                            prompt_tokens: p,
-                            completion_tokens: c,
-                            started_at: s,
-                            finished_at: f,
-                            status,
-                            delivery,
-                        },
+                    |((r, t, k, m, e), (p, c, s, f), (cached, hit), status, delivery)| {
+                        SpoolEntry::Usage {
+                            event: UsageEvent {
+                                request_id: r,
+                                tenant_id: t,
+                                key_id: k,
+                                model: m,
+                                endpoint: e,
+                                prompt_tokens: p,
+                                completion_tokens: c,
+                                cached_tokens: cached,
+                                cache_hit_minor_per_mreq: hit,
+                                started_at: s,
+                                finished_at: f,
+                                status,
+                                delivery,
+                            },
+                        }
                     },
                 );
             let outcome =

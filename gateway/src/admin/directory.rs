@@ -152,6 +152,9 @@ struct NewPlan {
     name: String,
     #[serde(default)]
     limits: Limits,
+    /// Opts the plan's tenants in to the response cache.
+    #[serde(default)]
+    response_cache: Option<crate::tenants::ResponseCachePolicy>,
 }
 
 async fn create_plan(
@@ -170,7 +173,10 @@ async fn create_plan(
             new.name
         )));
     }
-    let plan = state.tenants.create_plan(&new.name, new.limits).await?;
+    let plan = state
+        .tenants
+        .create_plan(&new.name, new.limits, new.response_cache)
+        .await?;
     Ok((StatusCode::CREATED, Json(plan)).into_response())
 }
 
@@ -193,6 +199,9 @@ struct NewPrice {
     output_minor_per_mtok: i64,
     #[serde(default)]
     request_minor_per_mreq: i64,
+    /// Rate of prompt tokens read from a worker's prefix cache; the input rate if omitted.
+    #[serde(default)]
+    cached_input_minor_per_mtok: Option<i64>,
     #[serde(default = "usd")]
     currency: String,
     /// Unix ms; now if omitted.
@@ -220,6 +229,7 @@ async fn add_price(
         input_minor_per_mtok: new.input_minor_per_mtok,
         output_minor_per_mtok: new.output_minor_per_mtok,
         request_minor_per_mreq: new.request_minor_per_mreq,
+        cached_input_minor_per_mtok: new.cached_input_minor_per_mtok,
         tiers: new.tiers,
     };
     let book = billing::PriceBook::load(&state.db).await?;

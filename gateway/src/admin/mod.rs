@@ -42,6 +42,7 @@ pub struct AdminState {
     pub tenants: TenantStore,
     pub pool: Arc<WorkerPool>,
     pub metrics: Arc<GatewayMetrics>,
+    pub response_cache: Option<Arc<crate::response_cache::ResponseCache>>,
 }
 
 /// Whom an admin route acts for: the verified claims of its bearer token.

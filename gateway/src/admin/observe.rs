@@ -70,6 +70,8 @@ async fn usage(
         "requests": sum(|p| p.requests),
         "prompt_tokens": sum(|p| p.prompt_tokens),
         "completion_tokens": sum(|p| p.completion_tokens),
+        "cached_tokens": sum(|p| p.cached_tokens),
+        "cache_hits": sum(|p| p.cache_hits),
         "unbilled_requests": sum(|p| p.unbilled_requests),
         "spend_micros": sum(|p| p.spend_micros),
     });
@@ -175,5 +177,6 @@ async fn traffic(
     Ok(Json(serde_json::json!({
         "scope": "this gateway process since it started",
         "data": state.metrics.traffic(),
+        "response_cache": state.response_cache.as_ref().map(|c| c.stats()),
     })))
 }

@@ -82,6 +82,7 @@ impl Gateway {
                     tenants: parts.tenants.clone(),
                     pool: parts.pool.clone(),
                     metrics: parts.metrics.clone(),
+                    response_cache: parts.response_cache.clone(),
                 });
                 Some((TcpListener::bind(config.admin_listen).await?, admin_state))
             }
@@ -235,6 +236,7 @@ fn consumer_state(config: &GatewayConfig, parts: &Parts, threads: usize) -> Cons
         prices: parts.prices.clone(),
         default_completion_reserve: config.default_completion_reserve,
         affinity_slack: (!config.no_prefix_affinity).then_some(config.prefix_affinity_slack),
+        response_cache: parts.response_cache.clone(),
     };
     ConsumerState {
         auth: parts.auth.clone(),

@@ -15,6 +15,7 @@ use crate::limits::Admission;
 use crate::metrics::GatewayMetrics;
 use crate::pool::WorkerPool;
 use crate::pricing::PriceCache;
+use crate::response_cache::ResponseCache;
 use crate::tenants::TenantStore;
 
 /// How long the health checker waits to connect to a worker.
@@ -37,6 +38,7 @@ pub struct Parts {
     pub metrics: Arc<GatewayMetrics>,
     pub admission: Arc<Admission>,
     pub prices: Arc<PriceCache>,
+    pub response_cache: Option<Arc<ResponseCache>>,
 }
 
 impl Parts {
@@ -62,6 +64,14 @@ impl Parts {
             config.on_store_error(),
         );
         let prices = PriceCache::load(&db).await?;
+        let response_cache = match config.response_cache_bytes {
+            0 => None,
+            bytes => Some(Arc::new(ResponseCache::new(
+                bytes,
+                config.response_cache_redis.as_deref(),
+                &metrics.registry,
+            )?)),
+        };
         let tenants = TenantStore::new(db.clone());
         Ok(Self {
             auth: Arc::new(Authenticator::new(tenants.clone(), auth_settings(config))),
@@ -73,6 +83,7 @@ impl Parts {
             metrics,
             admission,
             prices,
+            response_cache,
         })
     }
 }

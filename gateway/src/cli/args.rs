@@ -100,6 +100,12 @@ pub struct CreatePlan {
     pub name: String,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Opts the plan's tenants in to the response cache, entries living this many seconds.
+    #[arg(long)]
+    pub response_cache_ttl: Option<i64>,
+    /// Minor units per million responses served from the response cache (0: free).
+    #[arg(long, default_value_t = 0, requires = "response_cache_ttl")]
+    pub cache_hit_per_mreq: i64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -127,6 +133,10 @@ pub struct AddPrice {
     /// Minor units per million requests.
     #[arg(long, default_value_t = 0)]
     pub request_per_mreq: i64,
+    /// Minor units per million prompt tokens read from a worker's prefix cache; without it
+    /// they cost the input rate.
+    #[arg(long)]
+    pub cached_input_per_mtok: Option<i64>,
     #[arg(long, default_value = "USD")]
     pub currency: String,
     /// Unix milliseconds from which this version applies; now if omitted.

@@ -57,7 +57,13 @@ pub async fn create_plan(a: CreatePlan, json: bool) -> anyhow::Result<()> {
     if store.plan_by_name(&a.name).await?.is_some() {
         anyhow::bail!("a plan named {} exists", a.name);
     }
-    let plan = store.create_plan(&a.name, a.limits.into()).await?;
+    let cache = a
+        .response_cache_ttl
+        .map(|ttl_s| gateway::tenants::ResponseCachePolicy {
+            ttl_s,
+            hit_minor_per_mreq: a.cache_hit_per_mreq,
+        });
+    let plan = store.create_plan(&a.name, a.limits.into(), cache).await?;
     if json {
         return output::json(&plan);
     }

@@ -19,6 +19,7 @@ pub async fn add_price(a: AddPrice, json: bool) -> anyhow::Result<()> {
         input_minor_per_mtok: a.input_per_mtok,
         output_minor_per_mtok: a.output_per_mtok,
         request_minor_per_mreq: a.request_per_mreq,
+        cached_input_minor_per_mtok: a.cached_input_per_mtok,
         tiers: a.tiers,
     };
     billing::prices::add_price(&db, &price).await?;

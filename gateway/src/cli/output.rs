@@ -48,8 +48,11 @@ pub fn plan(p: &Plan) -> anyhow::Result<String> {
 }
 
 pub fn price(p: &billing::Price) -> String {
+    let cached = p.cached_input_minor_per_mtok.map_or(String::new(), |r| {
+        format!("\t{r} {}/Mtok cached in", p.currency)
+    });
     format!(
-        "{}\t{}\t{} {}/Mtok in\t{} {}/Mtok out\t{} {}/Mreq",
+        "{}\t{}\t{} {}/Mtok in\t{} {}/Mtok out\t{} {}/Mreq{cached}",
         p.model,
         p.effective_from,
         p.input_minor_per_mtok,
@@ -73,27 +76,31 @@ pub fn key(k: &KeySummary, now_ms: i64) -> String {
     format!("{}\t{}\t{}", k.id, k.name, state)
 }
 
-pub const USAGE_HEADER: &str =
-    "start\tgroup\trequests\tprompt_tokens\tcompletion_tokens\tspend_micros";
+pub const USAGE_HEADER: &str = "start\tgroup\trequests\tprompt_tokens\tcompletion_tokens\t\
+     cached_tokens\tcache_hits\tspend_micros";
 
 pub fn usage_point(p: &Point) -> String {
     format!(
-        "{}\t{}\t{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
         bucket_start(p.start_ms),
         p.group.as_deref().unwrap_or("-"),
         p.requests,
         p.prompt_tokens,
         p.completion_tokens,
+        p.cached_tokens,
+        p.cache_hits,
         p.spend_micros
     )
 }
 
 pub fn top_entry(e: &TopEntry) -> String {
     format!(
-        "{}\t{} requests\t{} tokens\t{} micros",
+        "{}\t{} requests\t{} tokens\t{} cached\t{} cache hits\t{} micros",
         e.id,
         e.requests,
         e.prompt_tokens + e.completion_tokens,
+        e.cached_tokens,
+        e.cache_hits,
         e.spend_micros
     )
 }

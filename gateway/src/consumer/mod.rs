@@ -220,6 +220,11 @@ where
         request_id,
         caller,
         started_at,
+        cache: crate::response_cache::Directive::parse(
+            headers
+                .get(axum::http::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok()),
+        ),
     };
     let mut response = match state.proxy.handle(ctx, call).await {
         Ok(r) => r,

@@ -59,6 +59,8 @@ pub(super) async fn own_usage(
                 "prompt_tokens": t.prompt_tokens,
                 "completion_tokens": t.completion_tokens,
                 "total_tokens": t.prompt_tokens + t.completion_tokens,
+                "cached_tokens": t.cached_tokens,
+                "cache_hits": t.cache_hits,
             })
         })
         .collect();

@@ -231,6 +231,11 @@ impl ProxiedCall {
         }
     }
 
+    /// The body as the client sent it.
+    pub(super) fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
     /// The body as parsed JSON, where it was parsed whole.
     fn json(&self) -> Option<&Map<String, Value>> {
         match &self.body {
@@ -394,6 +399,8 @@ pub struct CallContext {
     pub request_id: String,
     pub caller: KeyCaller,
     pub started_at: i64,
+    /// What the client's `cache-control` asks of the response cache.
+    pub cache: crate::response_cache::Directive,
 }
 
 #[cfg(test)]

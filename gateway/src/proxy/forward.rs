@@ -12,6 +12,7 @@ use axum::response::Response;
 use billing::UsageStatus;
 use http_body_util::{BodyExt, Full};
 
+use super::cache::Capture;
 use super::call::{CallContext, ProxiedCall};
 use super::meter::metered_response;
 use super::outcome::{json_response, tracked_json};
@@ -29,7 +30,7 @@ impl Proxy {
         self.upstreams.get(i).or_else(|| self.upstreams.first())
     }
 
-    fn recorder(
+    pub(super) fn recorder(
         &self,
         ctx: CallContext,
         call: ProxiedCall,
@@ -42,14 +43,17 @@ impl Proxy {
             reservation,
             spool: self.spool.clone(),
             metrics: self.metrics.clone(),
+            cache_hit: None,
         }
     }
 
+    /// Forwards; `capture` keeps a successful answer in the response cache.
     pub(super) async fn forward(
         &self,
         ctx: CallContext,
         mut call: ProxiedCall,
         reservation: Reservation,
+        capture: Option<Capture>,
     ) -> Result<Response, GatewayError> {
         let stream = call.is_stream();
         let client_wants_usage = call.client_wants_usage();
@@ -74,6 +78,7 @@ impl Proxy {
                     slot,
                     upstream,
                     client_wants_usage,
+                    capture,
                 ));
             }
             match tokio::time::timeout(self.timeouts.total_timeout, read_all(upstream)).await {
@@ -101,6 +106,10 @@ impl Proxy {
             .finish(counted, UsageStatus::Success)
             .durable()
             .await?;
+        if let Some(mut capture) = capture {
+            capture.keep(&bytes);
+            capture.store(false, counted);
+        }
         Ok(tracked_json(bytes, outcome))
     }
 

@@ -13,8 +13,9 @@ use billing::UsageStatus;
 use futures::{Stream, StreamExt};
 use http_body_util::BodyExt;
 
+use super::cache::Capture;
 use super::outcome::OutcomeOnEnd;
-use super::usage::{UsageRecorder, WorkerJson};
+use super::usage::{UsageRecorder, Used, WorkerJson};
 use crate::pool::WorkerSlot;
 use crate::upstream::UpstreamBody;
 
@@ -25,11 +26,13 @@ pub(super) fn metered_response(
     slot: WorkerSlot,
     upstream: hyper::Response<UpstreamBody>,
     client_wants_usage: bool,
+    capture: Option<Capture>,
 ) -> Response {
     let meter = StreamMeter {
         recorder: Some(recorder),
-        counted: (0, 0),
+        counted: Used::default(),
         outcome: None,
+        capture,
         _slot: slot,
     };
     let body = metered(
@@ -49,10 +52,12 @@ pub(super) fn metered_response(
 struct StreamMeter {
     /// Until the call is finished.
     recorder: Option<UsageRecorder>,
-    counted: (u64, u64),
+    counted: Used,
     /// Set once a success is spooled; reports the outcome when the stream ends, or
     /// "undelivered" if the meter is dropped first.
     outcome: Option<OutcomeOnEnd>,
+    /// What the client is sent, for the response cache; stored only on success.
+    capture: Option<Capture>,
     _slot: WorkerSlot,
 }
 
@@ -85,8 +90,8 @@ impl Drop for StreamMeter {
 
 /// What one upstream SSE event means to the meter.
 enum SseEvent<'a> {
-    /// `: usage P C` from the worker.
-    Counted(u64, u64),
+    /// `: usage P C [K]` from the worker.
+    Counted(Used),
     Comment,
     Done,
     /// A Responses stream's last event, with the reply's usage: billed, then sent on.
@@ -96,7 +101,7 @@ enum SseEvent<'a> {
 
 fn classify_event(event: &str) -> SseEvent<'_> {
     if let Some(usage) = openai_types::parse_usage_comment(event) {
-        return SseEvent::Counted(usage.prompt_tokens, usage.completion_tokens);
+        return SseEvent::Counted(Used::of(&usage));
     }
     if event.starts_with(':') {
         return SseEvent::Comment;
@@ -155,12 +160,17 @@ fn metered<E: std::fmt::Display + Send + 'static>(
                 let raw: Vec<u8> = st.buffer.drain(..end + 2).collect();
                 let text = String::from_utf8_lossy(&raw[..raw.len() - 2]).into_owned();
                 match classify_event(&text) {
-                    SseEvent::Counted(p, c) => st.meter.counted = (p, c),
+                    SseEvent::Counted(used) => st.meter.counted = used,
                     SseEvent::Comment => {}
                     SseEvent::Done => {
                         st.finished = true;
                         let out = if st.meter.record(UsageStatus::Success).await {
-                            Bytes::from_static(b"data: [DONE]\n\n")
+                            const DONE: &[u8] = b"data: [DONE]\n\n";
+                            if let Some(mut capture) = st.meter.capture.take() {
+                                capture.keep(DONE);
+                                capture.store(true, st.meter.counted);
+                            }
+                            Bytes::from_static(DONE)
                         } else {
                             Bytes::from(error_event(
                                 "usage could not be recorded",
@@ -192,6 +202,9 @@ fn metered<E: std::fmt::Display + Send + 'static>(
                         if parsed.is_some_and(|p| p.error) {
                             st.finished = true;
                             st.meter.record(UsageStatus::UpstreamFailed).await;
+                        }
+                        if let Some(capture) = st.meter.capture.as_mut() {
+                            capture.keep(&raw);
                         }
                         return Some((Ok(Bytes::from(raw)), st));
                     }
@@ -241,7 +254,19 @@ mod tests {
     fn classifies_sse_events() {
         assert!(matches!(
             classify_event(": usage 12 3"),
-            SseEvent::Counted(12, 3)
+            SseEvent::Counted(Used {
+                prompt: 12,
+                completion: 3,
+                cached: 0
+            })
+        ));
+        assert!(matches!(
+            classify_event(": usage 12 3 9"),
+            SseEvent::Counted(Used {
+                prompt: 12,
+                completion: 3,
+                cached: 9
+            })
         ));
         assert!(matches!(classify_event(": keep-alive"), SseEvent::Comment));
         assert!(matches!(classify_event("data: [DONE]"), SseEvent::Done));
@@ -268,10 +293,17 @@ mod tests {
         let read = |json: &str| WorkerJson::parse(json.as_bytes()).map(|j| (j.usage(), j.error));
         let reply = r#"{"id":"x","choices":[{"message":{"content":"hi"}}],
             "usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}"#;
-        assert_eq!(read(reply), Some((Some((10, 2)), false)));
+        let used = |prompt, completion, cached| {
+            Some(Used {
+                prompt,
+                completion,
+                cached,
+            })
+        };
+        assert_eq!(read(reply), Some((used(10, 2, 0), false)));
         // Embeddings count no completion tokens.
         let embedding = r#"{"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
-        assert_eq!(read(embedding), Some((Some((4, 0)), false)));
+        assert_eq!(read(embedding), Some((used(4, 0, 0), false)));
         let chunk = r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#;
         assert_eq!(read(chunk), Some((None, false)));
         let error = r#"{"error":{"message":"boom","type":"server_error"}}"#;
@@ -280,7 +312,14 @@ mod tests {
         // The Responses API's counts, and its objects' null `error`.
         let response = r#"{"object":"response","error":null,
             "usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}"#;
-        assert_eq!(read(response), Some((Some((7, 3)), false)));
+        assert_eq!(read(response), Some((used(7, 3, 0), false)));
+        // Cached prompt tokens, as chat and the Responses API state them.
+        let cached = r#"{"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10,
+            "prompt_tokens_details":{"cached_tokens":6}}}"#;
+        assert_eq!(read(cached), Some((used(9, 1, 6), false)));
+        let cached = r#"{"usage":{"input_tokens":9,"output_tokens":1,"total_tokens":10,
+            "input_tokens_details":{"cached_tokens":5}}}"#;
+        assert_eq!(read(cached), Some((used(9, 1, 5), false)));
         assert_eq!(read("not json"), None);
     }
 
@@ -331,9 +370,9 @@ mod tests {
             #[test]
             fn events_are_classified_by_what_they_say(event in event()) {
                 match classify_event(&event) {
-                    SseEvent::Counted(p, c) => {
+                    SseEvent::Counted(used) => {
                         let usage = openai_types::parse_usage_comment(&event);
-                        prop_assert_eq!(usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((p, c)));
+                        prop_assert_eq!(usage.map(|u| Used::of(&u)), Some(used));
                     }
                     SseEvent::Done => {
                         prop_assert_eq!(first_data(&event), Some("[DONE]"));

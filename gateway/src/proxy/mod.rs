@@ -27,6 +27,7 @@ use crate::upstream::Upstream;
 
 mod affinity;
 mod bound;
+mod cache;
 mod call;
 mod forward;
 mod meter;
@@ -36,6 +37,7 @@ mod usage;
 
 pub use call::{CallContext, ProxiedCall};
 
+use cache::Looked;
 use reserve::Reservation;
 
 /// How long a call waits on workers, and on how many it may be tried.
@@ -65,6 +67,8 @@ pub struct Proxy {
     /// Calls in flight a worker may carry beyond the least loaded and still get the calls
     /// whose prompts begin as its cached ones; `None` routes by load alone.
     pub affinity_slack: Option<usize>,
+    /// Whole responses of deterministic calls, for tenants whose plan opts in.
+    pub response_cache: Option<Arc<crate::response_cache::ResponseCache>>,
 }
 
 impl Proxy {
@@ -89,11 +93,25 @@ impl Proxy {
             &call,
         )
         .await?;
-        let mut response = match self.forward(ctx, call, reservation).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
+        let (answer, x_cache) = match self.cache_use(&ctx, &call) {
+            None => (self.forward(ctx, call, reservation, None).await, None),
+            Some(cache_use) => match self.try_cache(ctx, call, reservation, cache_use).await {
+                Looked::Hit(hit) => (Ok(hit), Some("hit")),
+                Looked::Miss(miss) => {
+                    let answer = self
+                        .forward(miss.ctx, miss.call, miss.reservation, miss.capture)
+                        .await;
+                    (answer, Some("miss"))
+                }
+            },
         };
+        let mut response = answer.unwrap_or_else(IntoResponse::into_response);
         rate_headers.apply(response.headers_mut());
+        if let Some(v) = x_cache {
+            response
+                .headers_mut()
+                .insert("x-cache", axum::http::HeaderValue::from_static(v));
+        }
         Ok(response)
     }
 }

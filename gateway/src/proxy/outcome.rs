@@ -30,6 +30,23 @@ pub(super) fn tracked_json(bytes: Bytes, outcome: OutcomeOnEnd) -> Response {
     }))
 }
 
+/// An SSE stream replayed whole (a response-cache hit) that reports its outcome as
+/// [`tracked_json`] does.
+pub(super) fn tracked_stream(bytes: Bytes, outcome: OutcomeOnEnd) -> Response {
+    let mut response = Response::new(Body::new(TrackedBody {
+        len: bytes.len() as u64,
+        bytes: Some(bytes),
+        outcome,
+    }));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
 fn json(body: Body) -> Response {
     let mut response = Response::new(body);
     response.headers_mut().insert(

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use billing::Price;
+use billing::{Price, Tokens};
 
 use super::bound::TokenBound;
 use super::call::{CallContext, ProxiedCall};
@@ -28,6 +28,8 @@ use crate::pricing::PriceCache;
 /// A call's reservation and the price it was made at; settled with the real usage.
 pub(super) struct Reservation {
     permit: Option<Permit>,
+    /// The version's highest rates, with its cached-input rate kept for the settlement:
+    /// the reservation, made before anyone knows what will be cached, folds it in.
     price: Option<Price>,
 }
 
@@ -46,10 +48,13 @@ impl Reservation {
         let price = prices
             .current()
             .at(&call.model, ctx.started_at)
-            .map(Price::ceiling);
+            .map(|p| Price {
+                cached_input_minor_per_mtok: p.cached_input_minor_per_mtok,
+                ..p.ceiling()
+            });
         let context = context_length.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         let bound = call.token_bound(context.unwrap_or(default_completion_reserve));
-        let demand = bounded_cost(price.as_ref(), bound, context);
+        let demand = bounded_cost(price.as_ref().map(Price::ceiling).as_ref(), bound, context);
         // Only limited scopes are checked: none is made (named) for the others.
         let scopes: Vec<Scope> = [
             (!key.plan_limits.is_unlimited())
@@ -75,13 +80,27 @@ impl Reservation {
         ))
     }
 
-    /// Settles with the tokens the call used; a second settle does nothing.
-    pub(super) fn settle(&mut self, (prompt, completion): (u64, u64)) {
+    /// Settles a call the response cache answered: no tokens, one hit at `rate`.
+    pub(super) fn settle_hit(&mut self, rate: i64) {
         if let Some(permit) = self.permit.take() {
-            permit.settle(cost(
-                self.price.as_ref(),
-                (prompt as i64, completion as i64),
-            ));
+            permit.settle(Demand {
+                tokens: 0,
+                spend: billing::prices::cache_hit_cost(1, rate),
+            });
+        }
+    }
+
+    /// Settles with the tokens the call used; a second settle does nothing.
+    pub(super) fn settle(&mut self, used: &Tokens) {
+        if let Some(permit) = self.permit.take() {
+            permit.settle(Demand {
+                tokens: used.input.saturating_add(used.output),
+                spend: self
+                    .price
+                    .as_ref()
+                    .map(|p| p.charge((0, 0), used))
+                    .unwrap_or_default(),
+            });
         }
     }
 }
@@ -141,6 +160,7 @@ mod tests {
             input_minor_per_mtok: input,
             output_minor_per_mtok: output,
             request_minor_per_mreq: 0,
+            cached_input_minor_per_mtok: None,
             tiers: Vec::new(),
         }
     }

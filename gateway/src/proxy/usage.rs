@@ -36,6 +36,33 @@ struct Counts {
     prompt_tokens: u64,
     #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
+    #[serde(alias = "input_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+/// The tokens a call used, as its worker counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Used {
+    pub(super) prompt: u64,
+    pub(super) completion: u64,
+    /// Of `prompt`, those read from the worker's prefix cache.
+    pub(super) cached: u64,
+}
+
+impl Used {
+    pub(super) fn of(usage: &openai_types::Usage) -> Self {
+        Self {
+            prompt: usage.prompt_tokens,
+            completion: usage.completion_tokens,
+            cached: usage.cached_tokens(),
+        }
+    }
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -47,11 +74,16 @@ impl WorkerJson {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// `(prompt_tokens, completion_tokens)`, where the JSON carries usage.
-    pub(super) fn usage(&self) -> Option<(u64, u64)> {
-        self.usage
-            .as_ref()
-            .map(|u| (u.prompt_tokens, u.completion_tokens.unwrap_or(0)))
+    /// The tokens counted, where the JSON carries usage.
+    pub(super) fn usage(&self) -> Option<Used> {
+        self.usage.as_ref().map(|u| Used {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens.unwrap_or(0),
+            cached: u
+                .prompt_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.cached_tokens),
+        })
     }
 }
 
@@ -64,12 +96,19 @@ pub(super) struct UsageRecorder {
     pub(super) reservation: Reservation,
     pub(super) spool: Spool,
     pub(super) metrics: Arc<GatewayMetrics>,
+    /// Set when the response cache answers: the plan's rate per million hits.
+    pub(super) cache_hit: Option<i64>,
 }
 
 impl UsageRecorder {
     /// Finishes the call with the tokens it used: builds its usage event, counts the tokens,
     /// settles the reservation. The event still has to be spooled, waiting or not.
-    pub(super) fn finish(self, (prompt, completion): (u64, u64), status: UsageStatus) -> Spooling {
+    pub(super) fn finish(self, used: Used, status: UsageStatus) -> Spooling {
+        let Used {
+            prompt,
+            completion,
+            cached,
+        } = used;
         let delivery = match status {
             UsageStatus::Success => Delivery::Unknown,
             // An early end is billed for what was delivered, so it is delivered.
@@ -82,6 +121,7 @@ impl UsageRecorder {
             mut reservation,
             spool,
             metrics,
+            cache_hit,
         } = self;
         let event = UsageEvent {
             request_id: ctx.request_id,
@@ -93,11 +133,19 @@ impl UsageRecorder {
             // ledger stores, never wrapped to a negative, crediting one.
             prompt_tokens: i64::try_from(prompt).unwrap_or(i64::MAX),
             completion_tokens: i64::try_from(completion).unwrap_or(i64::MAX),
+            // Never more than the prompt: a cached token is a prompt token.
+            cached_tokens: i64::try_from(cached.min(prompt)).unwrap_or(i64::MAX),
+            cache_hit_minor_per_mreq: cache_hit,
             started_at: ctx.started_at,
             finished_at: now_ms(),
             status,
             delivery,
         };
+        if let Some(rate) = cache_hit {
+            // No model ran: no tokens counted, and the hit costs its own rate.
+            reservation.settle_hit(rate);
+            return Spooling { spool, event };
+        }
         for (kind, n) in [
             ("prompt", event.prompt_tokens),
             ("completion", event.completion_tokens),
@@ -107,7 +155,12 @@ impl UsageRecorder {
                 .with_label_values(&[&event.tenant_id, &event.model, kind])
                 .inc_by(n.max(0) as u64);
         }
-        reservation.settle((prompt, completion));
+        reservation.settle(&billing::Tokens {
+            requests: 1,
+            input: event.prompt_tokens,
+            cached_input: event.cached_tokens,
+            output: event.completion_tokens,
+        });
         Spooling { spool, event }
     }
 }

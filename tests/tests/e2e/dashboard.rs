@@ -92,6 +92,7 @@ async fn dashboard_in_headless_chromium() {
             input_minor_per_mtok: 300,
             output_minor_per_mtok: 1_200,
             request_minor_per_mreq: 0,
+            cached_input_minor_per_mtok: None,
             tiers: Vec::new(),
         },
     )

@@ -27,6 +27,7 @@ fn price(model: &str, from: i64, input: i64, output: i64, request: i64) -> Price
         input_minor_per_mtok: input,
         output_minor_per_mtok: output,
         request_minor_per_mreq: request,
+        cached_input_minor_per_mtok: None,
         tiers: Vec::new(),
     }
 }
@@ -190,6 +191,169 @@ async fn sqlite_tiers_agree_everywhere() {
 async fn postgres_tiers_agree_everywhere() {
     let pg = TempPostgres::new().await;
     tiers_agree_everywhere(Db::connect(&pg.url).await.unwrap()).await;
+}
+
+/// Cached prompt tokens and response-cache hits: recorded through the ledger, priced apart
+/// on the invoice (cached tokens at the version's cached rate, climbing no tier; hits at
+/// the rate recorded with them, on lines of their own), and the usage series, leader
+/// boards, exports and re-pricing agree to the micro.
+async fn cached_usage_is_priced_apart(db: Db) {
+    let ledger = Ledger::new(db.clone());
+    let (start, end) = period_bounds("2026-08").unwrap();
+    let mut p = price("cached", 0, 1_000, 4_000, 0);
+    p.cached_input_minor_per_mtok = Some(100);
+    p.tiers = vec![billing::Tier {
+        from_tokens: 20_000,
+        input_minor_per_mtok: 500,
+        output_minor_per_mtok: 4_000,
+    }];
+    billing::prices::add_price(&db, &p).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let events: Vec<UsageEvent> = (0..200)
+        .map(|i| {
+            let prompt = rng.random_range(0..600);
+            let at = rng.random_range(start..end);
+            let e = UsageEvent::builder(format!("cached-{i}"), "tn_cached")
+                .model("cached")
+                .key(format!("key_{}", i % 2))
+                .tokens(prompt, rng.random_range(0..200))
+                .at(at, 5);
+            match i % 5 {
+                // Served whole from the response cache, at one of two plan rates.
+                0 => e.cache_hit(if i % 10 == 0 { 0 } else { 7_000 }),
+                _ => e.cached(rng.random_range(0..=prompt)),
+            }
+            .build()
+        })
+        .collect();
+    ledger.record_batch(&events).await.unwrap();
+    // The ledger keeps both fields, on either store.
+    let stored = ledger.get("cached-5").await.unwrap().unwrap();
+    assert_eq!(stored.cache_hit_minor_per_mreq, Some(7_000));
+    assert_eq!(ledger.get("cached-3").await.unwrap().unwrap(), events[3]);
+
+    let worked: Vec<&UsageEvent> = events
+        .iter()
+        .filter(|e| e.cache_hit_minor_per_mreq.is_none())
+        .collect();
+    let sum = |f: fn(&UsageEvent) -> i64| worked.iter().map(|e| f(e)).sum::<i64>();
+    let (input, cached, output) = (
+        sum(|e| e.prompt_tokens),
+        sum(|e| e.cached_tokens),
+        sum(|e| e.completion_tokens),
+    );
+    assert!(input - cached > 20_000, "uncached input reaches the tier");
+    let worked_exact = banded(&p, input - cached, |t| t.0) + cached * 100 + output * 4_000;
+    let paid_hits = events
+        .iter()
+        .filter(|e| e.cache_hit_minor_per_mreq == Some(7_000))
+        .count() as i64;
+    let exact = worked_exact + paid_hits * 7_000;
+
+    let inv = Invoices::new(db.clone())
+        .finalise("tn_cached", "2026-08")
+        .await
+        .unwrap();
+    let by_rate = |rate: Option<i64>| {
+        inv.lines
+            .iter()
+            .find(|l| l.cache_hit_minor_per_mreq == rate)
+            .unwrap_or_else(|| panic!("no line for {rate:?}: {inv:?}"))
+    };
+    assert_eq!(inv.lines.len(), 3, "{inv:?}");
+    let line = by_rate(None);
+    assert_eq!(
+        (
+            line.input_tokens,
+            line.cached_input_tokens,
+            line.output_tokens
+        ),
+        (input, cached, output)
+    );
+    assert_eq!(line.cached_input_minor_per_mtok, Some(100));
+    assert_eq!(line.amount_micros, worked_exact);
+    assert_eq!(by_rate(Some(7_000)).amount_micros, paid_hits * 7_000);
+    assert_eq!(by_rate(Some(7_000)).requests, paid_hits);
+    assert_eq!(by_rate(Some(0)).amount_micros, 0);
+    assert_eq!(
+        inv.total_minor,
+        inv.lines.iter().map(|l| l.amount_minor).sum::<i64>()
+    );
+    let csv = billing::export::invoice_lines_csv(&inv);
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .ends_with("cached_input_minor_per_mtok,cached_input_tokens,cache_hit_minor_per_mreq"));
+    assert!(csv.contains(&format!(",100,{cached},\n")), "{csv}");
+
+    use billing::series::{top, usage_series, Bucket, Dimension, UsageFilter};
+    let month = UsageFilter {
+        tenant_id: Some("tn_cached".into()),
+        from_ms: start,
+        to_ms: end,
+        ..Default::default()
+    };
+    for bucket in [Bucket::Hour, Bucket::Day] {
+        let points = usage_series(&db, &month, bucket, Some(Dimension::Key))
+            .await
+            .unwrap();
+        assert_eq!(points.iter().map(|p| p.spend_micros).sum::<i64>(), exact);
+        assert_eq!(points.iter().map(|p| p.cached_tokens).sum::<i64>(), cached);
+        assert_eq!(points.iter().map(|p| p.cache_hits).sum::<i64>(), 40);
+    }
+    let keys = top(&db, &month, Dimension::Key, 10).await.unwrap();
+    assert_eq!(keys.iter().map(|k| k.spend_micros).sum::<i64>(), exact);
+    let totals = ledger
+        .totals_by_model("tn_cached", start, end)
+        .await
+        .unwrap();
+    assert_eq!(
+        (totals[0].cached_tokens, totals[0].cache_hits),
+        (cached, 40)
+    );
+
+    let mut out = Vec::new();
+    let selection = UsageSelection {
+        tenant_id: Some("tn_cached".into()),
+        from_ms: start,
+        to_ms: end,
+    };
+    export_usage(&db, &selection, Format::Csv, &mut out, |_| {})
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text
+        .lines()
+        .next()
+        .unwrap()
+        .ends_with(",invoice_id,cached_tokens,cache_hit_minor_per_mreq"));
+    let row = text.lines().find(|l| l.starts_with("cached-5,")).unwrap();
+    assert!(row.ends_with(",0,7000"), "{row}");
+    let mut trace = Vec::new();
+    let id = inv.id.clone().unwrap();
+    export_invoice_trace(&db, &id, Format::Csv, &mut trace)
+        .await
+        .unwrap();
+    let trace = String::from_utf8(trace).unwrap();
+    assert_eq!(trace.matches(",billed:cache_hit,").count(), 40);
+    let invoices = Invoices::new(db.clone());
+    assert_eq!(
+        invoices.reprice(&id).await.unwrap().unwrap(),
+        invoices.document(&id).await.unwrap().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_cached_usage_is_priced_apart() {
+    let store = TempSqlite::new();
+    cached_usage_is_priced_apart(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cached_usage_is_priced_apart() {
+    let pg = TempPostgres::new().await;
+    cached_usage_is_priced_apart(Db::connect(&pg.url).await.unwrap()).await;
 }
 
 async fn lifecycle(db: Db) {
@@ -375,7 +539,7 @@ async fn lifecycle(db: Db) {
     assert!(csv.starts_with("request_id,tenant_id,key_id,model,"));
     assert!(csv
         .lines()
-        .any(|l| l.starts_with("r1,tn_a,k,chat,") && l.ends_with(&id)));
+        .any(|l| l.starts_with("r1,tn_a,k,chat,") && l.ends_with(&format!(",{id},0,"))));
     let mut trace = Vec::new();
     let rows = export_invoice_trace(&db, &id, Format::Csv, &mut trace)
         .await

@@ -321,6 +321,7 @@ async fn quota_holds_across_replicas(url: &str) {
         input_minor_per_mtok: 1_000,
         output_minor_per_mtok: 1_000,
         request_minor_per_mreq: 0,
+        cached_input_minor_per_mtok: None,
         tiers: Vec::new(),
     };
     billing::prices::add_price(&a.db, &price).await.unwrap();

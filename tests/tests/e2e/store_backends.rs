@@ -31,7 +31,9 @@ async fn ledger_is_idempotent(db: Db) {
             model: "m".into(),
             requests: 1,
             prompt_tokens: 17,
-            completion_tokens: 5
+            completion_tokens: 5,
+            cached_tokens: 0,
+            cache_hits: 0,
         }]
     );
     assert!(ledger.totals_by_model("t1", 0, 1).await.unwrap().is_empty());

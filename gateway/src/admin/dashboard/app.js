@@ -119,6 +119,10 @@ async function loadUsage() {
   $("kpi-requests").dataset.value = t.requests;
   $("kpi-tokens").textContent = fmt(t.prompt_tokens + t.completion_tokens);
   $("kpi-tokens").dataset.value = t.prompt_tokens + t.completion_tokens;
+  $("kpi-cached").textContent = fmt(t.cached_tokens);
+  $("kpi-cached").dataset.value = t.cached_tokens;
+  $("kpi-hits").textContent = fmt(t.cache_hits);
+  $("kpi-hits").dataset.value = t.cache_hits;
   $("kpi-spend").textContent = money(t.spend_micros);
   $("kpi-spend").dataset.value = t.spend_micros;
   $("kpi-unbilled").textContent = fmt(t.unbilled_requests);
@@ -159,6 +163,18 @@ async function loadOperations() {
     { title: "latency ms", format: (v) => v.toFixed(1) + " ms" });
   hbarChart($("chart-errors"), routes.map((r) => ({ label: r.route, value: (r.client_errors + r.server_errors) / r.requests, bad: r.server_errors > 0 })),
     (v) => (v * 100).toFixed(1) + " %");
+  const rc = traffic.response_cache;
+  if (rc) {
+    const lookups = rc.hits + rc.misses;
+    $("rc-rate").textContent = lookups ? ((rc.hits / lookups) * 100).toFixed(1) + " %" : "–";
+    $("rc-rate").dataset.value = lookups ? rc.hits / lookups : 0;
+    $("rc-lookups").textContent = fmt(rc.hits) + " / " + fmt(rc.misses);
+    $("rc-bytes").textContent = (rc.bytes / 1048576).toFixed(1) + " of " + (rc.max_bytes / 1048576).toFixed(0) + " MiB" + (rc.shared_tier ? " + Redis" : "");
+    $("rc-bytes").dataset.value = rc.bytes;
+    $("rc-entries").textContent = fmt(rc.entries);
+  } else {
+    $("rc-rate").textContent = "off";
+  }
   const wbody = $("workers-table").querySelector("tbody");
   wbody.replaceChildren();
   for (const w of workers.data) {
