@@ -174,6 +174,12 @@ def main():
     shared_later = statistics.median(s for s, _ in a["shared"][1:])
     print(f"shared 1,000-token system prompt, later calls: {shared_later * 1e3:.1f} ms vs first "
           f"{a['shared'][0][0] * 1e3:.1f} ms ({shared_later / a['shared'][0][0]:.3f})")
+    if b:
+        theirs = statistics.median(s for s, _ in b["shared"][1:])
+        turns = statistics.median(t / o for (o, _), (t, _) in zip(a["turns"][1:], b["turns"][1:]))
+        print(f"medians against llama-server (theirs / ours): shared-prompt later calls "
+              f"{theirs * 1e3:.1f} / {shared_later * 1e3:.1f} ms = {theirs / shared_later:.2f}; "
+              f"conversation turns 2+ {turns:.2f}")
     print(f"our prefix cache holds {a['cache_bytes'] / 2**20:.1f} MiB after the run")
 
 

@@ -7,9 +7,7 @@
 
 use std::time::Instant;
 
-use e2e_tests::{
-    gateway_config, metric, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
-};
+use e2e_tests::{metric, Stack, CHAT_MODEL, EMBEDDING_MODEL};
 use gateway::tenants::ResponseCachePolicy;
 use serde_json::{json, Value};
 
@@ -46,13 +44,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(200);
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
+    let stack = Stack::start("uncached").await;
+    let gateway = &stack.gateway;
     let policy = ResponseCachePolicy {
         ttl_s: 3600,
         hit_minor_per_mreq: 0,
@@ -61,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, key) = gateway
         .tenant_on_caching_plan("bench", none, none, Some(policy))
         .await;
-    let http = reqwest::Client::new();
+    let http = &stack.http;
     println!(
         "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "calls", "n", "miss p50", "miss p99", "hit p50", "hit p99", "p50 x"
@@ -83,9 +76,9 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let url = format!("{}{path}", gateway.url);
         // A few calls first, so connections and worker threads are warm.
-        timed(&http, &url, &key, &bodies[..2.min(bodies.len())]).await?;
-        let (misses, _) = timed(&http, &url, &key, &bodies[2..]).await?;
-        let (hits, answered) = timed(&http, &url, &key, &bodies[2..]).await?;
+        timed(http, &url, &key, &bodies[..2.min(bodies.len())]).await?;
+        let (misses, _) = timed(http, &url, &key, &bodies[2..]).await?;
+        let (hits, answered) = timed(http, &url, &key, &bodies[2..]).await?;
         anyhow::ensure!(
             answered == hits.len(),
             "only {answered} of {} were hits",
@@ -102,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             m50 / h50
         );
     }
-    let bytes = metric(&http, &gateway.metrics_url, "gateway_response_cache_bytes").await;
+    let bytes = metric(http, &gateway.metrics_url, "gateway_response_cache_bytes").await;
     let entries = metric(
         &http,
         &gateway.metrics_url,
@@ -114,6 +107,6 @@ async fn main() -> anyhow::Result<()> {
         bytes / 1024.0,
         bytes / 1024.0 / entries.max(1.0)
     );
-    gateway.stop().await;
+    stack.gateway.stop().await;
     Ok(())
 }

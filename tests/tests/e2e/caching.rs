@@ -8,7 +8,7 @@
 
 use billing::{Invoices, Price};
 use e2e_tests::{
-    gateway_config, metric, request_id, RedisProcess, RunningGateway, TempPostgres, TempSqlite,
+    gateway_config, metric, request_id, RedisProcess, RunningGateway, Stack, TempPostgres,
     WorkerProcess, CHAT_MODEL, EMBEDDING_MODEL,
 };
 use gateway::tenants::ResponseCachePolicy;
@@ -55,18 +55,11 @@ fn stream_usage(text: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cached_prompt_tokens_are_recorded_and_priced_at_their_rate() {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
+    let stack = Stack::start("prefix").await;
+    let gateway = &stack.gateway;
     billing::prices::add_price(&gateway.db, &price(Some(100)))
         .await
         .unwrap();
-    let (key, _) = gateway.tenant_with_key("prefix", Default::default()).await;
-    let http = reqwest::Client::new();
     let mut seen = Vec::new();
     for (i, question) in [
         "Where is my parcel?",
@@ -77,10 +70,8 @@ async fn cached_prompt_tokens_are_recorded_and_priced_at_their_rate() {
     .enumerate()
     {
         let stream = i == 2;
-        let r = http
-            .post(format!("{}/v1/chat/completions", gateway.url))
-            .bearer_auth(&key)
-            .json(&chat(question, stream))
+        let r = stack
+            .post("/v1/chat/completions", chat(question, stream))
             .send()
             .await
             .unwrap();
@@ -135,9 +126,10 @@ async fn cached_prompt_tokens_are_recorded_and_priced_at_their_rate() {
         (input - cached) * 1_000 + cached * 100 + output * 4_000
     );
     // The consumer's usage API shows them too.
-    let usage: Value = http
+    let usage: Value = stack
+        .http
         .get(format!("{}/v1/usage", gateway.url))
-        .bearer_auth(&key)
+        .bearer_auth(&stack.key)
         .send()
         .await
         .unwrap()
@@ -145,7 +137,7 @@ async fn cached_prompt_tokens_are_recorded_and_priced_at_their_rate() {
         .await
         .unwrap();
     assert_eq!(usage["data"][0]["cached_tokens"], json!(cached));
-    gateway.stop().await;
+    stack.gateway.stop().await;
 }
 
 /// POSTs `body` to `path` with `key` (and `cache-control`, if given): status, `x-cache`,
@@ -180,13 +172,8 @@ const POLICY: ResponseCachePolicy = ResponseCachePolicy {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
-    let worker = WorkerProcess::start().await;
-    let store = TempSqlite::new();
-    let gateway = RunningGateway::start(gateway_config(
-        &store.url,
-        std::slice::from_ref(&worker.url),
-    ))
-    .await;
+    let stack = Stack::start("plain").await;
+    let gateway = &stack.gateway;
     billing::prices::add_price(&gateway.db, &price(None))
         .await
         .unwrap();
@@ -197,7 +184,7 @@ async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
     let (_, b) = gateway
         .tenant_on_caching_plan("cache-b", none, none, Some(POLICY))
         .await;
-    let (_, plain) = gateway.tenant_on_plan("no-cache", none, none).await;
+    let plain = stack.key.clone();
     let embed = json!({"model": EMBEDDING_MODEL, "input": ["the tide is high", "a calm sea"]});
     let embed_reordered: Value = serde_json::from_str(&format!(
         r#"{{ "input": {}, "model": "{EMBEDDING_MODEL}" }}"#,
@@ -297,7 +284,7 @@ async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
     assert_eq!(lookups("hit").await, 3.0);
     assert_eq!(lookups("miss").await, 4.0);
     assert!(metric(&http, &gateway.metrics_url, "gateway_response_cache_bytes").await > 0.0);
-    gateway.stop().await;
+    stack.gateway.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
