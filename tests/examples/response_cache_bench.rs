@@ -96,12 +96,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let bytes = metric(http, &gateway.metrics_url, "gateway_response_cache_bytes").await;
-    let entries = metric(
-        &http,
-        &gateway.metrics_url,
-        "gateway_response_cache_entries",
-    )
-    .await;
+    let entries = metric(http, &gateway.metrics_url, "gateway_response_cache_entries").await;
     println!(
         "response cache memory: {:.1} KiB in {entries} entries ({:.1} KiB each)",
         bytes / 1024.0,

@@ -192,9 +192,9 @@ async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
     ))
     .unwrap();
 
-    let first = call(&gateway, &a, "/v1/embeddings", &embed, None).await;
+    let first = call(gateway, &a, "/v1/embeddings", &embed, None).await;
     assert_eq!((first.0, first.1.as_deref()), (200, Some("miss")));
-    let again = call(&gateway, &a, "/v1/embeddings", &embed_reordered, None).await;
+    let again = call(gateway, &a, "/v1/embeddings", &embed_reordered, None).await;
     assert_eq!((again.0, again.1.as_deref()), (200, Some("hit")));
     assert_eq!(again.3, first.3, "a hit is the answer the model gave");
     let hit = gateway.usage_record(&again.2).await.unwrap();
@@ -203,27 +203,27 @@ async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
     assert_eq!(miss.cache_hit_minor_per_mreq, None);
     assert_eq!(hit.prompt_tokens, miss.prompt_tokens);
     // Never across tenants; nothing for a plan without the cache.
-    let other = call(&gateway, &b, "/v1/embeddings", &embed, None).await;
+    let other = call(gateway, &b, "/v1/embeddings", &embed, None).await;
     assert_eq!(other.1.as_deref(), Some("miss"));
-    let uncached = call(&gateway, &plain, "/v1/embeddings", &embed, None).await;
+    let uncached = call(gateway, &plain, "/v1/embeddings", &embed, None).await;
     assert_eq!((uncached.0, uncached.1), (200, None));
     // The client opts out: `no-store` skips the cache, `no-cache` asks the model again.
-    let no_store = call(&gateway, &a, "/v1/embeddings", &embed, Some("no-store")).await;
+    let no_store = call(gateway, &a, "/v1/embeddings", &embed, Some("no-store")).await;
     assert_eq!((no_store.0, no_store.1), (200, None));
-    let no_cache = call(&gateway, &a, "/v1/embeddings", &embed, Some("no-cache")).await;
+    let no_cache = call(gateway, &a, "/v1/embeddings", &embed, Some("no-cache")).await;
     assert_eq!(no_cache.1.as_deref(), Some("miss"));
 
     // Chat at temperature 0, whole and streamed: the stream replays as a stream.
     let question = chat("Where is my parcel?", false);
-    let first = call(&gateway, &a, "/v1/chat/completions", &question, None).await;
-    let again = call(&gateway, &a, "/v1/chat/completions", &question, None).await;
+    let first = call(gateway, &a, "/v1/chat/completions", &question, None).await;
+    let again = call(gateway, &a, "/v1/chat/completions", &question, None).await;
     assert_eq!(
         (first.1.as_deref(), again.1.as_deref()),
         (Some("miss"), Some("hit"))
     );
     assert_eq!(again.3, first.3);
     let streamed = chat("Where is my parcel?", true);
-    let first = call(&gateway, &a, "/v1/chat/completions", &streamed, None).await;
+    let first = call(gateway, &a, "/v1/chat/completions", &streamed, None).await;
     let r = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gateway.url))
         .bearer_auth(&a)
@@ -242,7 +242,7 @@ async fn the_response_cache_answers_a_tenants_repeats_and_bills_them_as_hits() {
     // Sampled calls are not cached.
     let mut sampled = chat("Where is my parcel?", false);
     sampled["temperature"] = json!(0.9);
-    let sampled = call(&gateway, &a, "/v1/chat/completions", &sampled, None).await;
+    let sampled = call(gateway, &a, "/v1/chat/completions", &sampled, None).await;
     assert_eq!((sampled.0, sampled.1), (200, None));
 
     // Three hits (embeddings, chat, stream) on lines of their own at the plan's rate, one
