@@ -42,6 +42,15 @@ pub enum GatewayError {
     /// Too many failed authentications from the caller's address; the seconds to wait.
     #[error("too many failed authentications from this address; retry after {0} s")]
     AuthThrottled(u64),
+    /// Something the caller named does not exist for its tenant.
+    #[error("{0}")]
+    NotFound(String),
+    /// What was asked cannot be done in the object's present state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The tenant has as much of something in progress as it may.
+    #[error("{0}")]
+    TooMany(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -67,7 +76,10 @@ impl GatewayError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::ModelNotFound(_) | Self::PathNotFound => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::PathNotFound | Self::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NoWorker(_) | Self::Metering | Self::LimitsUnavailable => {
@@ -75,7 +87,9 @@ impl GatewayError {
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Self::Limited(_) | Self::AuthThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limited(_) | Self::AuthThrottled(_) | Self::TooMany(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,7 +108,11 @@ impl GatewayError {
                 Some("model"),
                 Some("model_not_found"),
             ),
-            Self::PathNotFound => ("invalid_request_error", None, Some("not_found")),
+            Self::PathNotFound | Self::NotFound(_) => {
+                ("invalid_request_error", None, Some("not_found"))
+            }
+            Self::Conflict(_) => ("invalid_request_error", None, Some("conflict")),
+            Self::TooMany(_) => ("rate_limit_error", None, Some("too_many_in_progress")),
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
             Self::RequestTimeout => ("invalid_request_error", None, Some("request_timeout")),
             Self::NoWorker(_) => ("server_error", None, Some("no_healthy_worker")),

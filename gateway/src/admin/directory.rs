@@ -27,6 +27,10 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         )
         .route("/admin/v1/tenants/{tenant}/keys/{key}", get(get_key))
         .route(
+            "/admin/v1/tenants/{tenant}/classifiers",
+            get(list_classifiers),
+        )
+        .route(
             "/admin/v1/tenants/{tenant}/keys/{key}/revoke",
             post(revoke_key),
         )
@@ -254,6 +258,19 @@ async fn list_keys(
     caller.need(Permission::ReadDirectory)?;
     let tenant = tenant_of(&state, &tenant).await?;
     Ok(list(state.tenants.list_keys(&tenant.id).await?))
+}
+
+/// A tenant's classifiers as the tenant sees them: status, progress, metrics and loss
+/// curve (never examples or weights).
+async fn list_classifiers(
+    caller: Principal,
+    State(state): State<Arc<AdminState>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    caller.need(Permission::ReadDirectory)?;
+    let tenant = tenant_of(&state, &tenant).await?;
+    let store = crate::classifiers::ClassifierStore::new(state.db.clone());
+    Ok(list(store.list(Some(&tenant.id)).await?))
 }
 
 #[derive(Debug, Deserialize)]

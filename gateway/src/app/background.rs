@@ -65,6 +65,7 @@ impl Background {
             spawn_partitions(parts.db.clone(), every.partitions),
             parts.auth.spawn_maintenance(every.key_sync),
             spawn_metrics_server(metrics_listener, scrape),
+            spawn_trainer(parts),
         ])
     }
 
@@ -73,6 +74,18 @@ impl Background {
             task.abort();
         }
     }
+}
+
+/// Trains classifiers waiting in the store (see `classifiers::jobs`).
+fn spawn_trainer(parts: &Parts) -> JoinHandle<()> {
+    let trainer = Arc::new(crate::classifiers::jobs::Trainer {
+        store: crate::classifiers::ClassifierStore::new(parts.db.clone()),
+        pool: parts.pool.clone(),
+        http: reqwest::Client::new(),
+        spool: parts.spool.clone(),
+        owner: format!("gw_{}", uuid::Uuid::now_v7().simple()),
+    });
+    tokio::spawn(trainer.run())
 }
 
 /// Makes the usage table's next months' partitions every `every` (the store made them

@@ -248,5 +248,9 @@ fn consumer_state(config: &GatewayConfig, parts: &Parts, threads: usize) -> Cons
         started_at: (billing::now_ms() / 1000) as u64,
         metrics: parts.metrics.clone(),
         store_runtime: tokio::runtime::Handle::current(),
+        classifiers: moka::sync::Cache::builder()
+            .max_capacity(1_000)
+            .time_to_live(Duration::from_secs(10))
+            .build(),
     }
 }

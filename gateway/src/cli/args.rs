@@ -60,9 +60,37 @@ pub enum Command {
     RevokeAdminToken(RevokeAdminToken),
     /// Revoke a key by its public id.
     RevokeKey(RevokeKey),
+    /// Train a classifier on labelled examples from a CSV (`text,label` header) or JSONL
+    /// (`{"text": ..., "label": ...}` per line) file, through a gateway's consumer API with
+    /// a key, showing its progress until it is ready.
+    CreateClassifier(CreateClassifier),
 }
 
 // The per-command structs carry no doc comment of their own: the variant's is the help.
+
+#[derive(Args, Debug, Clone)]
+pub struct CreateClassifier {
+    /// The gateway's consumer API.
+    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// An API key of the tenant the classifier is for.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub key: String,
+    /// The embedding model to train on.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub name: String,
+    /// `.csv` or `.jsonl` (by extension).
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// Training options as JSON (e.g. `{"hidden_units": 0, "seed": 7}`).
+    #[arg(long)]
+    pub options: Option<String>,
+    /// Return once created, without waiting for training.
+    #[arg(long)]
+    pub no_wait: bool,
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {

@@ -7,6 +7,7 @@
 //! business rules; the library's stores and billing do.
 
 mod args;
+mod classifier;
 mod directory;
 mod finance;
 mod output;
@@ -36,6 +37,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => finance::export(a).await,
         Command::Reconcile(a) => finance::reconcile(a, json).await,
         Command::Usage(a) => usage::usage(a, json).await,
+        Command::CreateClassifier(a) => classifier::create(a, json).await,
         Command::Top(a) => usage::top(a, json).await,
         Command::AdminToken(a) => token::admin_token(a, json),
         Command::RevokeAdminToken(a) => token::revoke_admin_token(a, json).await,

@@ -32,6 +32,7 @@ use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy};
 use crate::tenants::TenantStore;
 
+mod classifiers;
 mod observe;
 mod reads;
 
@@ -52,6 +53,9 @@ pub struct ConsumerState {
     pub metrics: Arc<GatewayMetrics>,
     /// The main runtime: store calls made while serving run there.
     pub store_runtime: tokio::runtime::Handle,
+    /// Ready classifiers by (tenant, id), briefly: a deleted one stops answering within
+    /// this cache's lifetime.
+    pub classifiers: moka::sync::Cache<(String, String), Arc<crate::classifiers::store::Trained>>,
 }
 
 /// Every path of the consumer API (the OpenAPI document must list exactly these).
@@ -61,6 +65,8 @@ pub const PUBLIC_PATHS: &[&str] = &[
     "/v1/responses",
     "/v1/embeddings",
     "/v1/classify",
+    "/v1/classifiers",
+    "/v1/classifiers/{id}",
     "/v1/models",
     "/v1/models/{id}",
     "/v1/usage",
@@ -74,6 +80,16 @@ pub fn router(state: Arc<ConsumerState>) -> Router {
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
+        .route(
+            "/v1/classifiers",
+            post(classifiers::create)
+                .get(classifiers::list)
+                .layer(classifiers::body_limit()),
+        )
+        .route(
+            "/v1/classifiers/{id}",
+            get(classifiers::get_one).delete(classifiers::delete),
+        )
         .route("/v1/models", get(reads::list_models))
         .route("/v1/models/{id}", get(reads::retrieve_model))
         .route("/v1/usage", get(reads::own_usage))
@@ -214,7 +230,12 @@ where
     .map_err(|_| GatewayError::RequestTimeout.into_response())?
     .map_err(|_| GatewayError::PayloadTooLarge(state.max_body_bytes).into_response())?
     .to_bytes();
-    let call = ProxiedCall::parse(endpoint, bytes).map_err(IntoResponse::into_response)?;
+    let call = if endpoint == "/v1/classify" && crate::classifiers::names_classifier(&bytes) {
+        classifiers::classify_call(state, &caller, &bytes).await
+    } else {
+        ProxiedCall::parse(endpoint, bytes)
+    }
+    .map_err(IntoResponse::into_response)?;
     let model = ModelLabel::of(&state.pool, &call.model);
     let ctx = CallContext {
         request_id,

@@ -72,6 +72,9 @@ impl Proxy {
     /// Whether the response cache applies to this call, and under what key.
     pub(super) fn cache_use(&self, ctx: &CallContext, call: &ProxiedCall) -> Option<CacheUse> {
         self.response_cache.as_ref()?;
+        if call.rewrite().is_some() {
+            return None;
+        }
         let policy = ctx.caller.key.response_cache?;
         if ctx.cache == Directive::Bypass {
             return None;

@@ -28,7 +28,20 @@ pub struct ProxiedCall {
     /// response's instructions and first input): calls that share it are sent where their
     /// start is likely cached.
     pub affinity: Option<u64>,
+    /// Set when the client is answered in another shape than the worker's.
+    pub(super) answer: Option<Answer>,
 }
+
+/// How the gateway answers a call whose reply it makes from the worker's (a trained
+/// classifier's, from embeddings): the endpoint billed, and the rewrite of the reply.
+#[derive(Clone)]
+pub(super) struct Answer {
+    pub(super) endpoint: &'static str,
+    pub(super) rewrite: Rewrite,
+}
+
+/// Turns a worker's JSON reply into the client's.
+pub type Rewrite = std::sync::Arc<dyn Fn(&[u8]) -> Result<Bytes, GatewayError> + Send + Sync>;
 
 /// What a call's body is to the gateway.
 enum Parsed {
@@ -179,6 +192,7 @@ impl ProxiedCall {
                 changed: false,
             },
             affinity,
+            answer: None,
         })
     }
 
@@ -209,6 +223,7 @@ impl ProxiedCall {
             endpoint: "/v1/chat/completions",
             model: fields.model.into_owned(),
             affinity,
+            answer: None,
             raw: bytes.clone(),
             body: Parsed::Chat {
                 messages_bytes: messages_bytes + MESSAGE_OVERHEAD * messages,
@@ -229,6 +244,21 @@ impl ProxiedCall {
                 .map_err(|e| GatewayError::Upstream(e.to_string())),
             _ => Ok(self.raw.clone()),
         }
+    }
+
+    /// Answers the client as `endpoint` with `rewrite` of the worker's JSON reply, billed
+    /// as `endpoint`; such a call is never streamed nor cached.
+    pub fn answer_as(&mut self, endpoint: &'static str, rewrite: Rewrite) {
+        self.answer = Some(Answer { endpoint, rewrite });
+    }
+
+    /// The endpoint the usage record names.
+    pub(super) fn billed_endpoint(&self) -> &'static str {
+        self.answer.as_ref().map_or(self.endpoint, |a| a.endpoint)
+    }
+
+    pub(super) fn rewrite(&self) -> Option<Rewrite> {
+        self.answer.as_ref().map(|a| a.rewrite.clone())
     }
 
     /// The body as the client sent it.

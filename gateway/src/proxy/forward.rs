@@ -38,7 +38,7 @@ impl Proxy {
     ) -> UsageRecorder {
         UsageRecorder {
             ctx,
-            endpoint: call.endpoint,
+            endpoint: call.billed_endpoint(),
             model: call.model,
             reservation,
             spool: self.spool.clone(),
@@ -57,6 +57,7 @@ impl Proxy {
     ) -> Result<Response, GatewayError> {
         let stream = call.is_stream();
         let client_wants_usage = call.client_wants_usage();
+        let rewrite = call.rewrite();
         if stream {
             call.force_stream_usage();
         }
@@ -101,6 +102,10 @@ impl Proxy {
             .as_ref()
             .and_then(WorkerJson::usage)
             .ok_or_else(|| GatewayError::Upstream("the worker's reply carried no usage".into()))?;
+        let bytes = match rewrite {
+            Some(rewrite) => rewrite(&bytes)?,
+            None => bytes,
+        };
         let outcome = self
             .recorder(ctx, call, reservation)
             .finish(counted, UsageStatus::Success)

@@ -35,7 +35,7 @@ mod outcome;
 mod reserve;
 mod usage;
 
-pub use call::{CallContext, ProxiedCall};
+pub use call::{CallContext, ProxiedCall, Rewrite};
 
 use cache::Looked;
 use reserve::Reservation;

@@ -8,6 +8,7 @@ mod auth_flood;
 mod caching;
 mod chaos_kill;
 mod chaos_store_outage;
+mod classifiers;
 mod cli;
 mod connection_flood;
 mod dashboard;

@@ -80,6 +80,28 @@ function barChart(container, labels, series, opts = {}) {
   container.append(svg);
 }
 
+// Lines over epochs: one polyline per series, sharing the y scale.
+function lineChart(container, series, opts = {}) {
+  container.replaceChildren();
+  const n = Math.max(0, ...series.map((s) => s.length));
+  container.dataset.points = String(n);
+  if (n === 0) { container.append(el("div", { class: "empty" }, opts.empty || "No data.")); return; }
+  const W = 480, H = 180, L = 48, B = 22, T = 8;
+  const max = Math.max(1e-9, ...series.flat());
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": opts.title || "chart" });
+  svg.append(svgEl("line", { class: "axis", x1: L, y1: H - B, x2: W, y2: H - B }));
+  for (const f of [0, 0.5, 1]) {
+    svg.append(svgEl("text", { class: "tick", x: L - 4, y: H - B - f * (H - B - T) + 3, "text-anchor": "end" }, (max * f).toFixed(2)));
+  }
+  const x = (i) => L + (n === 1 ? 0 : (i / (n - 1)) * (W - L - 4));
+  series.forEach((s, k) => {
+    const points = s.map((v, i) => `${x(i).toFixed(1)},${(H - B - (v / max) * (H - B - T)).toFixed(1)}`).join(" ");
+    svg.append(svgEl("polyline", { class: "line" + (k === 1 ? " second" : ""), points, fill: "none" }));
+  });
+  svg.append(svgEl("text", { class: "tick", x: W - 4, y: H - 6, "text-anchor": "end" }, "epoch " + n));
+  container.append(svg);
+}
+
 // Horizontal bars for leader boards.
 function hbarChart(container, rows, format) {
   container.replaceChildren();
@@ -225,6 +247,33 @@ async function loadKeys() {
   }
 }
 
+async function loadClassifiers() {
+  const tenant = $("keys-tenant").value;
+  const tbody = $("classifiers-table").querySelector("tbody");
+  tbody.replaceChildren();
+  lineChart($("chart-loss"), [], { empty: "Choose a trained classifier." });
+  if (!tenant) return;
+  const list = await getJson("/admin/v1/tenants/" + encodeURIComponent(tenant) + "/classifiers");
+  const show = (c) => {
+    const curve = (c.metrics && c.metrics.loss_curve) || [];
+    $("loss-caption").textContent = "Loss per epoch of " + c.name + " (training / validation)";
+    lineChart($("chart-loss"), [curve.map((e) => e.train_loss), curve.map((e) => e.validation_loss)], { title: "loss of " + c.name });
+  };
+  for (const c of list.data) {
+    const m = c.metrics;
+    const status = c.status === "training" && c.progress ? `training (${c.progress.phase} ${c.progress.done}/${c.progress.total})` : c.status;
+    const tr = el("tr", { "data-classifier": c.id });
+    tr.append(el("td", {}, c.id), el("td", {}, c.name), el("td", {}, c.model), el("td", {}, c.labels.join(", ")),
+      el("td", { class: c.status === "failed" ? "down" : c.status === "ready" ? "ok" : "" }, status),
+      el("td", { class: "num" }, m ? m.accuracy.toFixed(3) : "–"), el("td", { class: "num" }, m ? m.macro_f1.toFixed(3) : "–"),
+      el("td", { class: "num" }, fmt(c.examples)), el("td", { class: "num" }, fmt(c.tokens)));
+    tr.addEventListener("click", () => show(c));
+    tbody.append(tr);
+  }
+  const first = list.data.find((c) => c.metrics);
+  if (first) show(first);
+}
+
 async function download(path, fallbackName) {
   const res = await api(path);
   const cd = res.headers.get("content-disposition") || "";
@@ -284,7 +333,7 @@ async function refresh() {
     const prices = (await getJson("/admin/v1/prices")).data;
     if (prices.length) state.currency = prices[prices.length - 1].currency;
     fillTenantSelects();
-    jobs.push(loadKeys());
+    jobs.push(loadKeys(), loadClassifiers());
     if (can("read_invoices")) jobs.push(loadInvoices());
   }
   if (can("read_usage")) jobs.push(loadUsage(), loadTop());
@@ -336,7 +385,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-out").addEventListener("click", () => signOut());
   $("refresh").addEventListener("click", () => refresh().catch((e) => setStatus(e.message)));
   for (const id of ["range", "bucket", "tenant-filter"]) $(id).addEventListener("change", () => refresh().catch((e) => setStatus(e.message)));
-  $("keys-tenant").addEventListener("change", () => loadKeys().catch((e) => setStatus(e.message)));
+  $("keys-tenant").addEventListener("change", () => Promise.all([loadKeys(), loadClassifiers()]).catch((e) => setStatus(e.message)));
   $("invoices-tenant").addEventListener("change", () => loadInvoices().catch((e) => setStatus(e.message)));
   $("export-csv").addEventListener("click", () => exportUsage("csv"));
   $("export-json").addEventListener("click", () => exportUsage("json"));

@@ -1,0 +1,855 @@
+//! Training a classification head on embeddings (SPEC §12): softmax regression, and where
+//! it does better on held-out data one hidden ReLU layer trained by backpropagation; both by
+//! mini-batch Adam with L2 regularisation, class weights, a stratified validation split
+//! and early stopping, reproducible from a seed.
+//!
+//! Owns: the arithmetic of training and of a trained head (features standardised with the
+//! training split's mean and spread, then the layers), and the held-out metrics. Must
+//! never: embed text, know tenants, or touch the store; it takes vectors and labels and
+//! gives a head back.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// How a head is trained; every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Units of the hidden layer tried against plain softmax regression (the one with the
+    /// better held-out macro-F1 is kept); 0 trains softmax regression alone.
+    pub hidden_units: usize,
+    /// Passes over the training split at most.
+    pub max_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f32,
+    /// L2 penalty on the weights (not the biases): `l2 / 2 · ‖W‖²` added to the loss.
+    /// Unset: chosen on the validation split from [`L2_GRID`].
+    pub l2: Option<f32>,
+    /// Share of each label's examples held out for validation and the metrics.
+    pub validation_split: f32,
+    /// Epochs without a better validation loss before training stops.
+    pub patience: usize,
+    /// Weigh each example by the inverse frequency of its label.
+    pub class_weights: bool,
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            hidden_units: 64,
+            max_epochs: 200,
+            batch_size: 32,
+            learning_rate: 0.003,
+            l2: None,
+            validation_split: 0.2,
+            patience: 12,
+            class_weights: true,
+            seed: 42,
+        }
+    }
+}
+
+impl Options {
+    /// Refuses options outside what training can use, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |field: &str, range: &str| Err(format!("options.{field} must be {range}"));
+        if self.hidden_units > 1024 {
+            return bad("hidden_units", "0 to 1024");
+        }
+        if !(1..=2000).contains(&self.max_epochs) {
+            return bad("max_epochs", "1 to 2000");
+        }
+        if !(1..=4096).contains(&self.batch_size) {
+            return bad("batch_size", "1 to 4096");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
+            return bad("learning_rate", "above 0 and at most 1");
+        }
+        if self.l2.is_some_and(|l2| !(0.0..=10.0).contains(&l2)) {
+            return bad("l2", "0 to 10");
+        }
+        if !(0.05..=0.5).contains(&self.validation_split) {
+            return bad("validation_split", "0.05 to 0.5");
+        }
+        if !(1..=1000).contains(&self.patience) {
+            return bad("patience", "1 to 1000");
+        }
+        Ok(())
+    }
+}
+
+/// Examples as vectors of one width, each with its label's index.
+pub struct Dataset {
+    pub x: Vec<Vec<f32>>,
+    pub y: Vec<usize>,
+    pub classes: usize,
+}
+
+/// A dense layer, `out × inp` weights row by row, and biases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Layer {
+    pub inp: usize,
+    pub out: usize,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl Layer {
+    fn new(inp: usize, out: usize, rng: &mut impl Rng, relu_after: bool) -> Self {
+        // He initialisation before a ReLU, Xavier before the softmax.
+        let scale = if relu_after {
+            (2.0 / inp as f32).sqrt()
+        } else {
+            (1.0 / inp as f32).sqrt()
+        };
+        Self {
+            inp,
+            out,
+            w: (0..inp * out).map(|_| scale * normal(rng)).collect(),
+            b: vec![0.0; out],
+        }
+    }
+
+    fn forward(&self, x: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(
+            self.w
+                .chunks_exact(self.inp)
+                .zip(&self.b)
+                .map(|(row, b)| b + dot(row, x)),
+        );
+    }
+}
+
+/// A trained head: standardisation, then one or two layers, then softmax.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Head {
+    pub mean: Vec<f32>,
+    pub scale: Vec<f32>,
+    /// Hidden layers (ReLU after each), then the output layer.
+    pub layers: Vec<Layer>,
+}
+
+impl Head {
+    /// Label probabilities for one vector (of the width the head was trained on).
+    pub fn probabilities(&self, x: &[f32]) -> Vec<f32> {
+        let mut a = self.standardise(x);
+        let mut z = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.forward(&a, &mut z);
+            if i + 1 < self.layers.len() {
+                z.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            std::mem::swap(&mut a, &mut z);
+        }
+        softmax(&mut a);
+        a
+    }
+
+    pub fn input_width(&self) -> usize {
+        self.mean.len()
+    }
+
+    pub fn describe(&self) -> String {
+        match self.layers.len() {
+            1 => "softmax regression".to_owned(),
+            _ => format!("one hidden layer of {} ReLU units", self.layers[0].out),
+        }
+    }
+
+    fn standardise(&self, x: &[f32]) -> Vec<f32> {
+        x.iter()
+            .zip(&self.mean)
+            .zip(&self.scale)
+            .map(|((v, m), s)| (v - m) * s)
+            .collect()
+    }
+
+    fn weights_sq(&self) -> f32 {
+        self.layers
+            .iter()
+            .map(|l| l.w.iter().map(|w| w * w).sum::<f32>())
+            .sum()
+    }
+}
+
+/// One epoch of the loss curve.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Epoch {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub validation_loss: f32,
+}
+
+/// Precision, recall and F1 of one label on the validation split.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabelMetrics {
+    pub label: String,
+    pub precision: f32,
+    pub recall: f32,
+    pub f1: f32,
+    pub support: usize,
+}
+
+/// What training reports: held-out figures and the curve of the head kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub accuracy: f32,
+    pub macro_f1: f32,
+    pub per_label: Vec<LabelMetrics>,
+    pub loss_curve: Vec<Epoch>,
+    /// The epoch whose weights were kept (lowest validation loss).
+    pub best_epoch: usize,
+    pub architecture: String,
+    /// The L2 penalty of the head kept.
+    pub l2: f32,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+}
+
+/// The L2 penalties tried when none is set: on standardised embeddings, the best lies
+/// around 0.1–1 for a few thousand examples (more examples, less penalty).
+pub const L2_GRID: [f32; 4] = [0.03, 0.1, 0.3, 1.0];
+
+/// What one training run tries: hidden layer widths (none: softmax regression) and L2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub hidden: Vec<usize>,
+    pub l2: f32,
+}
+
+/// The heads training tries, simplest first: softmax regression at each penalty, then the
+/// hidden layer at the two strongest (it overfits sooner).
+pub fn candidates(opts: &Options) -> Vec<Candidate> {
+    let grid: Vec<f32> = match opts.l2 {
+        Some(l2) => vec![l2],
+        None => L2_GRID.to_vec(),
+    };
+    let mut out: Vec<Candidate> = grid
+        .iter()
+        .map(|&l2| Candidate {
+            hidden: Vec::new(),
+            l2,
+        })
+        .collect();
+    if opts.hidden_units > 0 {
+        let strongest = &grid[grid.len().saturating_sub(2)..];
+        out.extend(strongest.iter().map(|&l2| Candidate {
+            hidden: vec![opts.hidden_units],
+            l2,
+        }));
+    }
+    out
+}
+
+/// Where training is, for progress reports: which candidate (an index into
+/// [`candidates`]), and its epochs done and at most.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, usize);
+
+/// Trains every candidate on `data` (labels named by `labels`), returning the head with the
+/// best held-out macro-F1 (the simplest of equals) and its metrics on the validation split.
+pub fn train(
+    data: &Dataset,
+    labels: &[String],
+    opts: &Options,
+    progress: Progress<'_>,
+) -> (Head, Metrics) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let (train_idx, val_idx) = split(&data.y, data.classes, opts.validation_split, &mut rng);
+    let width = data.x.first().map_or(0, Vec::len);
+    let (mean, scale) = standardisation(&data.x, &train_idx, width);
+    let weights = class_weights(&data.y, &train_idx, data.classes, opts.class_weights);
+    let mut best: Option<(Head, Metrics)> = None;
+    for (which, candidate) in candidates(opts).into_iter().enumerate() {
+        let mut head = Head {
+            mean: mean.clone(),
+            scale: scale.clone(),
+            layers: Vec::new(),
+        };
+        let mut inp = width;
+        for h in &candidate.hidden {
+            head.layers.push(Layer::new(inp, *h, &mut rng, true));
+            inp = *h;
+        }
+        head.layers
+            .push(Layer::new(inp, data.classes, &mut rng, false));
+        let std_x: Vec<Vec<f32>> = data.x.iter().map(|x| head.standardise(x)).collect();
+        let (trained, curve, best_epoch) = fit(
+            head,
+            &std_x,
+            &data.y,
+            &train_idx,
+            &val_idx,
+            &weights,
+            candidate.l2,
+            opts,
+            &mut rng,
+            &mut |e, total| progress(which, e, total),
+        );
+        let mut metrics = evaluate(
+            &trained,
+            data,
+            &val_idx,
+            labels,
+            curve,
+            best_epoch,
+            train_idx.len(),
+        );
+        metrics.l2 = candidate.l2;
+        let better = best
+            .as_ref()
+            .is_none_or(|(_, m)| metrics.macro_f1 > m.macro_f1 + 1e-6);
+        if better {
+            best = Some((trained, metrics));
+        }
+    }
+    // At least one candidate (softmax regression) is always trained.
+    best.unwrap_or_else(|| unreachable_head(width, data.classes))
+}
+
+fn unreachable_head(width: usize, classes: usize) -> (Head, Metrics) {
+    (
+        Head {
+            mean: vec![0.0; width],
+            scale: vec![1.0; width],
+            layers: vec![Layer {
+                inp: width,
+                out: classes,
+                w: vec![0.0; width * classes],
+                b: vec![0.0; classes],
+            }],
+        },
+        Metrics {
+            accuracy: 0.0,
+            macro_f1: 0.0,
+            per_label: Vec::new(),
+            loss_curve: Vec::new(),
+            best_epoch: 0,
+            architecture: "softmax regression".into(),
+            l2: 0.0,
+            train_examples: 0,
+            validation_examples: 0,
+        },
+    )
+}
+
+/// Per label, a shuffled `split` share (at least one, at most all but one) to validation.
+fn split(y: &[usize], classes: usize, share: f32, rng: &mut impl Rng) -> (Vec<usize>, Vec<usize>) {
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, c) in y.iter().enumerate() {
+        by_class[*c].push(i);
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for mut members in by_class {
+        members.shuffle(rng);
+        let n = members.len();
+        let held =
+            ((n as f32 * share).round() as usize).clamp(usize::from(n >= 2), n.saturating_sub(1));
+        val.extend_from_slice(&members[..held]);
+        train.extend_from_slice(&members[held..]);
+    }
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
+}
+
+/// Per-dimension mean and inverse spread of the training split.
+fn standardisation(x: &[Vec<f32>], train: &[usize], width: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = train.len().max(1) as f32;
+    let mut mean = vec![0.0f32; width];
+    for &i in train {
+        mean.iter_mut().zip(&x[i]).for_each(|(m, v)| *m += v / n);
+    }
+    let mut var = vec![0.0f32; width];
+    for &i in train {
+        var.iter_mut()
+            .zip(&x[i])
+            .zip(&mean)
+            .for_each(|((s, v), m)| *s += (v - m) * (v - m) / n);
+    }
+    let scale = var.iter().map(|v| 1.0 / (v.sqrt() + 1e-6)).collect();
+    (mean, scale)
+}
+
+/// Inverse label frequency on the training split, normalised to average one.
+fn class_weights(y: &[usize], train: &[usize], classes: usize, on: bool) -> Vec<f32> {
+    if !on {
+        return vec![1.0; classes];
+    }
+    let mut counts = vec![0usize; classes];
+    for &i in train {
+        counts[y[i]] += 1;
+    }
+    let n = train.len() as f32;
+    counts
+        .iter()
+        .map(|c| {
+            if *c == 0 {
+                0.0
+            } else {
+                n / (classes as f32 * *c as f32)
+            }
+        })
+        .collect()
+}
+
+/// Gradients of the loss with respect to every layer's weights and biases.
+struct Grads {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Grads {
+    fn zeros(head: &Head) -> Self {
+        Self {
+            layers: head
+                .layers
+                .iter()
+                .map(|l| (vec![0.0; l.w.len()], vec![0.0; l.b.len()]))
+                .collect(),
+        }
+    }
+
+    fn clear(&mut self) {
+        for (w, b) in &mut self.layers {
+            w.iter_mut().for_each(|v| *v = 0.0);
+            b.iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+}
+
+/// The weighted mean cross-entropy of `batch` plus the L2 penalty; with `grads`, their
+/// gradients are added there (backpropagation through the layers).
+fn loss(
+    head: &Head,
+    x: &[Vec<f32>],
+    y: &[usize],
+    batch: &[usize],
+    weights: &[f32],
+    l2: f32,
+    mut grads: Option<&mut Grads>,
+) -> f32 {
+    if batch.is_empty() {
+        return 0.0;
+    }
+    let n = batch.len() as f32;
+    let depth = head.layers.len();
+    let mut total = 0.0f32;
+    // Activations of each layer's input, kept for the backward pass.
+    let mut acts: Vec<Vec<f32>> = vec![Vec::new(); depth + 1];
+    let mut delta = Vec::new();
+    let mut back = Vec::new();
+    for &i in batch {
+        acts[0].clear();
+        acts[0].extend_from_slice(&x[i]);
+        for (k, layer) in head.layers.iter().enumerate() {
+            let (inp, out) = acts.split_at_mut(k + 1);
+            layer.forward(&inp[k], &mut out[0]);
+            if k + 1 < depth {
+                out[0].iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        let probs = &mut acts[depth];
+        softmax(probs);
+        let w = weights[y[i]];
+        total += -w * probs[y[i]].max(1e-12).ln();
+        let Some(g) = grads.as_deref_mut() else {
+            continue;
+        };
+        // d(loss)/d(logits) = w · (p − onehot) / n
+        delta.clear();
+        delta.extend(
+            probs
+                .iter()
+                .enumerate()
+                .map(|(c, p)| w * (p - if c == y[i] { 1.0 } else { 0.0 }) / n),
+        );
+        for k in (0..depth).rev() {
+            let layer = &head.layers[k];
+            let input = &acts[k];
+            let (gw, gb) = &mut g.layers[k];
+            for (o, d) in delta.iter().enumerate() {
+                gb[o] += d;
+                let row = &mut gw[o * layer.inp..(o + 1) * layer.inp];
+                row.iter_mut().zip(input).for_each(|(gw, a)| *gw += d * a);
+            }
+            if k == 0 {
+                break;
+            }
+            // Back through the weights, then the ReLU of the layer below.
+            back.clear();
+            back.resize(layer.inp, 0.0);
+            for (o, d) in delta.iter().enumerate() {
+                let row = &layer.w[o * layer.inp..(o + 1) * layer.inp];
+                back.iter_mut().zip(row).for_each(|(b, w)| *b += d * w);
+            }
+            back.iter_mut().zip(input).for_each(|(b, a)| {
+                if *a <= 0.0 {
+                    *b = 0.0
+                }
+            });
+            std::mem::swap(&mut delta, &mut back);
+        }
+    }
+    if let Some(g) = grads {
+        for (layer, (gw, _)) in head.layers.iter().zip(&mut g.layers) {
+            gw.iter_mut().zip(&layer.w).for_each(|(g, w)| *g += l2 * w);
+        }
+    }
+    total / n + 0.5 * l2 * head.weights_sq()
+}
+
+/// Adam's moments for every parameter, in the order of [`Grads`].
+struct Adam {
+    m: Vec<(Vec<f32>, Vec<f32>)>,
+    v: Vec<(Vec<f32>, Vec<f32>)>,
+    t: i32,
+}
+
+impl Adam {
+    const B1: f32 = 0.9;
+    const B2: f32 = 0.999;
+
+    fn new(head: &Head) -> Self {
+        let zeros = Grads::zeros(head).layers;
+        Self {
+            m: zeros.clone(),
+            v: zeros,
+            t: 0,
+        }
+    }
+
+    fn step(&mut self, head: &mut Head, g: &Grads, lr: f32) {
+        self.t += 1;
+        let (c1, c2) = (1.0 - Self::B1.powi(self.t), 1.0 - Self::B2.powi(self.t));
+        for (k, layer) in head.layers.iter_mut().enumerate() {
+            let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+                for i in 0..p.len() {
+                    m[i] = Self::B1 * m[i] + (1.0 - Self::B1) * g[i];
+                    v[i] = Self::B2 * v[i] + (1.0 - Self::B2) * g[i] * g[i];
+                    p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8);
+                }
+            };
+            let (mw, mb) = &mut self.m[k];
+            let (vw, vb) = &mut self.v[k];
+            update(&mut layer.w, &g.layers[k].0, mw, vw);
+            update(&mut layer.b, &g.layers[k].1, mb, vb);
+        }
+    }
+}
+
+/// Mini-batch Adam until the validation loss has not improved for `patience` epochs; the
+/// weights of the best epoch are kept. Returns them, the curve and the best epoch.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    mut head: Head,
+    x: &[Vec<f32>],
+    y: &[usize],
+    train: &[usize],
+    val: &[usize],
+    weights: &[f32],
+    l2: f32,
+    opts: &Options,
+    rng: &mut impl Rng,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (Head, Vec<Epoch>, usize) {
+    let mut adam = Adam::new(&head);
+    let mut grads = Grads::zeros(&head);
+    let mut order = train.to_vec();
+    let mut curve = Vec::new();
+    let (mut best, mut best_loss, mut best_epoch) = (head.clone(), f32::INFINITY, 0);
+    for epoch in 1..=opts.max_epochs {
+        order.shuffle(rng);
+        for batch in order.chunks(opts.batch_size) {
+            grads.clear();
+            loss(&head, x, y, batch, weights, l2, Some(&mut grads));
+            adam.step(&mut head, &grads, opts.learning_rate);
+        }
+        let train_loss = loss(&head, x, y, train, weights, l2, None);
+        let validation_loss = loss(&head, x, y, val, weights, 0.0, None);
+        curve.push(Epoch {
+            epoch,
+            train_loss,
+            validation_loss,
+        });
+        progress(epoch, opts.max_epochs);
+        if validation_loss < best_loss - 1e-5 {
+            (best, best_loss, best_epoch) = (head.clone(), validation_loss, epoch);
+        } else if epoch - best_epoch >= opts.patience {
+            break;
+        }
+    }
+    (best, curve, best_epoch)
+}
+
+fn evaluate(
+    head: &Head,
+    data: &Dataset,
+    val: &[usize],
+    labels: &[String],
+    loss_curve: Vec<Epoch>,
+    best_epoch: usize,
+    train_examples: usize,
+) -> Metrics {
+    let k = data.classes;
+    // confusion[truth][predicted]
+    let mut confusion = vec![vec![0usize; k]; k];
+    for &i in val {
+        let p = head.probabilities(&data.x[i]);
+        confusion[data.y[i]][argmax(&p)] += 1;
+    }
+    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    let per_label: Vec<LabelMetrics> = (0..k)
+        .map(|c| {
+            let tp = confusion[c][c] as f32;
+            let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
+            let support: usize = confusion[c].iter().sum();
+            let precision = if predicted == 0 {
+                0.0
+            } else {
+                tp / predicted as f32
+            };
+            let recall = if support == 0 {
+                0.0
+            } else {
+                tp / support as f32
+            };
+            let f1 = if precision + recall == 0.0 {
+                0.0
+            } else {
+                2.0 * precision * recall / (precision + recall)
+            };
+            LabelMetrics {
+                label: labels.get(c).cloned().unwrap_or_default(),
+                precision,
+                recall,
+                f1,
+                support,
+            }
+        })
+        .collect();
+    Metrics {
+        accuracy: correct as f32 / val.len().max(1) as f32,
+        macro_f1: per_label.iter().map(|l| l.f1).sum::<f32>() / k.max(1) as f32,
+        per_label,
+        loss_curve,
+        best_epoch,
+        architecture: head.describe(),
+        l2: 0.0,
+        train_examples,
+        validation_examples: val.len(),
+    }
+}
+
+pub fn argmax(p: &[f32]) -> usize {
+    p.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |acc, (i, v)| {
+            if *v > acc.1 {
+                (i, *v)
+            } else {
+                acc
+            }
+        })
+        .0
+}
+
+fn softmax(z: &mut [f32]) {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    z.iter_mut().for_each(|v| *v /= sum);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three Gaussian blobs in 8 dimensions, `n` per label.
+    fn blobs(n: usize, seed: u64) -> Dataset {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for c in 0..3 {
+            for _ in 0..n {
+                let mut v: Vec<f32> = (0..8).map(|_| 0.6 * normal(&mut rng)).collect();
+                v[c] += 2.0;
+                x.push(v);
+                y.push(c);
+            }
+        }
+        Dataset { x, y, classes: 3 }
+    }
+
+    fn labels() -> Vec<String> {
+        ["a", "b", "c"].map(String::from).to_vec()
+    }
+
+    fn head(hidden: &[usize], seed: u64) -> Head {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut layers = Vec::new();
+        let mut inp = 8;
+        for h in hidden {
+            layers.push(Layer::new(inp, *h, &mut rng, true));
+            inp = *h;
+        }
+        layers.push(Layer::new(inp, 3, &mut rng, false));
+        for l in &mut layers {
+            l.b.iter_mut().for_each(|b| *b = 0.1 * normal(&mut rng));
+        }
+        Head {
+            mean: vec![0.0; 8],
+            scale: vec![1.0; 8],
+            layers,
+        }
+    }
+
+    /// Backpropagation against central differences, for every parameter, with and without
+    /// the hidden layer, with class weights and L2.
+    #[test]
+    fn analytic_gradients_match_numeric_ones() {
+        let data = blobs(4, 1);
+        let batch: Vec<usize> = (0..data.y.len()).collect();
+        let weights = [0.5, 1.0, 2.0];
+        for hidden in [vec![], vec![5]] {
+            let h = head(&hidden, 2);
+            let mut g = Grads::zeros(&h);
+            loss(&h, &data.x, &data.y, &batch, &weights, 0.01, Some(&mut g));
+            let eps = 1e-2f32;
+            let mut checked = 0;
+            for k in 0..h.layers.len() {
+                for (is_bias, len) in [(false, h.layers[k].w.len()), (true, h.layers[k].b.len())] {
+                    for j in 0..len {
+                        let at = |delta: f32| {
+                            let mut p = h.clone();
+                            let v = if is_bias {
+                                &mut p.layers[k].b[j]
+                            } else {
+                                &mut p.layers[k].w[j]
+                            };
+                            *v += delta;
+                            loss(&p, &data.x, &data.y, &batch, &weights, 0.01, None) as f64
+                        };
+                        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                        let analytic = if is_bias {
+                            g.layers[k].1[j]
+                        } else {
+                            g.layers[k].0[j]
+                        } as f64;
+                        let tolerance = 2e-3 + 2e-2 * numeric.abs();
+                        assert!(
+                            (numeric - analytic).abs() < tolerance,
+                            "layer {k} {} {j}: numeric {numeric}, analytic {analytic} ({hidden:?})",
+                            if is_bias { "bias" } else { "weight" }
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            assert!(checked > 20);
+        }
+    }
+
+    #[test]
+    fn l2_shrinks_the_weights() {
+        let data = blobs(30, 3);
+        let norm = |l2: f32| {
+            let opts = Options {
+                hidden_units: 0,
+                l2: Some(l2),
+                max_epochs: 60,
+                patience: 60,
+                ..Options::default()
+            };
+            let (head, _) = train(&data, &labels(), &opts, &mut |_, _, _| {});
+            head.weights_sq()
+        };
+        let (none, some, strong) = (norm(0.0), norm(0.05), norm(1.0));
+        assert!(none > some && some > strong, "{none} {some} {strong}");
+    }
+
+    #[test]
+    fn separable_labels_are_learned_reproducibly() {
+        let data = blobs(40, 5);
+        let opts = Options::default();
+        let mut epochs = 0;
+        let (a, m) = train(&data, &labels(), &opts, &mut |_, e, _| {
+            epochs = epochs.max(e)
+        });
+        assert!(m.accuracy > 0.9 && m.macro_f1 > 0.9, "{m:?}");
+        assert_eq!(m.validation_examples, 24);
+        assert!(m.best_epoch >= 1 && epochs >= m.best_epoch);
+        assert!(m.loss_curve.first().unwrap().train_loss > m.loss_curve.last().unwrap().train_loss);
+        let p = a.probabilities(&data.x[0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // The same seed gives the same head; another seed another one.
+        let (b, _) = train(&data, &labels(), &opts, &mut |_, _, _| {});
+        assert_eq!(a, b);
+        let other = Options { seed: 7, ..opts };
+        let (c, _) = train(&data, &labels(), &other, &mut |_, _, _| {});
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn class_weights_raise_the_recall_of_a_rare_label() {
+        // Label 2 is rare and overlaps the others.
+        let mut data = blobs(60, 9);
+        let keep: Vec<usize> = (0..data.y.len())
+            .filter(|i| data.y[*i] != 2 || i % 6 == 0)
+            .collect();
+        data.x = keep.iter().map(|i| data.x[*i].clone()).collect();
+        data.y = keep.iter().map(|i| data.y[*i]).collect();
+        for v in data.x.iter_mut() {
+            v[2] *= 0.4;
+        }
+        let recall = |class_weights| {
+            let opts = Options {
+                class_weights,
+                hidden_units: 0,
+                validation_split: 0.5,
+                ..Options::default()
+            };
+            let (_, m) = train(&data, &labels(), &opts, &mut |_, _, _| {});
+            m.per_label[2].recall
+        };
+        assert!(
+            recall(true) >= recall(false),
+            "{} {}",
+            recall(true),
+            recall(false)
+        );
+    }
+
+    #[test]
+    fn every_label_keeps_a_training_and_a_validation_example() {
+        let y = vec![0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let (train, val) = split(&y, 2, 0.2, &mut rng);
+        assert_eq!(train.len() + val.len(), y.len());
+        for c in 0..2 {
+            assert!(train.iter().any(|i| y[*i] == c) && val.iter().any(|i| y[*i] == c));
+        }
+        assert!(Options {
+            l2: Some(-1.0),
+            ..Options::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Options::default().validate().is_ok());
+    }
+}
