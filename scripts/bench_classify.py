@@ -199,7 +199,7 @@ def main():
         print(f"{name:<44}{acc:>10.3f}{f1:>10.3f}")
     m = clf["metrics"]
     print(f"\nPOST to ready for {len(train)} examples: {ready:.1f} s "
-          f"({clf['tokens']} tokens embedded, {len(m['loss_curve'])} epochs, best {m['best_epoch']}; "
+          f"({clf['tokens']} tokens embedded; kept: L2 {m['l2']}, {len(m['loss_curve'])} epochs, best {m['best_epoch']}; "
           f"held-out split: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f})")
     print(f"classify throughput: {throughput:.0f} texts/s in batches of 64; "
           f"{single * 1e3:.1f} ms per single text")

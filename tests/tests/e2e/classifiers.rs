@@ -124,6 +124,26 @@ async fn a_tenant_trains_classifies_and_keeps_its_classifier() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{message}");
     }
+    let too_many: Vec<Value> = (0..50_001)
+        .map(|i| json!({"text": "t", "label": if i % 2 == 0 { "p" } else { "q" }}))
+        .collect();
+    let too_many = json!({"model": EMBEDDING_MODEL, "name": "x", "examples": too_many});
+    let (status, body, _) = send(
+        &http,
+        post.clone(),
+        url("/v1/classifiers"),
+        &key,
+        Some(too_many),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("50001 examples is more than the 50000"),
+        "{body}"
+    );
     let unknown = json!({"model": "no-such-model", "name": "x", "examples": examples(2)});
     let (status, _, _) = send(
         &http,
@@ -297,6 +317,43 @@ async fn a_tenant_trains_classifies_and_keeps_its_classifier() {
     )
     .await;
     assert_eq!(status, 404);
+
+    // The CLI: a CSV file in, a progress bar on stderr, the ready classifier out.
+    let csv = store.dir().join("examples.csv");
+    let mut rows = String::from("text,label\n");
+    for e in examples(4) {
+        rows.push_str(&format!(
+            "\"{}\",{}\n",
+            e["text"].as_str().unwrap(),
+            e["label"].as_str().unwrap()
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let cli = tokio::process::Command::new(e2e_tests::binary("gateway"))
+        .args([
+            "--json",
+            "create-classifier",
+            "--url",
+            &gateway.url,
+            "--key",
+            &key,
+        ])
+        .args(["--model", EMBEDDING_MODEL, "--name", "from-csv", "--file"])
+        .arg(&csv)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let made: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(
+        (made["status"].as_str(), made["examples"].as_i64()),
+        (Some("ready"), Some(12)),
+        "{made}"
+    );
     let _ = request_id;
     gateway.stop().await;
 }
