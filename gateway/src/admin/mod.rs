@@ -108,6 +108,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/admin/v1/tenants/{tenant}/keys"),
     ("post", "/admin/v1/tenants/{tenant}/keys"),
     ("get", "/admin/v1/tenants/{tenant}/keys/{key}"),
+    ("get", "/admin/v1/tenants/{tenant}/classifiers"),
     ("post", "/admin/v1/tenants/{tenant}/keys/{key}/revoke"),
     ("post", "/admin/v1/tenants/{tenant}/keys/{key}/rotate"),
     ("get", "/admin/v1/usage"),
