@@ -101,32 +101,41 @@ async fn create_inner(state: &ConsumerState, req: Request) -> Result<Response, G
     Ok((StatusCode::OK, Json(summary)).into_response())
 }
 
+/// Authenticates `req` and runs `f` with the classifier store and the caller's tenant, on
+/// the main runtime.
+async fn for_tenant<T, Fut>(
+    state: &ConsumerState,
+    req: Request,
+    f: impl FnOnce(ClassifierStore, String) -> Fut,
+) -> Result<T, GatewayError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<T, billing::DbError>> + Send + 'static,
+{
+    let (caller, _) = caller(state, req).await?;
+    on_store(state, f(store(state), caller.key.tenant_id.clone())).await
+}
+
+fn reply(answer: Result<Response, GatewayError>) -> Response {
+    answer.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn not_found() -> GatewayError {
+    GatewayError::NotFound("no classifier with that id".into())
+}
+
 pub(super) async fn get_one(
     State(state): State<Arc<ConsumerState>>,
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
-    let answer = async {
-        let (caller, _) = caller(&state, req).await?;
-        let (s, tenant) = (store(&state), caller.key.tenant_id.clone());
-        let found = on_store(&state, async move { s.get(&tenant, &id).await }).await?;
-        found
-            .map(|c| Json(c).into_response())
-            .ok_or_else(|| GatewayError::NotFound("no classifier with that id".into()))
-    };
-    answer.await.unwrap_or_else(IntoResponse::into_response)
+    let found = for_tenant(&state, req, |s, t| async move { s.get(&t, &id).await }).await;
+    reply(found.and_then(|c| c.map(|c| Json(c).into_response()).ok_or_else(not_found)))
 }
 
 pub(super) async fn list(State(state): State<Arc<ConsumerState>>, req: Request) -> Response {
-    let answer = async {
-        let (caller, _) = caller(&state, req).await?;
-        let (s, tenant) = (store(&state), caller.key.tenant_id.clone());
-        let all = on_store(&state, async move { s.list(Some(&tenant)).await }).await?;
-        Ok::<_, GatewayError>(
-            Json(serde_json::json!({"object": "list", "data": all})).into_response(),
-        )
-    };
-    answer.await.unwrap_or_else(IntoResponse::into_response)
+    let all = for_tenant(&state, req, |s, t| async move { s.list(Some(&t)).await }).await;
+    reply(all.map(|all| Json(serde_json::json!({"object": "list", "data": all})).into_response()))
 }
 
 pub(super) async fn delete(
@@ -134,19 +143,21 @@ pub(super) async fn delete(
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
-    let answer = async {
-        let (caller, _) = caller(&state, req).await?;
-        let (s, tenant, which) = (store(&state), caller.key.tenant_id.clone(), id.clone());
-        let deleted = on_store(&state, async move { s.delete(&tenant, &which).await }).await?;
-        if !deleted {
-            return Err(GatewayError::NotFound("no classifier with that id".into()));
-        }
-        Ok(
-            Json(serde_json::json!({"id": id, "object": "classifier.deleted", "deleted": true}))
-                .into_response(),
-        )
-    };
-    answer.await.unwrap_or_else(IntoResponse::into_response)
+    let which = id.clone();
+    let deleted = for_tenant(
+        &state,
+        req,
+        |s, t| async move { s.delete(&t, &which).await },
+    )
+    .await;
+    reply(deleted.and_then(|deleted| {
+        deleted
+            .then(|| {
+                Json(serde_json::json!({"id": id, "object": "classifier.deleted", "deleted": true}))
+                    .into_response()
+            })
+            .ok_or_else(not_found)
+    }))
 }
 
 /// The body bound of the classifier routes, above the forwarded calls' one.

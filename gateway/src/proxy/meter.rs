@@ -10,7 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use billing::UsageStatus;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use http_body_util::BodyExt;
 
 use super::cache::Capture;
@@ -134,17 +134,48 @@ fn metered<E: std::fmt::Display + Send + 'static>(
     meter: StreamMeter,
     client_wants_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    struct State<S> {
+    struct State<S, E> {
         upstream: S,
         meter: StreamMeter,
         buffer: Vec<u8>,
         finished: bool,
+        /// What the upstream gave while looking ahead, not yet handled.
+        early: Option<Option<Result<Bytes, E>>>,
+    }
+    impl<S: Stream<Item = Result<Bytes, E>> + Unpin, E> State<S, E> {
+        /// Reads the usage comment that follows a delta if it is here already (in the
+        /// buffer, or ready from the worker), so a client that leaves right after this
+        /// delta is billed for it. Never waits.
+        fn count_following(&mut self) {
+            for _ in 0..2 {
+                if let Some(end) = find_event_end(&self.buffer) {
+                    let next = String::from_utf8_lossy(&self.buffer[..end]);
+                    if let Some(usage) = openai_types::parse_usage_comment(&next) {
+                        self.meter.counted = Used::of(&usage);
+                        self.buffer.drain(..end + 2);
+                    }
+                    return;
+                }
+                if self.early.is_some() {
+                    return;
+                }
+                match self.upstream.next().now_or_never() {
+                    Some(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
+                    Some(item) => {
+                        self.early = Some(item);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        }
     }
     let state = State {
         upstream: Box::pin(upstream),
         meter,
         buffer: Vec::new(),
         finished: false,
+        early: None,
     };
     futures::stream::unfold(state, move |mut st| async move {
         if st.finished {
@@ -206,12 +237,17 @@ fn metered<E: std::fmt::Display + Send + 'static>(
                         if let Some(capture) = st.meter.capture.as_mut() {
                             capture.keep(&raw);
                         }
+                        st.count_following();
                         return Some((Ok(Bytes::from(raw)), st));
                     }
                 }
                 continue;
             }
-            match st.upstream.next().await {
+            let next = match st.early.take() {
+                Some(item) => item,
+                None => st.upstream.next().await,
+            };
+            match next {
                 Some(Ok(chunk)) => st.buffer.extend_from_slice(&chunk),
                 Some(Err(e)) => {
                     // The worker went away mid-stream: bill what was delivered, tell the client.

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use e2e_tests::{
-    gateway_config, request_id, wait_for, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL,
+    gateway_config, wait_for, RunningGateway, TempSqlite, WorkerProcess, CHAT_MODEL,
     EMBEDDING_MODEL,
 };
 use serde_json::{json, Value};
@@ -354,6 +354,5 @@ async fn a_tenant_trains_classifies_and_keeps_its_classifier() {
         (Some("ready"), Some(12)),
         "{made}"
     );
-    let _ = request_id;
     gateway.stop().await;
 }
