@@ -76,8 +76,6 @@ pub struct Summary {
     pub examples: i64,
     /// Tokens embedded to train it (billed).
     pub tokens: i64,
-    #[serde(skip)]
-    pub tenant_id: String,
 }
 
 /// A classifier to train, as a replica's lease hands it over.
@@ -106,8 +104,7 @@ fn decode(what: &str, e: serde_json::Error) -> DbError {
     ))
 }
 
-const SUMMARY: &str =
-    "SELECT id, tenant_id, name, model, labels, status, progress, metrics, error, \
+const SUMMARY: &str = "SELECT id, name, model, labels, status, progress, metrics, error, \
                        example_count, tokens, created_at, finished_at FROM classifiers";
 
 fn summary(r: &sqlx::any::AnyRow) -> Result<Summary, DbError> {
@@ -131,7 +128,6 @@ fn summary(r: &sqlx::any::AnyRow) -> Result<Summary, DbError> {
         error: r.try_get("error")?,
         examples: r.try_get("example_count")?,
         tokens: r.try_get("tokens")?,
-        tenant_id: r.try_get("tenant_id")?,
     })
 }
 

@@ -23,6 +23,7 @@ use crate::tenants::ResponseCachePolicy;
 
 /// The cache's part in one call.
 pub(super) struct CacheUse {
+    cache: Arc<ResponseCache>,
     key: CacheKey,
     policy: ResponseCachePolicy,
     directive: Directive,
@@ -71,7 +72,7 @@ impl Capture {
 impl Proxy {
     /// Whether the response cache applies to this call, and under what key.
     pub(super) fn cache_use(&self, ctx: &CallContext, call: &ProxiedCall) -> Option<CacheUse> {
-        self.response_cache.as_ref()?;
+        let cache = self.response_cache.clone()?;
         if call.rewrite().is_some() {
             return None;
         }
@@ -85,6 +86,7 @@ impl Proxy {
             return None;
         }
         Some(CacheUse {
+            cache,
             key: CacheKey::new(&ctx.caller.key.tenant_id, &call.model, call.endpoint, &body),
             policy,
             directive: ctx.cache,
@@ -100,14 +102,7 @@ impl Proxy {
         reservation: Reservation,
         cache_use: CacheUse,
     ) -> Looked {
-        let Some(cache) = self.response_cache.clone() else {
-            return Looked::Miss(Box::new(Miss {
-                ctx,
-                call,
-                reservation,
-                capture: None,
-            }));
-        };
+        let cache = cache_use.cache;
         let hit = match cache_use.directive {
             Directive::Use => cache.get(&cache_use.key).await,
             Directive::Refresh | Directive::Bypass => None,
@@ -117,14 +112,14 @@ impl Proxy {
                 ctx,
                 call,
                 reservation,
-                capture: Some(Capture {
+                capture: Capture {
                     expires_at: billing::now_ms()
                         .saturating_add(cache_use.policy.ttl_s.saturating_mul(1000)),
                     cache,
                     key: cache_use.key,
                     body: Vec::new(),
                     overflow: false,
-                }),
+                },
             }));
         };
         let mut recorder = self.recorder(ctx, call, reservation);
@@ -163,5 +158,5 @@ pub(super) struct Miss {
     pub(super) ctx: CallContext,
     pub(super) call: ProxiedCall,
     pub(super) reservation: Reservation,
-    pub(super) capture: Option<Capture>,
+    pub(super) capture: Capture,
 }

@@ -99,7 +99,7 @@ impl Proxy {
                 Looked::Hit(hit) => (Ok(hit), Some("hit")),
                 Looked::Miss(miss) => {
                     let answer = self
-                        .forward(miss.ctx, miss.call, miss.reservation, miss.capture)
+                        .forward(miss.ctx, miss.call, miss.reservation, Some(miss.capture))
                         .await;
                     (answer, Some("miss"))
                 }
