@@ -17,6 +17,7 @@ use llguidance::Matcher;
 use openai_types::{FinishReason, Usage};
 use tokio::sync::mpsc;
 
+use super::grammar;
 use super::model::{KvCache, Llama, Slot};
 use super::prefix::PrefixCache;
 use super::sampler::Sampler;
@@ -40,8 +41,8 @@ pub struct Engine {
     eos: u32,
     max_active: usize,
     metrics: Arc<Metrics>,
-    /// Token ids that only close quotes, brackets and braces.
-    closers: Vec<u32>,
+    /// Token ids that close a string, or brackets and braces.
+    closers: grammar::Closers,
     /// Finished sequences' keys and values, for prompts that begin the same way.
     prefix: RefCell<PrefixCache>,
 }
@@ -127,7 +128,7 @@ impl Engine {
             eos,
             max_active,
             metrics,
-            closers: Vec::new(),
+            closers: grammar::Closers::default(),
             prefix: RefCell::new(PrefixCache::new(0, kv_dim)),
         }
     }
@@ -176,7 +177,7 @@ impl Engine {
     }
 
     /// The tokens favoured as a constrained reply's budget runs out.
-    pub fn with_closers(mut self, closers: Vec<u32>) -> Self {
+    pub fn with_closers(mut self, closers: grammar::Closers) -> Self {
         self.closers = closers;
         self
     }
@@ -325,7 +326,17 @@ impl Engine {
             .min(self.model.hyper.context_len - seq.prompt.len())
             .saturating_sub(seq.generated.len());
         if mask.is_some() && room <= CLOSING_TOKENS {
-            for &t in self.closers.iter().chain([&self.eos]) {
+            // Decoded only in the last tokens of a constrained reply.
+            let text = self
+                .tokenizer
+                .decode(&seq.generated, true)
+                .unwrap_or_default();
+            let closers = if grammar::ends_in_string(&text) {
+                &self.closers.quote
+            } else {
+                &self.closers.bracket
+            };
+            for &t in closers.iter().chain([&self.eos]) {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l += CLOSING_BIAS;
                 }

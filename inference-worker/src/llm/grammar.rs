@@ -73,20 +73,44 @@ impl Grammars {
     }
 }
 
-/// Tokens that only close what is open (quotes, brackets, braces, with spaces and commas):
-/// favoured near the end of a constrained reply's budget, so it ends valid rather than cut.
-pub fn closing_tokens(tokens: &[Vec<u8>]) -> Vec<u32> {
-    tokens
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| {
-            b.first() != Some(&0xFF)
-                && b.iter().any(|c| matches!(c, b'"' | b'}' | b']'))
-                && b.iter()
-                    .all(|c| matches!(c, b'"' | b'}' | b']' | b' ' | b',' | b'\n'))
-        })
-        .map(|(i, _)| i as u32)
-        .collect()
+/// Tokens favoured near the end of a constrained reply's budget, so it ends valid rather
+/// than cut: inside a string, those that close it (a quote, then only brackets, braces and
+/// spaces); outside, those that only close brackets and braces. (Bracket tokens are text
+/// inside a string, and a quote outside one opens another: each set only helps where it
+/// closes.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Closers {
+    pub quote: Vec<u32>,
+    pub bracket: Vec<u32>,
+}
+
+pub fn closing_tokens(tokens: &[Vec<u8>]) -> Closers {
+    let closes = |c: &u8| matches!(c, b'}' | b']' | b' ' | b'\n');
+    let mut out = Closers::default();
+    for (i, b) in tokens.iter().enumerate() {
+        match b.split_first() {
+            Some((b'"', rest)) if rest.iter().all(closes) => out.quote.push(i as u32),
+            Some(_) if b.iter().all(closes) && b.iter().any(|c| matches!(c, b'}' | b']')) => {
+                out.bracket.push(i as u32)
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether JSON text (or text around JSON without quotes of its own) ends inside a string.
+pub fn ends_in_string(text: &str) -> bool {
+    let (mut inside, mut escaped) = (false, false);
+    for b in text.bytes() {
+        match (inside, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (_, false, b'"') => inside = !inside,
+            _ => {}
+        }
+    }
+    inside
 }
 
 /// The Lark grammar a request's output must match, if any.
@@ -205,6 +229,31 @@ fn lark_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closers_close_strings_inside_them_and_brackets_outside() {
+        let tokens: Vec<Vec<u8>> = [
+            &b"\""[..],
+            b"\"}",
+            b"}}",
+            b" ]",
+            b"},",
+            b",\"",
+            b"ab",
+            b"\"a",
+            b" ",
+        ]
+        .iter()
+        .map(|t| t.to_vec())
+        .collect();
+        let closers = closing_tokens(&tokens);
+        assert_eq!(closers.quote, vec![0, 1]);
+        assert_eq!(closers.bracket, vec![2, 3]);
+        assert!(!ends_in_string(r#"{"a": "b", "c": 1"#));
+        assert!(ends_in_string(r#"{"a": "b\"}}}"#));
+        assert!(!ends_in_string(r#"{"a": "b\\"}"#));
+        assert!(ends_in_string(r#"<tool_call>{"name": "f"#));
+    }
 
     fn request(extra: Value) -> ChatCompletionRequest {
         let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
