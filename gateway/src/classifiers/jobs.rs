@@ -114,10 +114,11 @@ impl Trainer {
                 result = &mut done_rx => break result?,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     let (which, epoch, max) = *progress_rx.borrow_and_update();
+                    // Candidates count alike, each in thousandths of its steps.
                     let progress = Progress {
                         phase: "training".into(),
-                        done: which * max + epoch,
-                        total: heads * max,
+                        done: which * 1000 + 1000 * epoch / max.max(1),
+                        total: heads * 1000,
                     };
                     if !self.store.renew(&job.id, &self.owner, LEASE_MS, &progress).await? {
                         return Ok(()); // the thread finishes on its own; its result is dropped

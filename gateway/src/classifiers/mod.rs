@@ -18,6 +18,7 @@ use crate::pool::WorkerPool;
 use crate::proxy::ProxiedCall;
 
 pub mod jobs;
+mod lbfgs;
 pub mod store;
 pub mod train;
 
