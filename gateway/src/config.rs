@@ -111,6 +111,19 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_RESPONSE_CACHE_REDIS")]
     pub response_cache_redis: Option<String>,
 
+    /// Batch lines this replica runs at once (0: it runs none, leaving them to others).
+    #[arg(long, env = "GATEWAY_BATCH_CONCURRENCY", default_value_t = 2)]
+    pub batch_concurrency: usize,
+
+    /// Batch lines start only while this replica's workers carry at most this many other
+    /// calls: batches use the capacity interactive traffic leaves.
+    #[arg(long, env = "GATEWAY_BATCH_IDLE_BELOW", default_value_t = 0)]
+    pub batch_idle_below: usize,
+
+    /// How often, in milliseconds, a replica with nothing to run looks for batch lines.
+    #[arg(long, env = "GATEWAY_BATCH_POLL_MS", default_value_t = 200)]
+    pub batch_poll_ms: u64,
+
     /// Route by load alone, ignoring where prompts are likely cached.
     #[arg(long, env = "GATEWAY_NO_PREFIX_AFFINITY")]
     pub no_prefix_affinity: bool,

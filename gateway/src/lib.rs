@@ -9,6 +9,7 @@
 pub mod admin;
 mod app;
 pub mod auth;
+pub mod batches;
 pub mod classifiers;
 pub mod config;
 pub mod consumer;

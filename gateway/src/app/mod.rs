@@ -46,6 +46,7 @@ pub struct Gateway {
     parts: Parts,
     intervals: Intervals,
     shutdown_pause: Duration,
+    batches: crate::batches::runner::RunnerSettings,
     serve_options: ServeOptions,
     admin_serve_options: ServeOptions,
 }
@@ -99,6 +100,11 @@ impl Gateway {
             parts,
             intervals: Intervals::of(config),
             shutdown_pause: Duration::from_millis(config.shutdown_pause_ms),
+            batches: crate::batches::runner::RunnerSettings {
+                concurrency: config.batch_concurrency,
+                idle_below: config.batch_idle_below,
+                poll: Duration::from_millis(config.batch_poll_ms.max(1)),
+            },
             serve_options,
             admin_serve_options,
         })
@@ -152,6 +158,15 @@ impl Gateway {
                 stop_rx.clone(),
             ))
         });
+        let batch_runner = (self.batches.concurrency > 0).then(|| {
+            let runner = Arc::new(crate::batches::runner::Runner::new(
+                crate::batches::BatchStore::new(self.parts.db.clone()),
+                self.consumer.clone(),
+                self.batches,
+                format!("gw_{}", uuid::Uuid::now_v7().simple()),
+            ));
+            tokio::spawn(runner.run(stop_rx.clone()))
+        });
         let threads = self.serve_options.threads.clone();
         listener::serve(
             self.listener,
@@ -162,6 +177,13 @@ impl Gateway {
         .await;
         if let Some(admin_server) = admin_server {
             let _ = admin_server.await;
+        }
+        // Batch lines in flight finish (within the listeners' grace) and record their usage.
+        if let Some(runner) = batch_runner {
+            let grace = Duration::from_secs(5);
+            if tokio::time::timeout(grace, runner).await.is_err() {
+                tracing::warn!("batch lines still running at shutdown; their leases will lapse and they run again");
+            }
         }
         background.stop();
         // Streams whose clients left spool their usage from spawned tasks; let them run.

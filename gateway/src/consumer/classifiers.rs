@@ -20,7 +20,10 @@ use crate::classifiers::{
 };
 use crate::error::GatewayError;
 
-async fn caller(state: &ConsumerState, req: Request) -> Result<(KeyCaller, Body), GatewayError> {
+pub(super) async fn caller(
+    state: &ConsumerState,
+    req: Request,
+) -> Result<(KeyCaller, Body), GatewayError> {
     let (parts, body) = req.into_parts();
     let caller = state
         .auth
@@ -30,7 +33,7 @@ async fn caller(state: &ConsumerState, req: Request) -> Result<(KeyCaller, Body)
 }
 
 /// Runs a store call on the main runtime, as every store call made while serving does.
-async fn on_store<T: Send + 'static>(
+pub(super) async fn on_store<T: Send + 'static>(
     state: &ConsumerState,
     f: impl std::future::Future<Output = Result<T, billing::DbError>> + Send + 'static,
 ) -> Result<T, GatewayError> {
@@ -116,7 +119,7 @@ where
     on_store(state, f(store(state), caller.key.tenant_id.clone())).await
 }
 
-fn reply(answer: Result<Response, GatewayError>) -> Response {
+pub(super) fn reply(answer: Result<Response, GatewayError>) -> Response {
     answer.unwrap_or_else(IntoResponse::into_response)
 }
 

@@ -32,6 +32,7 @@ use crate::pool::WorkerPool;
 use crate::proxy::{CallContext, ProxiedCall, Proxy};
 use crate::tenants::TenantStore;
 
+mod batches;
 mod classifiers;
 mod observe;
 mod reads;
@@ -67,6 +68,12 @@ pub const PUBLIC_PATHS: &[&str] = &[
     "/v1/classify",
     "/v1/classifiers",
     "/v1/classifiers/{id}",
+    "/v1/files",
+    "/v1/files/{id}",
+    "/v1/files/{id}/content",
+    "/v1/batches",
+    "/v1/batches/{id}",
+    "/v1/batches/{id}/cancel",
     "/v1/models",
     "/v1/models/{id}",
     "/v1/usage",
@@ -90,6 +97,20 @@ pub fn router(state: Arc<ConsumerState>) -> Router {
             "/v1/classifiers/{id}",
             get(classifiers::get_one).delete(classifiers::delete),
         )
+        .route(
+            "/v1/files",
+            post(batches::upload)
+                .get(batches::list_files)
+                .layer(batches::body_limit()),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(batches::get_file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get_one))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/models", get(reads::list_models))
         .route("/v1/models/{id}", get(reads::retrieve_model))
         .route("/v1/usage", get(reads::own_usage))

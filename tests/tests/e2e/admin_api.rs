@@ -1033,6 +1033,41 @@ where
     }
 }
 
+/// A call to sample: method, documented path, real path, JSON body, bearer key.
+pub(crate) type Call<'a> = (&'a str, &'a str, String, Option<Value>, Option<&'a str>);
+
+/// Makes each call and keeps what came back, as [`check_with_python`] reads it.
+pub(crate) async fn sample_calls(base_url: &str, calls: Vec<Call<'_>>) -> Vec<Value> {
+    let http = reqwest::Client::new();
+    let mut samples = Vec::new();
+    for (method, template, path, body, key) in calls {
+        let url = format!("{base_url}{path}");
+        let mut req = if method == "get" {
+            http.get(url)
+        } else {
+            http.post(url)
+        };
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body: Option<Value> = r.json().await.ok();
+        samples.push(
+            serde_json::json!({"method": method, "path": template, "status": status,
+            "content_type": ct, "body": body}),
+        );
+    }
+    samples
+}
+
 pub(crate) fn check_with_python(doc: &str, samples: &[Value]) {
     let dir = std::env::temp_dir().join(format!("gw-openapi-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1119,28 +1154,7 @@ async fn public_samples(admin: &Admin, s: &Seeded) -> Vec<Value> {
             Some(&s.a_key_plain),
         ),
     ];
-    for (method, template, path, body, key) in calls {
-        let mut req = if method == "get" {
-            admin.http.get(format!("{gw}{path}"))
-        } else {
-            admin.http.post(format!("{gw}{path}"))
-        };
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let ct = r
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let body: Option<Value> = r.json().await.ok();
-        samples.push(json!({"method": method, "path": template, "status": status,
-            "content_type": ct, "body": body}));
-    }
+    samples.extend(sample_calls(gw, calls).await);
     samples
 }
 

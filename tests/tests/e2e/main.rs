@@ -5,6 +5,7 @@
 
 mod admin_api;
 mod auth_flood;
+mod batches;
 mod caching;
 mod chaos_kill;
 mod chaos_store_outage;

@@ -19,7 +19,7 @@ fn tempfile_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", uuid::Uuid::new_v4().simple()))
 }
 
-fn sdk_python() -> PathBuf {
+pub(crate) fn sdk_python() -> PathBuf {
     let python = std::env::var_os("OPENAI_SDK_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/sdk-venv/bin/python"));
@@ -201,31 +201,14 @@ async fn the_official_python_sdk_works_unchanged() {
         ),
         ("get", "/v1/models/{id}", "/v1/models/nope".into(), None),
     ];
-    let http = reqwest::Client::new();
-    let mut samples = Vec::new();
-    for (method, template, path, body) in calls {
-        let url = format!("{}{path}", gateway.url);
-        let mut req = if method == "get" {
-            http.get(url)
-        } else {
-            http.post(url)
-        };
-        req = req.bearer_auth(&sample_key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let ct = r
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let body: Option<serde_json::Value> = r.json().await.ok();
-        samples.push(
-            serde_json::json!({"method": method, "path": template, "status": status,
-            "content_type": ct, "body": body}),
-        );
-    }
+    let samples = crate::admin_api::sample_calls(
+        &gateway.url,
+        calls
+            .into_iter()
+            .map(|(m, t, p, b)| (m, t, p, b, Some(sample_key.as_str())))
+            .collect(),
+    )
+    .await;
     let statuses: Vec<u64> = samples
         .iter()
         .map(|s| s["status"].as_u64().unwrap())
