@@ -120,6 +120,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_BATCH_IDLE_BELOW", default_value_t = 0)]
     pub batch_idle_below: usize,
 
+    /// How long, in milliseconds, a batch line stays leased to the replica running it
+    /// without renewal: after a crash, its lines wait this long before another runs them.
+    #[arg(long, env = "GATEWAY_BATCH_LEASE_MS", default_value_t = 60_000)]
+    pub batch_lease_ms: u64,
+
     /// How often, in milliseconds, a replica with nothing to run looks for batch lines.
     #[arg(long, env = "GATEWAY_BATCH_POLL_MS", default_value_t = 200)]
     pub batch_poll_ms: u64,

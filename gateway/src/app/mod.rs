@@ -104,6 +104,7 @@ impl Gateway {
                 concurrency: config.batch_concurrency,
                 idle_below: config.batch_idle_below,
                 poll: Duration::from_millis(config.batch_poll_ms.max(1)),
+                lease: Duration::from_millis(config.batch_lease_ms.clamp(1_000, 3_600_000)),
             },
             serve_options,
             admin_serve_options,

@@ -28,10 +28,6 @@ use crate::auth::KeyCaller;
 use crate::consumer::ConsumerState;
 use crate::proxy::{CallContext, ProxiedCall};
 
-/// How long a line stays leased without renewal.
-const LEASE_MS: i64 = 60_000;
-/// How often a running line's lease is renewed.
-const RENEW_EVERY: Duration = Duration::from_secs(20);
 /// How often batches that can end are looked for.
 const END_EVERY: Duration = Duration::from_secs(1);
 /// The most bytes of one line's answer kept for the output file.
@@ -46,6 +42,14 @@ pub struct RunnerSettings {
     pub idle_below: usize,
     /// Pause when there is nothing to run, or no capacity.
     pub poll: Duration,
+    /// How long a line stays leased without renewal (renewed every third of it).
+    pub lease: Duration,
+}
+
+impl RunnerSettings {
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 pub struct Runner {
@@ -99,7 +103,11 @@ impl Runner {
             while lines.try_join_next().is_some() {}
             let free = self.settings.concurrency.saturating_sub(lines.len());
             let claimed = if free > 0 && self.idle() {
-                match self.store.claim(&self.owner, LEASE_MS, free as i64).await {
+                match self
+                    .store
+                    .claim(&self.owner, self.settings.lease_ms(), free as i64)
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "leasing batch lines failed");
@@ -161,13 +169,13 @@ impl Runner {
     async fn line(&self, line: Claimed) {
         let run = self.run_line(&line);
         tokio::pin!(run);
-        let mut renew = tokio::time::interval(RENEW_EVERY);
+        let mut renew = tokio::time::interval(self.settings.lease / 3);
         renew.tick().await;
         let ran = loop {
             tokio::select! {
                 ran = &mut run => break ran,
                 _ = renew.tick() => {
-                    if let Err(e) = self.store.renew(&self.owner, &line.batch_id, line.line, LEASE_MS).await {
+                    if let Err(e) = self.store.renew(&self.owner, &line.batch_id, line.line, self.settings.lease_ms()).await {
                         tracing::warn!(batch = %line.batch_id, line = line.line, error = %e, "renewing a batch line's lease failed");
                     }
                 }
@@ -262,7 +270,8 @@ impl Runner {
             200..=299 => LineEnd::Done,
             _ => LineEnd::Failed,
         };
-        self.store
+        let recorded = self
+            .store
             .complete(
                 &self.owner,
                 &line.batch_id,
@@ -271,6 +280,7 @@ impl Runner {
                 &result.to_string(),
             )
             .await?;
+        tracing::debug!(batch = %line.batch_id, line = line.line, status, recorded, owner = %self.owner, "batch line ran");
         Ok(Ran::Recorded)
     }
 

@@ -5,6 +5,7 @@
 
 mod admin_api;
 mod auth_flood;
+mod batch_chaos;
 mod batches;
 mod caching;
 mod chaos_kill;
