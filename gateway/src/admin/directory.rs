@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
             "/admin/v1/tenants/{tenant}/classifiers",
             get(list_classifiers),
         )
+        .route("/admin/v1/tenants/{tenant}/batches", get(list_batches))
         .route(
             "/admin/v1/tenants/{tenant}/keys/{key}/revoke",
             post(revoke_key),
@@ -271,6 +272,20 @@ async fn list_classifiers(
     let tenant = tenant_of(&state, &tenant).await?;
     let store = crate::classifiers::ClassifierStore::new(state.db.clone());
     Ok(list(store.list(Some(&tenant.id)).await?))
+}
+
+/// A tenant's batches, newest first (the last 100), as the tenant sees them: status,
+/// request counts (progress) and files.
+async fn list_batches(
+    caller: Principal,
+    State(state): State<Arc<AdminState>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    caller.need(Permission::ReadDirectory)?;
+    let tenant = tenant_of(&state, &tenant).await?;
+    let store = crate::batches::BatchStore::new(state.db.clone());
+    let batches = store.list_batches(Some(&tenant.id), 100).await?;
+    Ok(list(batches.into_iter().map(|(_, b)| b).collect()))
 }
 
 #[derive(Debug, Deserialize)]

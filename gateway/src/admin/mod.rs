@@ -109,6 +109,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/admin/v1/tenants/{tenant}/keys"),
     ("get", "/admin/v1/tenants/{tenant}/keys/{key}"),
     ("get", "/admin/v1/tenants/{tenant}/classifiers"),
+    ("get", "/admin/v1/tenants/{tenant}/batches"),
     ("post", "/admin/v1/tenants/{tenant}/keys/{key}/revoke"),
     ("post", "/admin/v1/tenants/{tenant}/keys/{key}/rotate"),
     ("get", "/admin/v1/usage"),
