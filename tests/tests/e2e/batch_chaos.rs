@@ -1,7 +1,8 @@
 //! SPEC §11 under `kill -9` and with replicas: a batch on Postgres shared by two gateway
 //! processes runs every line exactly once (the worker answers as many embedding calls as
 //! the batch has lines); a batch whose replicas are killed twice mid-run and restarted on
-//! their spools ends with exactly one result and one usage record per line.
+//! their spools ends with exactly one result and one usage record per line; a batch whose
+//! tenant runs out of quota stops with every line marked.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -130,17 +131,28 @@ fn assert_once_each(out: &[Value], lines: usize) {
     }
 }
 
-async fn usage_rows(db: &billing::Db, batch: &str) -> Vec<(String, i64)> {
+/// The usage records of a batch's lines, once all `lines` have reached the store.
+async fn usage_rows(db: &billing::Db, batch: &str, lines: usize) -> Vec<(String, i64)> {
     use sqlx::Row;
-    let rows =
-        sqlx::query("SELECT request_id, prompt_tokens FROM usage_records WHERE request_id LIKE $1")
+    wait_for(
+        "every line's usage record",
+        Duration::from_secs(30),
+        || async {
+            let rows = sqlx::query(
+                "SELECT request_id, prompt_tokens FROM usage_records WHERE request_id LIKE $1",
+            )
             .bind(format!("{batch}_req_%"))
             .fetch_all(db.pool())
             .await
             .unwrap();
-    rows.iter()
-        .map(|r| (r.get("request_id"), r.get("prompt_tokens")))
-        .collect()
+            let rows: Vec<(String, i64)> = rows
+                .iter()
+                .map(|r| (r.get("request_id"), r.get("prompt_tokens")))
+                .collect();
+            (rows.len() == lines).then_some(rows)
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -180,15 +192,7 @@ async fn two_replicas_share_a_batch_and_kills_lose_or_repeat_no_line() {
         SHARED as f64,
         "a line ran twice, or not at all"
     );
-    let usage = wait_for(
-        "every line's usage record",
-        Duration::from_secs(20),
-        || async {
-            let rows = usage_rows(&db, &batch).await;
-            (rows.len() == SHARED).then_some(rows)
-        },
-    )
-    .await;
+    let usage = usage_rows(&db, &batch, SHARED).await;
     assert!(usage.iter().all(|(_, prompt)| *prompt > 0));
 
     // Kill -9 one replica twice mid-batch of chats and start it again on its spool.
@@ -214,15 +218,7 @@ async fn two_replicas_share_a_batch_and_kills_lose_or_repeat_no_line() {
     assert_once_each(&out, KILLED);
     // One usage record per line, under its batch and line, whatever ran it (a line killed
     // mid-run runs again; its record is written once).
-    let usage = wait_for(
-        "every line's usage record",
-        Duration::from_secs(30),
-        || async {
-            let rows = usage_rows(&db, &batch).await;
-            (rows.len() == KILLED).then_some(rows)
-        },
-    )
-    .await;
+    let usage = usage_rows(&db, &batch, KILLED).await;
     let expected: HashSet<String> = (1..=KILLED).map(|i| format!("{batch}_req_{i}")).collect();
     let got: HashSet<String> = usage.into_iter().map(|(id, _)| id).collect();
     assert_eq!(got, expected);
@@ -231,4 +227,85 @@ async fn two_replicas_share_a_batch_and_kills_lose_or_repeat_no_line() {
     println!("{KILLED} lines, {ran} chat calls across two kills");
     assert!(ran >= KILLED as f64);
     drop(b);
+}
+
+/// A tenant whose quota runs out mid-batch: the batch stops `failed` with the reason, the
+/// lines that ran are in its output file and every other line is in its error file marked
+/// `insufficient_quota`, none dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_quota_stops_with_its_lines_marked() {
+    let stack = e2e_tests::Stack::start("batch-quota").await;
+    let limits = gateway::limits::Limits {
+        monthly_tokens: Some(60),
+        ..Default::default()
+    };
+    let (key, _) = stack
+        .gateway
+        .tenant_with_key(
+            "batch-quota-small",
+            NewKey {
+                limits,
+                ..Default::default()
+            },
+        )
+        .await;
+    let client = Client {
+        http: reqwest::Client::new(),
+        key,
+    };
+    const LINES: usize = 20;
+    let base = &stack.gateway.url;
+    let file = client.upload(base, LINES, false).await;
+    let batch = client.batch(base, &file, "/v1/embeddings").await;
+    let ended = wait_for("the batch to stop", Duration::from_secs(60), || async {
+        let b = client.status(base, &batch).await;
+        (b["status"] == "failed").then_some(b)
+    })
+    .await;
+    assert_eq!(
+        ended["errors"]["data"][0]["code"], "insufficient_quota",
+        "{ended}"
+    );
+    let counts = &ended["request_counts"];
+    let (done, failed) = (
+        counts["completed"].as_u64().unwrap(),
+        counts["failed"].as_u64().unwrap(),
+    );
+    assert!(
+        done >= 1 && failed >= 1 && done + failed == LINES as u64,
+        "{counts}"
+    );
+    let content = |id: &Value| {
+        let id = id.as_str().unwrap().to_owned();
+        let client = &client;
+        async move {
+            let text = client
+                .get(base, &format!("/v1/files/{id}/content"))
+                .await
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let out = content(&ended["output_file_id"]).await;
+    let errors = content(&ended["error_file_id"]).await;
+    assert_eq!(out.len() as u64, done);
+    assert_eq!(errors.len() as u64, failed);
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["error"]["code"] == "insufficient_quota"),
+        "{errors:?}"
+    );
+    let mut ids: Vec<&str> = out
+        .iter()
+        .chain(&errors)
+        .map(|o| o["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), LINES);
 }
