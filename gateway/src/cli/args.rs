@@ -64,6 +64,8 @@ pub enum Command {
     /// (`{"text": ..., "label": ...}` per line) file, through a gateway's consumer API with
     /// a key, showing its progress until it is ready.
     CreateClassifier(CreateClassifier),
+    /// Batches, newest first, of one tenant or every tenant: status and progress.
+    ListBatches(ListBatches),
 }
 
 // The per-command structs carry no doc comment of their own: the variant's is the help.
@@ -253,6 +255,17 @@ pub struct ListKeys {
     pub store: StoreArgs,
     #[arg(long)]
     pub tenant: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ListBatches {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only this tenant's (by name).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
 }
 
 #[derive(Args, Debug, Clone)]

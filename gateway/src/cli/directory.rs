@@ -6,7 +6,9 @@
 
 use gateway::tenants::{NewKey, TenantStore};
 
-use super::args::{CreateKey, CreatePlan, ListKeys, RevokeKey, RotateKey, SetPlan, StoreArgs};
+use super::args::{
+    CreateKey, CreatePlan, ListBatches, ListKeys, RevokeKey, RotateKey, SetPlan, StoreArgs,
+};
 use super::output;
 
 async fn tenants(store: &StoreArgs) -> anyhow::Result<TenantStore> {
@@ -102,6 +104,27 @@ pub async fn list_keys(a: ListKeys, json: bool) -> anyhow::Result<()> {
         .await?;
     let now = billing::now_ms();
     output::rows(json, &keys, |k| Ok(output::key(k, now)))
+}
+
+/// A batch with its tenant, as `list-batches --json` prints it.
+#[derive(serde::Serialize)]
+struct TenantBatch {
+    tenant_id: String,
+    #[serde(flatten)]
+    batch: gateway::batches::BatchObject,
+}
+
+pub async fn list_batches(a: ListBatches, json: bool) -> anyhow::Result<()> {
+    let db = a.store.connect().await?;
+    let tenant = tenant_id_if(&db, a.tenant.as_deref()).await?;
+    let batches = gateway::batches::BatchStore::new(db)
+        .list_batches(tenant.as_deref(), a.limit.clamp(1, 1000))
+        .await?;
+    let rows: Vec<TenantBatch> = batches
+        .into_iter()
+        .map(|(tenant_id, batch)| TenantBatch { tenant_id, batch })
+        .collect();
+    output::rows(json, &rows, |r| Ok(output::batch(&r.tenant_id, &r.batch)))
 }
 
 pub async fn rotate_key(a: RotateKey, json: bool) -> anyhow::Result<()> {

@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ListTenants(a) => directory::list_tenants(a, json).await,
         Command::ListPlans(a) => directory::list_plans(a, json).await,
         Command::ListKeys(a) => directory::list_keys(a, json).await,
+        Command::ListBatches(a) => directory::list_batches(a, json).await,
         Command::RotateKey(a) => directory::rotate_key(a, json).await,
         Command::RevokeKey(a) => directory::revoke_key(a, json).await,
         Command::AddPrice(a) => finance::add_price(a, json).await,

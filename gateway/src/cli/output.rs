@@ -76,6 +76,21 @@ pub fn key(k: &KeySummary, now_ms: i64) -> String {
     format!("{}\t{}\t{}", k.id, k.name, state)
 }
 
+/// id, tenant, endpoint, status, lines ended of all (failed), created (Unix seconds).
+pub fn batch(tenant_id: &str, b: &gateway::batches::BatchObject) -> String {
+    let c = &b.request_counts;
+    format!(
+        "{}\t{tenant_id}\t{}\t{}\t{}/{} ({} failed)\t{}",
+        b.id,
+        b.endpoint,
+        b.status,
+        c.completed + c.failed,
+        c.total,
+        c.failed,
+        b.created_at
+    )
+}
+
 pub const USAGE_HEADER: &str = "start\tgroup\trequests\tprompt_tokens\tcompletion_tokens\t\
      cached_tokens\tcache_hits\tspend_micros";
 

@@ -7,6 +7,7 @@
 use std::process::Command;
 
 use e2e_tests::{binary, TempSqlite};
+use gateway::tenants::TenantStore;
 use serde_json::Value;
 
 fn gateway(db: &str, args: &[&str]) -> (i32, String, String) {
@@ -106,6 +107,36 @@ fn cli_json_and_errors() {
         .find(|k| k["id"] == id.as_str())
         .unwrap();
     assert!(old["revoked_at"].is_i64());
+
+    // Batches: a tenant's, and everyone's, with their progress.
+    assert_eq!(json(db, &["list-batches"]), Value::Array(vec![]));
+    let batch = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = gateway::batches::BatchStore::new(billing::Db::connect(db).await.unwrap());
+        let line = r#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":"x"}}"#;
+        let lines = gateway::batches::parse_file(line.as_bytes()).unwrap();
+        let tenant = TenantStore::new(billing::Db::connect(db).await.unwrap())
+            .tenant_by_name("acme")
+            .await
+            .unwrap()
+            .unwrap();
+        store.create_file("file-cli", &tenant.id, "batch", "b.jsonl", line, 1).await.unwrap();
+        let owner = gateway::batches::store::Owner {
+            tenant_id: tenant.id,
+            key_id: id.clone(),
+            endpoint: "/v1/embeddings",
+        };
+        store.create_batch("batch_cli", &owner, "file-cli", None, &lines).await.unwrap()
+    });
+    let listed = json(db, &["list-batches", "--tenant", "acme"]);
+    assert_eq!(listed[0]["id"], batch.id.as_str());
+    assert_eq!(listed[0]["status"], "in_progress");
+    assert_eq!(listed[0]["request_counts"]["total"], 1);
+    assert_eq!(json(db, &["list-batches"]).as_array().unwrap().len(), 1);
+    let (code, out, _) = gateway(db, &["list-batches"]);
+    assert!(
+        code == 0 && out.contains("batch_cli") && out.contains("0/1 (0 failed)"),
+        "{out}"
+    );
 
     // Usage: empty but well-formed.
     assert_eq!(
