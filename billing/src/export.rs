@@ -56,7 +56,7 @@ pub struct UsageSelection {
     pub to_ms: i64,
 }
 
-const USAGE_COLUMNS: [&str; 14] = [
+const USAGE_COLUMNS: [&str; 15] = [
     "request_id",
     "tenant_id",
     "key_id",
@@ -71,7 +71,16 @@ const USAGE_COLUMNS: [&str; 14] = [
     "invoice_id",
     "cached_tokens",
     "cache_hit_minor_per_mreq",
+    "batch_id",
 ];
+
+/// The batch a usage record is a line of, from its request id `{batch}_req_{line}`.
+pub fn batch_of(request_id: &str) -> Option<&str> {
+    request_id
+        .starts_with("batch_")
+        .then(|| request_id.rsplit_once("_req_").map(|(batch, _)| batch))
+        .flatten()
+}
 
 /// A CSV field, quoted when it must be (RFC 4180).
 fn csv_field(s: &str) -> String {
@@ -169,7 +178,8 @@ pub async fn export_usage<W: AsyncWrite + Unpin>(
     out: W,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ExportError> {
-    let columns = USAGE_COLUMNS.join(", ");
+    // `batch_id`, the last, is read from the request id.
+    let columns = USAGE_COLUMNS[..USAGE_COLUMNS.len() - 1].join(", ");
     let tenant_filter = if selection.tenant_id.is_some() {
         "tenant_id = $3 AND "
     } else {
@@ -218,6 +228,7 @@ pub async fn export_usage<W: AsyncWrite + Unpin>(
                     invoice.as_deref().map_or(Value::Null, Value::Text),
                     Value::Int(int("cached_tokens")?),
                     hit_rate.map_or(Value::Null, Value::Int),
+                    batch_of(&request_id).map_or(Value::Null, Value::Text),
                 ],
             )
             .await?;
@@ -308,7 +319,7 @@ pub async fn export_invoice_trace<W: AsyncWrite + Unpin>(
     Ok(Some(writer.finish().await?))
 }
 
-const LINE_COLUMNS: [&str; 16] = [
+const LINE_COLUMNS: [&str; 18] = [
     "invoice_id",
     "kind",
     "usage_period",
@@ -325,6 +336,8 @@ const LINE_COLUMNS: [&str; 16] = [
     "cached_input_minor_per_mtok",
     "cached_input_tokens",
     "cache_hit_minor_per_mreq",
+    "batch",
+    "batch_discount_pct",
 ];
 
 /// An invoice's lines as CSV, one row per line, for spreadsheets; the JSON form is the
@@ -356,6 +369,9 @@ pub fn invoice_lines_csv(invoice: &crate::Invoice) -> String {
                 .map_or(String::new(), |r| r.to_string()),
             l.cached_input_tokens.to_string(),
             l.cache_hit_minor_per_mreq
+                .map_or(String::new(), |r| r.to_string()),
+            l.batch.to_string(),
+            l.batch_discount_pct
                 .map_or(String::new(), |r| r.to_string()),
         ];
         out.push_str(&fields.join(","));

@@ -57,6 +57,11 @@ pub struct InvoiceLine {
     /// minor units per million, whatever its tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_hit_minor_per_mreq: Option<i64>,
+    /// A line of batch requests, priced apart: the version's discount off its charge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_discount_pct: Option<i64>,
     /// The version's volume tiers, graduated over this line's tokens; absent: flat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<crate::prices::Tier>,
@@ -166,7 +171,14 @@ struct Aggregate {
     output: i64,
     /// Set for responses served from the response cache (see [`InvoiceLine`]).
     hit_rate: Option<i64>,
+    /// Lines of batches (see [`BATCH_RECORD`]).
+    batch: bool,
 }
+
+/// The usage records of batch lines: their request ids are `{batch}_req_{line}`, made by
+/// the gateway (an interactive call's is `req_...`, a classifier's training `clf_...`).
+pub const BATCH_RECORD: &str =
+    "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 1 ELSE 0 END)";
 
 /// Time boundaries that split usage so that each piece has one price version and one month:
 /// every price version's start and every month start in `[from, to)`.
@@ -221,8 +233,8 @@ async fn aggregate(
          CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS input, \
          CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS output, \
          CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached, \
-         cache_hit_minor_per_mreq AS hit_rate \
-         FROM usage_records WHERE {filter} GROUP BY 1, 2, 3, cache_hit_minor_per_mreq"
+         cache_hit_minor_per_mreq AS hit_rate, CAST({BATCH_RECORD} AS BIGINT) AS batch \
+         FROM usage_records WHERE {filter} GROUP BY 1, 2, 3, cache_hit_minor_per_mreq, {BATCH_RECORD}"
     );
     let mut query = sqlx::query(&sql);
     query = match selection {
@@ -244,6 +256,7 @@ async fn aggregate(
                 cached: r.try_get("cached")?,
                 output: r.try_get("output")?,
                 hit_rate: r.try_get("hit_rate")?,
+                batch: r.try_get::<i64, _>("batch")? == 1,
             })
         })
         .collect()
@@ -265,7 +278,7 @@ fn build(
     book: &PriceBook,
     default_currency: &str,
 ) -> Result<Invoice, InvoiceError> {
-    type LineKey = (LineKind, String, String, Option<i64>, Option<i64>);
+    type LineKey = (LineKind, String, String, Option<i64>, Option<i64>, bool);
     let mut lines: BTreeMap<LineKey, InvoiceLine> = BTreeMap::new();
     let mut rejected: BTreeMap<(String, String), Rejected> = BTreeMap::new();
     let mut currencies: std::collections::BTreeSet<String> = Default::default();
@@ -320,6 +333,7 @@ fn build(
             a.model.clone(),
             price.map(|p| p.effective_from),
             a.hit_rate,
+            a.batch,
         );
         let line = lines.entry(key).or_insert_with(|| InvoiceLine {
             kind,
@@ -331,6 +345,8 @@ fn build(
             request_minor_per_mreq: price.map_or(0, |p| p.request_minor_per_mreq),
             cached_input_minor_per_mtok: price.and_then(|p| p.cached_input_minor_per_mtok),
             cache_hit_minor_per_mreq: a.hit_rate,
+            batch: a.batch,
+            batch_discount_pct: price.and_then(|p| p.batch_discount_pct).filter(|_| a.batch),
             tiers: price.map_or_else(Vec::new, |p| p.tiers.clone()),
             requests: 0,
             input_tokens: 0,
@@ -361,7 +377,11 @@ fn build(
                 cached_input: l.cached_input_tokens,
                 output: l.output_tokens,
             };
-            l.amount_micros = p.charge((0, 0), &usage).0;
+            let charge = p.charge((0, 0), &usage);
+            l.amount_micros = match l.batch {
+                true => p.batch_charge(charge).0,
+                false => charge.0,
+            };
         }
         l.amount_minor = Micros(l.amount_micros).to_minor_half_even();
     }

@@ -57,6 +57,10 @@ pub struct Price {
     /// Rate of prompt tokens read from a worker's prefix cache; `None`: the input rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_input_minor_per_mtok: Option<i64>,
+    /// Percent taken off the charge of batch lines (1–100); `None`: they cost what
+    /// interactive calls do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_discount_pct: Option<i64>,
     /// Volume tiers above the base rates, by increasing `from_tokens`; empty: flat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<Tier>,
@@ -187,6 +191,13 @@ impl Price {
         total
     }
 
+    /// What a batch line costs given its interactive charge: less the version's discount
+    /// (rounded down to the millionth of a minor unit).
+    pub fn batch_charge(&self, interactive: Micros) -> Micros {
+        let pct = self.batch_discount_pct.unwrap_or(0).clamp(0, 100);
+        Micros(((i128::from(interactive.0) * i128::from(100 - pct)) / 100) as i64)
+    }
+
     /// Checks the price as [`add_price`] stores it.
     pub fn validate(&self) -> Result<(), PriceError> {
         if self.model.is_empty() {
@@ -209,6 +220,12 @@ impl Price {
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(PriceError::Currency);
         }
+        if self
+            .batch_discount_pct
+            .is_some_and(|p| !(1..=100).contains(&p))
+        {
+            return Err(PriceError::Discount);
+        }
         let mut last = 0;
         for t in &self.tiers {
             if t.from_tokens <= last {
@@ -230,6 +247,8 @@ pub enum PriceError {
     Model,
     #[error("tiers must start above zero tokens, in increasing order")]
     Tiers,
+    #[error("a batch discount is a percentage from 1 to 100")]
+    Discount,
     #[error("stored tiers of {0} are not readable")]
     StoredTiers(String),
     #[error(transparent)]
@@ -265,8 +284,8 @@ impl PriceBook {
     pub async fn load(db: &Db) -> Result<Self, DbError> {
         let rows = sqlx::query(
             "SELECT model, effective_from, currency, input_minor_per_mtok, \
-             output_minor_per_mtok, request_minor_per_mreq, tiers, cached_input_minor_per_mtok \
-             FROM prices",
+             output_minor_per_mtok, request_minor_per_mreq, tiers, cached_input_minor_per_mtok, \
+             batch_discount_pct FROM prices",
         )
         .fetch_all(db.pool())
         .await?;
@@ -280,6 +299,7 @@ impl PriceBook {
                 output_minor_per_mtok: r.try_get("output_minor_per_mtok")?,
                 request_minor_per_mreq: r.try_get("request_minor_per_mreq")?,
                 cached_input_minor_per_mtok: r.try_get("cached_input_minor_per_mtok")?,
+                batch_discount_pct: r.try_get("batch_discount_pct")?,
                 tiers: match r.try_get::<Option<String>, _>("tiers")? {
                     Some(json) => serde_json::from_str(&json).map_err(|e| {
                         DbError::Sqlx(sqlx::Error::Decode(
@@ -316,7 +336,8 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     sqlx::query(
         "INSERT INTO prices (model, effective_from, currency, input_minor_per_mtok, \
          output_minor_per_mtok, request_minor_per_mreq, created_at, tiers, \
-         cached_input_minor_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         cached_input_minor_per_mtok, batch_discount_pct) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&price.model)
     .bind(price.effective_from)
@@ -327,6 +348,7 @@ pub async fn add_price(db: &Db, price: &Price) -> Result<(), PriceError> {
     .bind(crate::now_ms())
     .bind(tiers)
     .bind(price.cached_input_minor_per_mtok)
+    .bind(price.batch_discount_pct)
     .execute(db.pool())
     .await?;
     Ok(())
@@ -345,6 +367,7 @@ mod tests {
             output_minor_per_mtok: 2 * input,
             request_minor_per_mreq: 0,
             cached_input_minor_per_mtok: None,
+            batch_discount_pct: None,
             tiers: Vec::new(),
         }
     }
@@ -425,6 +448,7 @@ mod tests {
     fn tiered(input: i64, cached: Option<i64>, tiers: &[(i64, i64)]) -> Price {
         Price {
             cached_input_minor_per_mtok: cached,
+            batch_discount_pct: None,
             tiers: tiers
                 .iter()
                 .map(|&(from_tokens, rate)| Tier {

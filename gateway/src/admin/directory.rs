@@ -207,6 +207,9 @@ struct NewPrice {
     /// Rate of prompt tokens read from a worker's prefix cache; the input rate if omitted.
     #[serde(default)]
     cached_input_minor_per_mtok: Option<i64>,
+    /// Percent off the charge of batch lines (1–100); none if omitted.
+    #[serde(default)]
+    batch_discount_pct: Option<i64>,
     #[serde(default = "usd")]
     currency: String,
     /// Unix ms; now if omitted.
@@ -235,6 +238,7 @@ async fn add_price(
         output_minor_per_mtok: new.output_minor_per_mtok,
         request_minor_per_mreq: new.request_minor_per_mreq,
         cached_input_minor_per_mtok: new.cached_input_minor_per_mtok,
+        batch_discount_pct: new.batch_discount_pct,
         tiers: new.tiers,
     };
     let book = billing::PriceBook::load(&state.db).await?;

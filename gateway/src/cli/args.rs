@@ -167,6 +167,10 @@ pub struct AddPrice {
     /// they cost the input rate.
     #[arg(long)]
     pub cached_input_per_mtok: Option<i64>,
+    /// Percent taken off the charge of batch lines (1–100); without it they cost what
+    /// interactive calls do.
+    #[arg(long)]
+    pub batch_discount_pct: Option<i64>,
     #[arg(long, default_value = "USD")]
     pub currency: String,
     /// Unix milliseconds from which this version applies; now if omitted.

@@ -20,6 +20,7 @@ pub async fn add_price(a: AddPrice, json: bool) -> anyhow::Result<()> {
         output_minor_per_mtok: a.output_per_mtok,
         request_minor_per_mreq: a.request_per_mreq,
         cached_input_minor_per_mtok: a.cached_input_per_mtok,
+        batch_discount_pct: a.batch_discount_pct,
         tiers: a.tiers,
     };
     billing::prices::add_price(&db, &price).await?;

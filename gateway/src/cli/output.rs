@@ -51,8 +51,11 @@ pub fn price(p: &billing::Price) -> String {
     let cached = p.cached_input_minor_per_mtok.map_or(String::new(), |r| {
         format!("\t{r} {}/Mtok cached in", p.currency)
     });
+    let batch = p
+        .batch_discount_pct
+        .map_or(String::new(), |d| format!("\tbatch -{d}%"));
     format!(
-        "{}\t{}\t{} {}/Mtok in\t{} {}/Mtok out\t{} {}/Mreq{cached}",
+        "{}\t{}\t{} {}/Mtok in\t{} {}/Mtok out\t{} {}/Mreq{cached}{batch}",
         p.model,
         p.effective_from,
         p.input_minor_per_mtok,

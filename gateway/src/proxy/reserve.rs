@@ -31,6 +31,8 @@ pub(super) struct Reservation {
     /// The version's highest rates, with its cached-input rate kept for the settlement:
     /// the reservation, made before anyone knows what will be cached, folds it in.
     price: Option<Price>,
+    /// A batch line: settled at the version's batch discount, as its invoice line is.
+    batch: bool,
 }
 
 impl Reservation {
@@ -50,6 +52,7 @@ impl Reservation {
             .at(&call.model, ctx.started_at)
             .map(|p| Price {
                 cached_input_minor_per_mtok: p.cached_input_minor_per_mtok,
+                batch_discount_pct: p.batch_discount_pct,
                 ..p.ceiling()
             });
         let context = context_length.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
@@ -75,6 +78,7 @@ impl Reservation {
             Self {
                 permit: admitted.permit,
                 price,
+                batch: billing::export::batch_of(&ctx.request_id).is_some(),
             },
             admitted.headers,
         ))
@@ -98,7 +102,10 @@ impl Reservation {
                 spend: self
                     .price
                     .as_ref()
-                    .map(|p| p.charge((0, 0), used))
+                    .map(|p| match self.batch {
+                        true => p.batch_charge(p.charge((0, 0), used)),
+                        false => p.charge((0, 0), used),
+                    })
                     .unwrap_or_default(),
             });
         }
@@ -161,6 +168,7 @@ mod tests {
             output_minor_per_mtok: output,
             request_minor_per_mreq: 0,
             cached_input_minor_per_mtok: None,
+            batch_discount_pct: None,
             tiers: Vec::new(),
         }
     }

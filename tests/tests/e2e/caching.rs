@@ -27,6 +27,7 @@ fn price(cached: Option<i64>) -> Price {
         output_minor_per_mtok: 4_000,
         request_minor_per_mreq: 0,
         cached_input_minor_per_mtok: cached,
+        batch_discount_pct: None,
         tiers: Vec::new(),
     }
 }

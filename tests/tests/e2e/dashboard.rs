@@ -93,6 +93,7 @@ async fn dashboard_in_headless_chromium() {
             output_minor_per_mtok: 1_200,
             request_minor_per_mreq: 0,
             cached_input_minor_per_mtok: None,
+            batch_discount_pct: None,
             tiers: Vec::new(),
         },
     )

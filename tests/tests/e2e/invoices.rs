@@ -28,6 +28,7 @@ fn price(model: &str, from: i64, input: i64, output: i64, request: i64) -> Price
         output_minor_per_mtok: output,
         request_minor_per_mreq: request,
         cached_input_minor_per_mtok: None,
+        batch_discount_pct: None,
         tiers: Vec::new(),
     }
 }
@@ -284,8 +285,8 @@ async fn cached_usage_is_priced_apart(db: Db) {
         .lines()
         .next()
         .unwrap()
-        .ends_with("cached_input_minor_per_mtok,cached_input_tokens,cache_hit_minor_per_mreq"));
-    assert!(csv.contains(&format!(",100,{cached},\n")), "{csv}");
+        .ends_with("cached_input_minor_per_mtok,cached_input_tokens,cache_hit_minor_per_mreq,batch,batch_discount_pct"));
+    assert!(csv.contains(&format!(",100,{cached},,false,\n")), "{csv}");
 
     use billing::series::{top, usage_series, Bucket, Dimension, UsageFilter};
     let month = UsageFilter {
@@ -327,9 +328,9 @@ async fn cached_usage_is_priced_apart(db: Db) {
         .lines()
         .next()
         .unwrap()
-        .ends_with(",invoice_id,cached_tokens,cache_hit_minor_per_mreq"));
+        .ends_with(",invoice_id,cached_tokens,cache_hit_minor_per_mreq,batch_id"));
     let row = text.lines().find(|l| l.starts_with("cached-5,")).unwrap();
-    assert!(row.ends_with(",0,7000"), "{row}");
+    assert!(row.ends_with(",0,7000,"), "{row}");
     let mut trace = Vec::new();
     let id = inv.id.clone().unwrap();
     export_invoice_trace(&db, &id, Format::Csv, &mut trace)
@@ -354,6 +355,73 @@ async fn sqlite_cached_usage_is_priced_apart() {
 async fn postgres_cached_usage_is_priced_apart() {
     let pg = TempPostgres::new().await;
     cached_usage_is_priced_apart(Db::connect(&pg.url).await.unwrap()).await;
+}
+
+/// Batch lines (usage records `{batch}_req_{line}`) are invoiced on lines of their own at
+/// the version's batch discount; the same usage made interactively is charged in full; the
+/// usage export names each record's batch and the lines' CSV says which line is which.
+async fn batch_usage_is_discounted(db: Db) {
+    let ledger = Ledger::new(db.clone());
+    let (start, _) = period_bounds("2026-09").unwrap();
+    let mut p = price("batched", 0, 1_000, 3_000, 500);
+    p.batch_discount_pct = Some(50);
+    billing::prices::add_price(&db, &p).await.unwrap();
+    let event = |id: String| {
+        UsageEvent::builder(id, "tn_batch")
+            .model("batched")
+            .tokens(1_234, 567)
+            .at(start + 1_000, 5)
+            .build()
+    };
+    let mut events: Vec<UsageEvent> = (1..=10)
+        .map(|i| event(format!("batch_0123abcd_req_{i}")))
+        .collect();
+    events.extend((0..10).map(|i| event(format!("req_{i:032x}"))));
+    ledger.record_batch(&events).await.unwrap();
+
+    let inv = Invoices::new(db.clone())
+        .finalise("tn_batch", "2026-09")
+        .await
+        .unwrap();
+    assert_eq!(inv.lines.len(), 2, "{inv:?}");
+    let line = |batch: bool| inv.lines.iter().find(|l| l.batch == batch).unwrap();
+    let (interactive, batch) = (line(false), line(true));
+    assert_eq!(
+        (batch.requests, batch.input_tokens, batch.output_tokens),
+        (10, 12_340, 5_670)
+    );
+    assert_eq!(batch.batch_discount_pct, Some(50));
+    assert_eq!(interactive.batch_discount_pct, None);
+    // 10 requests at 500/Mreq, 12,340 input at 1,000/Mtok, 5,670 output at 3,000/Mtok.
+    let full = 10 * 500 + 12_340 * 1_000 + 5_670 * 3_000;
+    assert_eq!(interactive.amount_micros, full);
+    assert_eq!(batch.amount_micros, full / 2);
+    let csv = billing::export::invoice_lines_csv(&inv);
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",batch,batch_discount_pct"),
+        "{csv}"
+    );
+    assert!(csv.lines().any(|l| l.ends_with(",true,50")), "{csv}");
+    assert_eq!(
+        billing::export::batch_of("batch_0123abcd_req_7"),
+        Some("batch_0123abcd")
+    );
+    assert_eq!(billing::export::batch_of("req_0123"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batch_usage_is_discounted() {
+    let store = TempSqlite::new();
+    batch_usage_is_discounted(Db::connect(&store.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_usage_is_discounted() {
+    let pg = TempPostgres::new().await;
+    batch_usage_is_discounted(Db::connect(&pg.url).await.unwrap()).await;
 }
 
 async fn lifecycle(db: Db) {
@@ -539,7 +607,7 @@ async fn lifecycle(db: Db) {
     assert!(csv.starts_with("request_id,tenant_id,key_id,model,"));
     assert!(csv
         .lines()
-        .any(|l| l.starts_with("r1,tn_a,k,chat,") && l.ends_with(&format!(",{id},0,"))));
+        .any(|l| l.starts_with("r1,tn_a,k,chat,") && l.ends_with(&format!(",{id},0,,"))));
     let mut trace = Vec::new();
     let rows = export_invoice_trace(&db, &id, Format::Csv, &mut trace)
         .await

@@ -322,6 +322,7 @@ async fn quota_holds_across_replicas(url: &str) {
         output_minor_per_mtok: 1_000,
         request_minor_per_mreq: 0,
         cached_input_minor_per_mtok: None,
+        batch_discount_pct: None,
         tiers: Vec::new(),
     };
     billing::prices::add_price(&a.db, &price).await.unwrap();

@@ -260,6 +260,7 @@ async fn calls_the_body_does_not_bound_never_pass_the_quota_or_the_spend_cap() {
         output_minor_per_mtok: MINOR_PER_MTOK,
         request_minor_per_mreq: 0,
         cached_input_minor_per_mtok: None,
+        batch_discount_pct: None,
         tiers: Vec::new(),
     };
 
