@@ -29,6 +29,7 @@ use sqlx::Row;
 
 use crate::period::{self, period_of, BadPeriod};
 use crate::prices::{cache_hit_cost, Micros, PriceBook, Tokens};
+use crate::usage::BATCH_RECORD;
 use crate::{Db, DbError};
 
 /// Whether a line bills the invoice's own month or late usage of an earlier one.
@@ -174,11 +175,6 @@ struct Aggregate {
     /// Lines of batches (see [`BATCH_RECORD`]).
     batch: bool,
 }
-
-/// The usage records of batch lines: their request ids are `{batch}_req_{line}`, made by
-/// the gateway (an interactive call's is `req_...`, a classifier's training `clf_...`).
-pub const BATCH_RECORD: &str =
-    "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 1 ELSE 0 END)";
 
 /// Time boundaries that split usage so that each piece has one price version and one month:
 /// every price version's start and every month start in `[from, to)`.

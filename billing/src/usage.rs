@@ -108,6 +108,11 @@ const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_to
                        completion_tokens, started_at, finished_at, status, delivery, \
                        cached_tokens, cache_hit_minor_per_mreq";
 
+/// The usage records of batch lines: their request ids are `{batch}_req_{line}`, made by
+/// the gateway (an interactive call's is `req_...`, a classifier's training `clf_...`).
+pub const BATCH_RECORD: &str =
+    "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 1 ELSE 0 END)";
+
 /// Usage of one model over a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelTotals {
@@ -119,6 +124,10 @@ pub struct ModelTotals {
     pub cached_tokens: i64,
     /// Of `requests`, those served from the gateway's response cache.
     pub cache_hits: i64,
+    /// Of `requests`, `prompt_tokens` and `completion_tokens`, those of batch lines.
+    pub batch_requests: i64,
+    pub batch_prompt_tokens: i64,
+    pub batch_completion_tokens: i64,
 }
 
 /// Writes and reads usage records.
@@ -174,17 +183,20 @@ impl Ledger {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<ModelTotals>, DbError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT model, COUNT(*) AS requests, \
                     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
                     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
                     CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
                     CAST(COALESCE(SUM(CASE WHEN cache_hit_minor_per_mreq IS NULL \
-                                      THEN 0 ELSE 1 END), 0) AS BIGINT) AS cache_hits \
+                                      THEN 0 ELSE 1 END), 0) AS BIGINT) AS cache_hits, \
+                    CAST(COALESCE(SUM({BATCH_RECORD}), 0) AS BIGINT) AS batch_requests, \
+                    CAST(COALESCE(SUM({BATCH_RECORD} * prompt_tokens), 0) AS BIGINT) AS batch_prompt, \
+                    CAST(COALESCE(SUM({BATCH_RECORD} * completion_tokens), 0) AS BIGINT) AS batch_completion \
              FROM usage_records \
              WHERE tenant_id = $1 AND started_at >= $2 AND started_at < $3 \
-             GROUP BY model ORDER BY model",
-        )
+             GROUP BY model ORDER BY model"
+        ))
         .bind(tenant_id)
         .bind(from_ms)
         .bind(to_ms)
@@ -199,6 +211,9 @@ impl Ledger {
                     completion_tokens: r.try_get("completion_tokens")?,
                     cached_tokens: r.try_get("cached_tokens")?,
                     cache_hits: r.try_get("cache_hits")?,
+                    batch_requests: r.try_get("batch_requests")?,
+                    batch_prompt_tokens: r.try_get("batch_prompt")?,
+                    batch_completion_tokens: r.try_get("batch_completion")?,
                 })
             })
             .collect()

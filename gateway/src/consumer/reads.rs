@@ -61,6 +61,8 @@ pub(super) async fn own_usage(
                 "total_tokens": t.prompt_tokens + t.completion_tokens,
                 "cached_tokens": t.cached_tokens,
                 "cache_hits": t.cache_hits,
+                "batch": {"requests": t.batch_requests, "prompt_tokens": t.batch_prompt_tokens,
+                          "completion_tokens": t.batch_completion_tokens},
             })
         })
         .collect();

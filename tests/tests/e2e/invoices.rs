@@ -410,6 +410,20 @@ async fn batch_usage_is_discounted(db: Db) {
         Some("batch_0123abcd")
     );
     assert_eq!(billing::export::batch_of("req_0123"), None);
+    // The tenant's usage says which part was batch.
+    let totals = ledger
+        .totals_by_model("tn_batch", start, start + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(totals[0].requests, 20);
+    assert_eq!(
+        (
+            totals[0].batch_requests,
+            totals[0].batch_prompt_tokens,
+            totals[0].batch_completion_tokens
+        ),
+        (10, 12_340, 5_670)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

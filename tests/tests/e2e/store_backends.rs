@@ -34,6 +34,9 @@ async fn ledger_is_idempotent(db: Db) {
             completion_tokens: 5,
             cached_tokens: 0,
             cache_hits: 0,
+            batch_requests: 0,
+            batch_prompt_tokens: 0,
+            batch_completion_tokens: 0,
         }]
     );
     assert!(ledger.totals_by_model("t1", 0, 1).await.unwrap().is_empty());
