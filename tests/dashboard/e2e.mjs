@@ -83,6 +83,9 @@ try {
     return r && r.textContent.includes("revoked");
   }, env("KEY_ID"));
   result.revoked = env("KEY_ID");
+  // The tenant's batches, with their progress.
+  await page.locator(`#batches-table tr[data-batch="${env("BATCH_ID")}"]`).waitFor();
+  assert.match(await page.textContent(`#batches-table tr[data-batch="${env("BATCH_ID")}"]`), /\/v1\/embeddings.*\d+ \/ 1/);
   if (shots) await page.locator("#keys").screenshot({ path: path.join(shots, "dashboard-keys.png") });
 
   // Download an export of the seeded month.

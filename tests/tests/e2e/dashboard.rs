@@ -100,6 +100,24 @@ async fn dashboard_in_headless_chromium() {
     .await
     .unwrap();
     let (tenant, key) = ids[0].clone();
+    // A batch of the tenant, for its batches table (its one line names no served model,
+    // so it ends failed without touching the usage the panels total).
+    let batches = gateway::batches::BatchStore::new(gw.db.clone());
+    let line = r#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"no-such-model","input":"x"}}"#;
+    batches
+        .create_file("file-dash", &tenant, "batch", "b.jsonl", line, 1)
+        .await
+        .unwrap();
+    let owner = gateway::batches::store::Owner {
+        tenant_id: tenant.clone(),
+        key_id: key.clone(),
+        endpoint: "/v1/embeddings",
+    };
+    let lines = gateway::batches::parse_file(line.as_bytes()).unwrap();
+    let batch = batches
+        .create_batch("batch_dash", &owner, "file-dash", None, &lines)
+        .await
+        .unwrap();
     billing::Invoices::new(gw.db.clone())
         .finalise(&tenant, &period)
         .await
@@ -156,6 +174,7 @@ async fn dashboard_in_headless_chromium() {
         .env("EXPECTED_TOKENS", tokens.to_string())
         .env("TENANT_ID", &tenant)
         .env("KEY_ID", &key)
+        .env("BATCH_ID", &batch.id)
         .env("PERIOD", &period)
         .env("DOWNLOAD_DIR", &downloads)
         .env("SCREENSHOT_DIR", &screenshots)

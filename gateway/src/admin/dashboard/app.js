@@ -274,6 +274,25 @@ async function loadClassifiers() {
   if (first) show(first);
 }
 
+async function loadBatches() {
+  const tenant = $("keys-tenant").value;
+  const tbody = $("batches-table").querySelector("tbody");
+  tbody.replaceChildren();
+  if (!tenant) return;
+  const list = await getJson("/admin/v1/tenants/" + encodeURIComponent(tenant) + "/batches");
+  for (const b of list.data) {
+    const c = b.request_counts;
+    const ended = ["completed", "cancelled", "expired"].includes(b.status);
+    const tr = el("tr", { "data-batch": b.id });
+    tr.append(el("td", {}, b.id), el("td", {}, b.endpoint),
+      el("td", { class: b.status === "failed" ? "down" : ended ? "ok" : "" }, b.status),
+      el("td", { class: "num" }, `${fmt(c.completed + c.failed)} / ${fmt(c.total)}`),
+      el("td", { class: "num" }, fmt(c.failed)),
+      el("td", {}, new Date(b.created_at * 1000).toISOString().slice(0, 16).replace("T", " ")));
+    tbody.append(tr);
+  }
+}
+
 async function download(path, fallbackName) {
   const res = await api(path);
   const cd = res.headers.get("content-disposition") || "";
@@ -333,7 +352,7 @@ async function refresh() {
     const prices = (await getJson("/admin/v1/prices")).data;
     if (prices.length) state.currency = prices[prices.length - 1].currency;
     fillTenantSelects();
-    jobs.push(loadKeys(), loadClassifiers());
+    jobs.push(loadKeys(), loadClassifiers(), loadBatches());
     if (can("read_invoices")) jobs.push(loadInvoices());
   }
   if (can("read_usage")) jobs.push(loadUsage(), loadTop());
@@ -385,7 +404,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-out").addEventListener("click", () => signOut());
   $("refresh").addEventListener("click", () => refresh().catch((e) => setStatus(e.message)));
   for (const id of ["range", "bucket", "tenant-filter"]) $(id).addEventListener("change", () => refresh().catch((e) => setStatus(e.message)));
-  $("keys-tenant").addEventListener("change", () => Promise.all([loadKeys(), loadClassifiers()]).catch((e) => setStatus(e.message)));
+  $("keys-tenant").addEventListener("change", () => Promise.all([loadKeys(), loadClassifiers(), loadBatches()]).catch((e) => setStatus(e.message)));
   $("invoices-tenant").addEventListener("change", () => loadInvoices().catch((e) => setStatus(e.message)));
   $("export-csv").addEventListener("click", () => exportUsage("csv"));
   $("export-json").addEventListener("click", () => exportUsage("json"));
