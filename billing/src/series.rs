@@ -20,6 +20,7 @@ use sqlx::Row;
 use crate::invoices::{boundaries, segment_sql};
 use crate::period::{period_bounds, period_of};
 use crate::prices::{cache_hit_cost, PriceBook, Tokens};
+use crate::usage::BATCH_RECORD;
 use crate::{Db, DbError};
 
 /// Width of a time bucket. Buckets start at UTC hour or midnight boundaries.
@@ -245,9 +246,20 @@ impl Piece {
 struct Quantities {
     tokens: Tokens,
     hit_rate: Option<i64>,
+    /// Batch lines, charged at their version's batch discount as on invoices.
+    batch: bool,
 }
 
 impl Quantities {
+    /// The charge of these tokens after `before` of the same line's volume.
+    fn charge(&self, p: &crate::Price, before: (i64, i64)) -> crate::prices::Micros {
+        let charge = p.charge(before, &self.tokens);
+        match self.batch {
+            true => p.batch_charge(charge),
+            false => charge,
+        }
+    }
+
     fn read(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             tokens: Tokens {
@@ -257,6 +269,7 @@ impl Quantities {
                 output: r.try_get("completion_tokens")?,
             },
             hit_rate: r.try_get("hit_rate")?,
+            batch: r.try_get::<i64, _>("batch")? != 0,
         })
     }
 }
@@ -304,8 +317,9 @@ async fn aggregate(
     let sql = format!(
         "SELECT CAST({bucket} AS BIGINT) AS bucket, {group} AS grp, model, \
          CAST({segment} AS BIGINT) AS segment, \
-         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS} \
-         FROM usage_records WHERE {} GROUP BY 1, 2, 3, 4, 5, cache_hit_minor_per_mreq",
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS}, \
+         CAST({BATCH_RECORD} AS BIGINT) AS batch \
+         FROM usage_records WHERE {} GROUP BY 1, 2, 3, 4, 5, cache_hit_minor_per_mreq, {BATCH_RECORD}",
         conditions.join(" AND ")
     );
     let mut query = sqlx::query(&sql).bind(filter.from_ms).bind(filter.to_ms);
@@ -333,9 +347,7 @@ async fn aggregate(
         let spend_micros = match (billed, q.hit_rate) {
             (false, _) => 0,
             (true, Some(rate)) => cache_hit_cost(q.tokens.requests, rate).0,
-            (true, None) => book
-                .at(&model, at)
-                .map_or(0, |p| p.charge((0, 0), &q.tokens).0),
+            (true, None) => book.at(&model, at).map_or(0, |p| q.charge(p, (0, 0)).0),
         };
         pieces.push(Piece {
             bucket: if bucket_ms.is_some() { bucket } else { 0 },
@@ -376,10 +388,11 @@ async fn aggregate_tiered(
         "SELECT CAST((started_at / {width}) * {width} AS BIGINT) AS bucket, \
          CAST(CASE WHEN started_at < $3 THEN 1 ELSE 0 END AS BIGINT) AS before, \
          tenant_id, key_id, {group} AS grp, model, CAST({segment} AS BIGINT) AS segment, \
-         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS} \
+         CAST(CASE WHEN delivery = 'delivered' THEN 1 ELSE 0 END AS BIGINT) AS billed, {SUMS}, \
+         CAST({BATCH_RECORD} AS BIGINT) AS batch \
          FROM usage_records WHERE started_at >= $1 AND started_at < $2 {tenant_filter}\
-         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, cache_hit_minor_per_mreq \
-         ORDER BY 1, 2 DESC, 3, 4, 6, 7, cache_hit_minor_per_mreq"
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, cache_hit_minor_per_mreq, {BATCH_RECORD} \
+         ORDER BY 1, 2 DESC, 3, 4, 6, 7, cache_hit_minor_per_mreq, {BATCH_RECORD}"
     );
     let mut query = sqlx::query(&sql)
         .bind(scan_from)
@@ -393,7 +406,7 @@ async fn aggregate_tiered(
     }
     let rows = query.fetch_all(db.pool()).await?;
     // Billed tokens so far per (tenant, model, segment): where the next piece starts.
-    let mut volume: std::collections::HashMap<(String, String, i64), (i64, i64)> =
+    let mut volume: std::collections::HashMap<(String, String, i64, bool), (i64, i64)> =
         Default::default();
     let mut pieces = Vec::new();
     for r in rows {
@@ -416,11 +429,12 @@ async fn aggregate_tiered(
             spend_micros = cache_hit_cost(q.tokens.requests, rate).0;
         } else if billed {
             let at = segment_start.max(bucket);
+            // Batch lines climb their own tiers, as they are invoiced on lines of their own.
             let done = volume
-                .entry((tenant.clone(), model.clone(), segment))
+                .entry((tenant.clone(), model.clone(), segment, q.batch))
                 .or_default();
             if let Some(p) = book.at(&model, at) {
-                spend_micros = p.charge(*done, &q.tokens).0;
+                spend_micros = q.charge(p, *done).0;
                 let (input, output) = p.volume(&q.tokens);
                 done.0 += input;
                 done.1 += output;

@@ -424,6 +424,22 @@ async fn batch_usage_is_discounted(db: Db) {
         ),
         (10, 12_340, 5_670)
     );
+    // The usage series and leader boards (the dashboard's spend) agree with the invoice.
+    use billing::series::{top, usage_series, Bucket, Dimension, UsageFilter};
+    let (_, end) = period_bounds("2026-09").unwrap();
+    let month = UsageFilter {
+        tenant_id: Some("tn_batch".into()),
+        from_ms: start,
+        to_ms: end,
+        ..Default::default()
+    };
+    let invoiced = full + full / 2;
+    for bucket in [Bucket::Hour, Bucket::Day] {
+        let points = usage_series(&db, &month, bucket, None).await.unwrap();
+        assert_eq!(points.iter().map(|p| p.spend_micros).sum::<i64>(), invoiced);
+    }
+    let tenants = top(&db, &month, Dimension::Tenant, 10).await.unwrap();
+    assert_eq!(tenants[0].spend_micros, invoiced);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
