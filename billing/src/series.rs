@@ -47,6 +47,8 @@ pub enum Dimension {
     Tenant,
     Key,
     Model,
+    /// `batch` (lines of batches) or `interactive` (see [`BATCH_RECORD`]).
+    Batch,
 }
 
 impl Dimension {
@@ -55,6 +57,9 @@ impl Dimension {
             Self::Tenant => "tenant_id",
             Self::Key => "key_id",
             Self::Model => "model",
+            Self::Batch => {
+                "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 'batch' ELSE 'interactive' END)"
+            }
         }
     }
 }

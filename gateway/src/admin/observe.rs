@@ -127,7 +127,7 @@ async fn top(
             }
             names
         }
-        Dimension::Model => HashMap::new(),
+        Dimension::Model | Dimension::Batch => HashMap::new(),
     };
     let data: Vec<serde_json::Value> = entries
         .into_iter()

@@ -387,6 +387,8 @@ pub enum DimensionArg {
     Tenant,
     Key,
     Model,
+    /// Batch lines apart from interactive calls.
+    Batch,
 }
 
 impl From<DimensionArg> for billing::series::Dimension {
@@ -395,6 +397,7 @@ impl From<DimensionArg> for billing::series::Dimension {
             DimensionArg::Tenant => Self::Tenant,
             DimensionArg::Key => Self::Key,
             DimensionArg::Model => Self::Model,
+            DimensionArg::Batch => Self::Batch,
         }
     }
 }

@@ -440,6 +440,22 @@ async fn batch_usage_is_discounted(db: Db) {
     }
     let tenants = top(&db, &month, Dimension::Tenant, 10).await.unwrap();
     assert_eq!(tenants[0].spend_micros, invoiced);
+    // Broken down by batch, each part is its invoice line.
+    let parts = usage_series(&db, &month, Bucket::Day, Some(Dimension::Batch))
+        .await
+        .unwrap();
+    let part = |name: &str| {
+        parts
+            .iter()
+            .filter(|p| p.group.as_deref() == Some(name))
+            .map(|p| (p.requests, p.spend_micros))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    assert_eq!(part("batch"), (10, full / 2));
+    assert_eq!(part("interactive"), (10, full));
+    let ranked = top(&db, &month, Dimension::Batch, 10).await.unwrap();
+    assert_eq!(ranked[0].id, "interactive");
+    assert_eq!(ranked[1].spend_micros, full / 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
