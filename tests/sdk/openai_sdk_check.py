@@ -155,7 +155,10 @@ check("tool call id", calls[0].id.startswith("call_") and calls[0].type == "func
 check("tool finish_reason", named.choices[0].finish_reason == "tool_calls")
 args = json.loads(calls[0].function.arguments)
 check("tool arguments valid", set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), repr(args))
-required = client.chat.completions.create(model=CHAT, messages=question, tools=[weather], tool_choice="required")
+# Bounded: sampled at temperature 1, a call may otherwise run to the context's end; the
+# grammar closes the call before the budget runs out.
+required = client.chat.completions.create(model=CHAT, messages=question, tools=[weather], tool_choice="required",
+                                          max_tokens=256)
 check("required tool call", bool(required.choices[0].message.tool_calls))
 
 streamed = {}

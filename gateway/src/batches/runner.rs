@@ -30,6 +30,8 @@ use crate::proxy::{CallContext, ProxiedCall};
 
 /// How often batches that can end are looked for.
 const END_EVERY: Duration = Duration::from_secs(1);
+/// How often files past their retention are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The most bytes of one line's answer kept for the output file.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
@@ -92,6 +94,7 @@ impl Runner {
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut lines = JoinSet::new();
         let mut ended_at = tokio::time::Instant::now();
+        let mut swept_at: Option<tokio::time::Instant> = None;
         loop {
             if *stop.borrow() {
                 break;
@@ -99,6 +102,14 @@ impl Runner {
             if ended_at.elapsed() >= END_EVERY {
                 ended_at = tokio::time::Instant::now();
                 self.end_batches().await;
+            }
+            if swept_at.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                swept_at = Some(tokio::time::Instant::now());
+                match self.store.delete_expired_files().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(files = n, "files past their retention deleted"),
+                    Err(e) => tracing::warn!(error = %e, "deleting expired files failed"),
+                }
             }
             while lines.try_join_next().is_some() {}
             let free = self.settings.concurrency.saturating_sub(lines.len());

@@ -2,7 +2,7 @@
 //! processes runs every line exactly once (the worker answers as many embedding calls as
 //! the batch has lines); a batch whose replicas are killed twice mid-run and restarted on
 //! their spools ends with exactly one result and one usage record per line; a batch whose
-//! tenant runs out of quota stops with every line marked.
+//! tenant runs out of quota stops with every line marked; files past their retention go.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -308,4 +308,30 @@ async fn a_batch_over_quota_stops_with_its_lines_marked() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), LINES);
+}
+
+/// A file past its retention is deleted by the replicas' sweep: its id is then a 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_past_their_retention_are_deleted() {
+    let stack = e2e_tests::Stack::start("batch-retention").await;
+    let client = Client {
+        http: reqwest::Client::new(),
+        key: stack.key.clone(),
+    };
+    let base = &stack.gateway.url;
+    let (old, kept) = (
+        client.upload(base, 2, false).await,
+        client.upload(base, 2, false).await,
+    );
+    sqlx::query("UPDATE files SET expires_at = 1 WHERE id = $1")
+        .bind(&old)
+        .execute(stack.gateway.db.pool())
+        .await
+        .unwrap();
+    wait_for("the expired file to go", Duration::from_secs(30), || async {
+        let status = client.get(base, &format!("/v1/files/{old}")).await.status();
+        (status == 404).then_some(())
+    })
+    .await;
+    assert_eq!(client.get(base, &format!("/v1/files/{kept}")).await.status(), 200);
 }
