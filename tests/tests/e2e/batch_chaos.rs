@@ -328,10 +328,20 @@ async fn files_past_their_retention_are_deleted() {
         .execute(stack.gateway.db.pool())
         .await
         .unwrap();
-    wait_for("the expired file to go", Duration::from_secs(30), || async {
-        let status = client.get(base, &format!("/v1/files/{old}")).await.status();
-        (status == 404).then_some(())
-    })
+    wait_for(
+        "the expired file to go",
+        Duration::from_secs(30),
+        || async {
+            let status = client.get(base, &format!("/v1/files/{old}")).await.status();
+            (status == 404).then_some(())
+        },
+    )
     .await;
-    assert_eq!(client.get(base, &format!("/v1/files/{kept}")).await.status(), 200);
+    assert_eq!(
+        client
+            .get(base, &format!("/v1/files/{kept}"))
+            .await
+            .status(),
+        200
+    );
 }
