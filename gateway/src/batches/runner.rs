@@ -11,7 +11,6 @@
 //! batches. Must never: run a line its lease does not cover, or start one while stopping.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,8 +58,6 @@ pub struct Runner {
     pub state: Arc<ConsumerState>,
     pub settings: RunnerSettings,
     pub owner: String,
-    /// Batch lines of this replica in flight.
-    running: AtomicUsize,
     owners: Mutex<HashMap<String, Owner>>,
 }
 
@@ -85,7 +82,6 @@ impl Runner {
             state,
             settings,
             owner,
-            running: AtomicUsize::new(0),
             owners: Mutex::new(HashMap::new()),
         }
     }
@@ -113,7 +109,7 @@ impl Runner {
             }
             while lines.try_join_next().is_some() {}
             let free = self.settings.concurrency.saturating_sub(lines.len());
-            let claimed = if free > 0 && self.idle() {
+            let claimed = if free > 0 && self.idle(lines.len()) {
                 match self
                     .store
                     .claim(&self.owner, self.settings.lease_ms(), free as i64)
@@ -138,18 +134,15 @@ impl Runner {
             }
             for line in claimed {
                 let runner = self.clone();
-                runner.running.fetch_add(1, Ordering::Relaxed);
-                lines.spawn(async move {
-                    runner.line(line).await;
-                    runner.running.fetch_sub(1, Ordering::Relaxed);
-                });
+                lines.spawn(async move { runner.line(line).await });
             }
         }
         while lines.join_next().await.is_some() {}
     }
 
-    /// Whether the workers carry no more interactive calls than the settings allow.
-    fn idle(&self) -> bool {
+    /// Whether the workers carry no more interactive calls than the settings allow, besides
+    /// this replica's `in_flight` batch lines.
+    fn idle(&self, in_flight: usize) -> bool {
         let outstanding: usize = self
             .state
             .pool
@@ -157,7 +150,7 @@ impl Runner {
             .iter()
             .map(|n| n.outstanding())
             .sum();
-        outstanding.saturating_sub(self.running.load(Ordering::Relaxed)) <= self.settings.idle_below
+        outstanding.saturating_sub(in_flight) <= self.settings.idle_below
     }
 
     async fn end_batches(&self) {
