@@ -57,9 +57,11 @@ impl Dimension {
             Self::Tenant => "tenant_id",
             Self::Key => "key_id",
             Self::Model => "model",
-            Self::Batch => {
-                "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 'batch' ELSE 'interactive' END)"
-            }
+            Self::Batch => concat!(
+                "(CASE WHEN ",
+                crate::usage::batch_line!(),
+                " THEN 'batch' ELSE 'interactive' END)"
+            ),
         }
     }
 }

@@ -108,10 +108,18 @@ const COLUMNS: &str = "request_id, tenant_id, key_id, model, endpoint, prompt_to
                        completion_tokens, started_at, finished_at, status, delivery, \
                        cached_tokens, cache_hit_minor_per_mreq";
 
-/// The usage records of batch lines: their request ids are `{batch}_req_{line}`, made by
-/// the gateway (an interactive call's is `req_...`, a classifier's training `clf_...`).
-pub const BATCH_RECORD: &str =
-    "(CASE WHEN request_id LIKE 'batch\\_%' ESCAPE '\\' THEN 1 ELSE 0 END)";
+/// The SQL condition true of a batch line's usage record: batch lines' request ids are
+/// `{batch}_req_{line}`, made by the gateway (an interactive call's is `req_...`, a
+/// classifier's training `clf_...`). A literal, so other queries are built from it.
+macro_rules! batch_line {
+    () => {
+        "request_id LIKE 'batch\\_%' ESCAPE '\\'"
+    };
+}
+pub(crate) use batch_line;
+
+/// 1 for a batch line's usage record, 0 for any other.
+pub const BATCH_RECORD: &str = concat!("(CASE WHEN ", batch_line!(), " THEN 1 ELSE 0 END)");
 
 /// Usage of one model over a period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 // End-to-end test of the operator dashboard in headless Chromium, driven by the Rust test
 // `tests/tests/dashboard.rs`, which starts the gateway, seeds data and passes:
-//   ADMIN_URL, TOKEN, EXPECTED_REQUESTS, EXPECTED_TOKENS, TENANT_ID, KEY_ID, PERIOD,
+//   ADMIN_URL, TOKEN, EXPECTED_REQUESTS, EXPECTED_TOKENS, EXPECTED_BATCH_REQUESTS,
+//   TENANT_ID, KEY_ID, BATCH_ID, PERIOD,
 //   DOWNLOAD_DIR, SCREENSHOT_DIR (optional: where to save screenshots).
 // Prints one JSON line with what it saw; exits non-zero on any failed expectation.
 import { chromium } from "playwright-core";
@@ -67,6 +68,10 @@ try {
   assert.equal(kpi, Number(env("EXPECTED_REQUESTS")).toLocaleString("en-US"), "requests headline");
   assert.equal(Number(tokensTotal), Number(env("EXPECTED_TOKENS")), "tokens chart total");
   assert.ok(bars >= 2, "bars drawn");
+  // Batch lines are split out: stacked on the requests chart and counted on their own.
+  result.chart_batch_requests = Number(await page.getAttribute("#chart-requests svg", "data-second"));
+  assert.equal(result.chart_batch_requests, Number(env("EXPECTED_BATCH_REQUESTS")), "batch requests on the chart");
+  assert.equal(await page.textContent("#kpi-batch"), Number(env("EXPECTED_BATCH_REQUESTS")).toLocaleString("en-US"), "batch headline");
   assert.ok(await page.locator("#top-tenant svg rect.bar").count() >= 2, "top tenants chart");
   assert.ok(await page.locator("#workers-table tbody tr").count() >= 1, "worker pool listed");
   assert.match(await page.textContent("#workers-table tbody"), /healthy/);

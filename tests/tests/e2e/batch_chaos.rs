@@ -2,7 +2,8 @@
 //! processes runs every line exactly once (the worker answers as many embedding calls as
 //! the batch has lines); a batch whose replicas are killed twice mid-run and restarted on
 //! their spools ends with exactly one result and one usage record per line; a batch whose
-//! tenant runs out of quota stops with every line marked; files past their retention go.
+//! tenant runs out of quota stops with every line marked, as does one past its completion
+//! window; files past their retention go.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -90,6 +91,22 @@ impl Client {
             .json()
             .await
             .unwrap()
+    }
+
+    /// A file's lines, parsed.
+    async fn lines_of(&self, base: &str, file: &Value) -> Vec<Value> {
+        let Some(id) = file.as_str() else {
+            return Vec::new();
+        };
+        let text = self
+            .get(base, &format!("/v1/files/{id}/content"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Waits for the batch to end; its output lines.
@@ -275,23 +292,8 @@ async fn a_batch_over_quota_stops_with_its_lines_marked() {
         done >= 1 && failed >= 1 && done + failed == LINES as u64,
         "{counts}"
     );
-    let content = |id: &Value| {
-        let id = id.as_str().unwrap().to_owned();
-        let client = &client;
-        async move {
-            let text = client
-                .get(base, &format!("/v1/files/{id}/content"))
-                .await
-                .text()
-                .await
-                .unwrap();
-            text.lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        }
-    };
-    let out = content(&ended["output_file_id"]).await;
-    let errors = content(&ended["error_file_id"]).await;
+    let out = client.lines_of(base, &ended["output_file_id"]).await;
+    let errors = client.lines_of(base, &ended["error_file_id"]).await;
     assert_eq!(out.len() as u64, done);
     assert_eq!(errors.len() as u64, failed);
     assert!(
@@ -344,4 +346,60 @@ async fn files_past_their_retention_are_deleted() {
             .status(),
         200
     );
+}
+
+/// A batch whose completion window ends while lines wait ends `expired`: the lines that ran
+/// are in the output file and billed once; every other line is in the error file as
+/// `batch_expired`, unbilled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_past_its_window_expires_with_unrun_lines_marked() {
+    let stack = e2e_tests::Stack::start("batch-expiry").await;
+    let client = Client {
+        http: reqwest::Client::new(),
+        key: stack.key.clone(),
+    };
+    const LINES: usize = 40;
+    let base = &stack.gateway.url;
+    let file = client.upload(base, LINES, true).await;
+    let batch = client.batch(base, &file, "/v1/chat/completions").await;
+    // The window ends now: forty chat lines at two at a time cannot all have run.
+    sqlx::query("UPDATE batches SET expires_at = 1 WHERE id = $1")
+        .bind(&batch)
+        .execute(stack.gateway.db.pool())
+        .await
+        .unwrap();
+    let ended = wait_for("the batch to expire", Duration::from_secs(60), || async {
+        let b = client.status(base, &batch).await;
+        (b["status"] == "expired").then_some(b)
+    })
+    .await;
+    assert!(ended["expired_at"].as_i64().is_some(), "{ended}");
+    let out = client.lines_of(base, &ended["output_file_id"]).await;
+    let errors = client.lines_of(base, &ended["error_file_id"]).await;
+    let counts = &ended["request_counts"];
+    assert_eq!(counts["total"], LINES as u64, "{counts}");
+    assert_eq!(counts["completed"], out.len() as u64, "{counts}");
+    assert_eq!(counts["failed"], errors.len() as u64, "{counts}");
+    assert!(
+        !errors.is_empty(),
+        "some lines were left to expire: {counts}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["error"]["code"] == "batch_expired" && e["response"].is_null()),
+        "{errors:?}"
+    );
+    assert!(out.iter().all(|o| o["response"]["status_code"] == 200));
+    let mut ids: Vec<&str> = out
+        .iter()
+        .chain(&errors)
+        .map(|o| o["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), LINES);
+    // Billed once per line that ran, never for one that expired.
+    let billed = usage_rows(&stack.gateway.db, &batch, out.len()).await;
+    assert_eq!(billed.len(), out.len());
 }

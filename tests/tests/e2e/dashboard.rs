@@ -1,7 +1,7 @@
 //! The operator dashboard end to end in headless Chromium (Debian's `chromium`, driven by
 //! Playwright from `tests/dashboard/e2e.mjs`): sign in with a token, see charts whose
-//! totals match the seeded records, revoke a key, download an export. With
-//! `UPDATE_SCREENSHOTS=1` the screenshots in `docs/screenshots/` are refreshed.
+//! totals match the seeded records (batch lines split out), revoke a key, download an
+//! export. With `UPDATE_SCREENSHOTS=1` the screenshots in `docs/screenshots/` are refreshed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -45,7 +45,7 @@ async fn dashboard_in_headless_chromium() {
     let (last_month, _) = period_bounds(&period).unwrap();
     let mut events = Vec::new();
     let mut ids = Vec::new();
-    let (mut requests, mut tokens) = (0i64, 0i64);
+    let (mut requests, mut tokens, mut batch_requests) = (0i64, 0i64, 0i64);
     for (t, name) in ["acme", "globex", "initech"].iter().enumerate() {
         let tenant = gw.tenants.create_tenant(name).await.unwrap();
         let (_, key) = gw
@@ -75,6 +75,22 @@ async fn dashboard_in_headless_chromium() {
                 c,
             ));
             requests += 1;
+            tokens += p + c;
+        }
+        // Lines of a batch (request ids as the batch runner makes them), split out on the
+        // usage panels.
+        for i in 0..(t as i64 + 1) {
+            let (p, c) = (30 + i, 5);
+            events.push(record(
+                format!("batch_seeded{t}_req_{i}"),
+                &tenant.id,
+                &key.id,
+                now - (i + 1) * 600_000,
+                p,
+                c,
+            ));
+            requests += 1;
+            batch_requests += 1;
             tokens += p + c;
         }
         ids.push((tenant.id, key.id));
@@ -172,6 +188,7 @@ async fn dashboard_in_headless_chromium() {
         .env("TOKEN", &token)
         .env("EXPECTED_REQUESTS", requests.to_string())
         .env("EXPECTED_TOKENS", tokens.to_string())
+        .env("EXPECTED_BATCH_REQUESTS", batch_requests.to_string())
         .env("TENANT_ID", &tenant)
         .env("KEY_ID", &key)
         .env("BATCH_ID", &batch.id)
@@ -186,6 +203,7 @@ async fn dashboard_in_headless_chromium() {
     assert!(out.status.success(), "the browser test failed");
     let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(seen["chart_requests_total"], requests);
+    assert_eq!(seen["chart_batch_requests"], batch_requests);
 
     // The revocation reached the store, and the download is the ledger's export.
     let revoked = gw.tenants.key(&key).await.unwrap().unwrap();

@@ -52,11 +52,12 @@ function barChart(container, labels, series, opts = {}) {
   container.replaceChildren();
   const total = series.reduce((a, s) => a + s.reduce((x, y) => x + y, 0), 0);
   container.dataset.total = String(total);
+  const second = series.length > 1 ? series[1].reduce((x, y) => x + y, 0) : 0;
   if (labels.length === 0) { container.append(el("div", { class: "empty" }, "No data in this range.")); return; }
   const W = 480, H = 180, L = opts.format ? 70 : 48, B = 22, T = 8;
   const sums = labels.map((_, i) => series.reduce((a, s) => a + s[i], 0));
   const max = Math.max(1, ...sums);
-  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "data-total": total, "aria-label": (opts.title || "chart") + ", total " + total });
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "data-total": total, "data-second": second, "aria-label": (opts.title || "chart") + ", total " + total });
   svg.append(svgEl("line", { class: "axis", x1: L, y1: H - B, x2: W, y2: H - B }));
   for (const f of [0, 0.5, 1]) {
     const y = H - B - f * (H - B - T);
@@ -135,8 +136,18 @@ async function loadUsage() {
   const q = new URLSearchParams({ from, to, bucket });
   const tenant = $("tenant-filter").value;
   if (tenant) q.set("tenant", tenant);
-  const s = await getJson("/admin/v1/usage?" + q);
+  const qb = new URLSearchParams(q);
+  qb.set("group_by", "batch");
+  const [s, split] = await Promise.all([getJson("/admin/v1/usage?" + q), getJson("/admin/v1/usage?" + qb)]);
   const t = s.totals;
+  // Batch lines per bucket; the rest of each bucket is interactive.
+  const batchAt = new Map(split.data.filter((p) => p.group === "batch").map((p) => [p.start_ms, p]));
+  const batch = (p, field) => (batchAt.get(p.start_ms) || {})[field] || 0;
+  const bt = { requests: 0, spend_micros: 0 };
+  for (const p of batchAt.values()) { bt.requests += p.requests; bt.spend_micros += p.spend_micros; }
+  $("kpi-batch").textContent = fmt(bt.requests);
+  $("kpi-batch").dataset.value = bt.requests;
+  $("kpi-batch").title = money(bt.spend_micros) + " of spend, at the batch discount";
   $("kpi-requests").textContent = fmt(t.requests);
   $("kpi-requests").dataset.value = t.requests;
   $("kpi-tokens").textContent = fmt(t.prompt_tokens + t.completion_tokens);
@@ -149,9 +160,10 @@ async function loadUsage() {
   $("kpi-spend").dataset.value = t.spend_micros;
   $("kpi-unbilled").textContent = fmt(t.unbilled_requests);
   const labels = s.data.map((p) => bucketLabel(p.start_ms, bucket));
-  barChart($("chart-requests"), labels, [s.data.map((p) => p.requests)], { title: "requests" });
+  barChart($("chart-requests"), labels, [s.data.map((p) => p.requests - batch(p, "requests")), s.data.map((p) => batch(p, "requests"))],
+    { title: "requests" });
   barChart($("chart-tokens"), labels, [s.data.map((p) => p.prompt_tokens), s.data.map((p) => p.completion_tokens)], { title: "tokens" });
-  barChart($("chart-spend"), labels, [s.data.map((p) => p.spend_micros)],
+  barChart($("chart-spend"), labels, [s.data.map((p) => p.spend_micros - batch(p, "spend_micros")), s.data.map((p) => batch(p, "spend_micros"))],
     { title: "spend", format: money, tick: (v) => (v / 1e8).toLocaleString("en-US", { maximumSignificantDigits: 3 }) });
 }
 
