@@ -92,6 +92,7 @@ impl Trainer {
         let index = |label: &str| job.labels.iter().position(|l| l == label).unwrap_or(0);
         let data = Dataset {
             y: job.examples.iter().map(|e| index(&e.label)).collect(),
+            texts: job.examples.iter().map(|e| e.text.clone()).collect(),
             x: vectors,
             classes: job.labels.len(),
         };

@@ -20,6 +20,7 @@ use crate::proxy::ProxiedCall;
 pub mod jobs;
 mod lbfgs;
 pub mod store;
+pub mod terms;
 pub mod train;
 
 pub use store::{ClassifierStore, Example, Status, Summary};
@@ -160,9 +161,10 @@ pub fn classify_call(
     let mut call = ProxiedCall::parse("/v1/embeddings", bytes)?;
     let one = matches!(input, openai_types::TextInput::One(_));
     let (id, trained) = (id.to_owned(), trained.clone());
+    let texts: Vec<String> = input.texts().into_iter().map(str::to_owned).collect();
     call.answer_as(
         "/v1/classify",
-        Arc::new(move |reply: &[u8]| answer(&id, &trained, one, reply)),
+        Arc::new(move |reply: &[u8]| answer(&id, &trained, &texts, one, reply)),
     );
     Ok(call)
 }
@@ -171,6 +173,7 @@ pub fn classify_call(
 fn answer(
     id: &str,
     trained: &store::Trained,
+    texts: &[String],
     one: bool,
     reply: &[u8],
 ) -> Result<Bytes, GatewayError> {
@@ -178,6 +181,13 @@ fn answer(
         .map_err(|e| GatewayError::Upstream(format!("the worker's embeddings: {e}")))?;
     let mut results: Vec<openai_types::Classification> = Vec::with_capacity(reply.data.len());
     for item in &reply.data {
+        let Some(text) = texts.get(item.index as usize) else {
+            return Err(GatewayError::Upstream(format!(
+                "the worker's embeddings name input {} of {}",
+                item.index,
+                texts.len()
+            )));
+        };
         let openai_types::EmbeddingVector::Float(vector) = &item.embedding else {
             return Err(GatewayError::Upstream(
                 "the worker's embeddings were not floats".into(),
@@ -190,7 +200,7 @@ fn answer(
                 trained.head.input_width()
             )));
         }
-        let probs = trained.head.probabilities(vector);
+        let probs = trained.head.probabilities(vector, text);
         let best = train::argmax(&probs);
         results.push(openai_types::Classification {
             prediction: trained.labels[best].clone(),

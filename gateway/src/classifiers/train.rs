@@ -1,13 +1,15 @@
 //! Training a classification head on embeddings (SPEC §12): softmax regression fitted to
-//! the optimum of its convex objective by L-BFGS, with the L2 penalty chosen by k-fold
-//! cross-validation; and where it does better on held-out data one hidden ReLU layer trained
-//! by backpropagation and mini-batch Adam with early stopping. Class weights, a stratified
-//! validation split, reproducible from a seed.
+//! the optimum of its convex objective by L-BFGS, over the embedding and, where k-fold
+//! cross-validation finds they help, the text's word n-gram TF-IDF features, with the L2
+//! penalty chosen by the same cross-validation; and where it does better on held-out data
+//! one hidden ReLU layer over the embedding, trained by backpropagation and mini-batch Adam
+//! with early stopping. Class weights, a stratified validation split, reproducible from a
+//! seed.
 //!
-//! Owns: the arithmetic of training and of a trained head (features standardised with the
-//! training split's mean and spread, then the layers), and the held-out metrics. Must
-//! never: embed text, know tenants, or touch the store; it takes vectors and labels and
-//! gives a head back.
+//! Owns: the arithmetic of training and of a trained head (embeddings standardised with
+//! the training split's mean and spread, n-gram features, then the layers), and the
+//! held-out metrics. Must never: embed text, know tenants, or touch the store; it takes
+//! vectors, texts and labels and gives a head back.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -15,6 +17,8 @@ use rand::{Rng, SeedableRng};
 use adam::Adam;
 use convex::{cross_validate, fit_exact, uniform, Examples};
 use serde::{Deserialize, Serialize};
+
+use super::terms::{Sparse, Terms};
 
 /// How a head is trained; every field has a default.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -85,11 +89,19 @@ impl Options {
     }
 }
 
-/// Examples as vectors of one width, each with its label's index.
+/// Examples as vectors of one width and the texts they embed, each with its label's index.
 pub struct Dataset {
     pub x: Vec<Vec<f32>>,
+    /// The examples' texts, for n-gram features; empty: the embeddings alone.
+    pub texts: Vec<String>,
     pub y: Vec<usize>,
     pub classes: usize,
+}
+
+impl Dataset {
+    fn text(&self, i: usize) -> &str {
+        self.texts.get(i).map_or("", String::as_str)
+    }
 }
 
 /// A dense layer, `out × inp` weights row by row, and biases.
@@ -117,14 +129,17 @@ impl Layer {
         }
     }
 
-    fn forward(&self, x: &[f32], out: &mut Vec<f32>) {
+    /// `out = W · [x ‖ sparse] + b`: the sparse features' columns follow `x`'s.
+    fn forward(&self, x: &[f32], sparse: &[(u32, f32)], out: &mut Vec<f32>) {
         out.clear();
-        out.extend(
-            self.w
-                .chunks_exact(self.inp)
-                .zip(&self.b)
-                .map(|(row, b)| b + dot(row, x)),
-        );
+        let dense = x.len();
+        out.extend(self.w.chunks_exact(self.inp).zip(&self.b).map(|(row, b)| {
+            let terms: f32 = sparse
+                .iter()
+                .map(|(c, v)| v * row[dense + *c as usize])
+                .sum();
+            b + dot(row, x) + terms
+        }));
     }
 }
 
@@ -133,17 +148,23 @@ impl Layer {
 pub struct Head {
     pub mean: Vec<f32>,
     pub scale: Vec<f32>,
+    /// N-gram features read by the first layer after the standardised embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<Terms>,
     /// Hidden layers (ReLU after each), then the output layer.
     pub layers: Vec<Layer>,
 }
 
 impl Head {
-    /// Label probabilities for one vector (of the width the head was trained on).
-    pub fn probabilities(&self, x: &[f32]) -> Vec<f32> {
+    /// Label probabilities for one vector (of the width the head was trained on) and the
+    /// text it embeds.
+    pub fn probabilities(&self, x: &[f32], text: &str) -> Vec<f32> {
         let mut a = self.standardise(x);
+        let terms = self.features(text);
         let mut z = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(&a, &mut z);
+            let sparse: &[(u32, f32)] = if i == 0 { &terms } else { &[] };
+            layer.forward(&a, sparse, &mut z);
             if i + 1 < self.layers.len() {
                 z.iter_mut().for_each(|v| *v = v.max(0.0));
             }
@@ -158,18 +179,24 @@ impl Head {
     }
 
     pub fn describe(&self) -> String {
-        match self.layers.len() {
-            1 => "softmax regression".to_owned(),
+        match (self.layers.len(), &self.terms) {
+            (1, None) => "softmax regression".to_owned(),
+            (1, Some(t)) => format!(
+                "softmax regression over the embedding and {} word n-grams",
+                t.width()
+            ),
             _ => format!("one hidden layer of {} ReLU units", self.layers[0].out),
         }
     }
 
+    fn features(&self, text: &str) -> Sparse {
+        self.terms
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.features(text))
+    }
+
     fn standardise(&self, x: &[f32]) -> Vec<f32> {
-        x.iter()
-            .zip(&self.mean)
-            .zip(&self.scale)
-            .map(|((v, m), s)| (v - m) * s)
-            .collect()
+        standardise(x, &self.mean, &self.scale)
     }
 
     fn weights_sq(&self) -> f32 {
@@ -222,6 +249,13 @@ pub const L2_GRID: [f32; 7] = [3.2, 1.6, 0.8, 0.4, 0.2, 0.1, 0.05];
 pub const FOLDS: usize = 5;
 /// The penalties the hidden layer tries when none is set (it overfits sooner).
 pub const HIDDEN_L2: [f32; 2] = [1.0, 0.3];
+/// Lengths of the n-gram feature vector beside the standardised embedding (whose length
+/// is about the root of its width) that softmax regression tries, by cross-validation:
+/// 0 is the embedding alone.
+pub const TERM_WEIGHTS: [f32; 2] = [0.0, 1.0];
+/// Word n-grams kept at most, and at most this many weights over all labels.
+pub const MAX_TERMS: usize = 100_000;
+const MAX_TERM_WEIGHTS: usize = 2_000_000;
 
 /// What one training run tries: hidden layer widths (none: softmax regression) and L2
 /// (none: chosen by cross-validation).
@@ -229,6 +263,8 @@ pub const HIDDEN_L2: [f32; 2] = [1.0, 0.3];
 pub struct Candidate {
     pub hidden: Vec<usize>,
     pub l2: Option<f32>,
+    /// The n-gram features' length (see [`TERM_WEIGHTS`]) once chosen; 0: none.
+    pub term_weight: f32,
 }
 
 impl Metrics {
@@ -241,10 +277,17 @@ impl Metrics {
 }
 
 impl Candidate {
-    /// A freshly initialised head of this shape over standardised inputs.
-    fn head(&self, mean: Vec<f32>, scale: Vec<f32>, classes: usize, rng: &mut impl Rng) -> Head {
+    /// A freshly initialised head of this shape over standardised inputs and `terms`.
+    fn head(
+        &self,
+        mean: Vec<f32>,
+        scale: Vec<f32>,
+        terms: Option<Terms>,
+        classes: usize,
+        rng: &mut impl Rng,
+    ) -> Head {
         let mut layers = Vec::new();
-        let mut inp = mean.len();
+        let mut inp = mean.len() + terms.as_ref().map_or(0, Terms::width);
         for h in &self.hidden {
             layers.push(Layer::new(inp, *h, rng, true));
             inp = *h;
@@ -253,6 +296,7 @@ impl Candidate {
         Head {
             mean,
             scale,
+            terms,
             layers,
         }
     }
@@ -264,12 +308,14 @@ pub fn candidates(opts: &Options) -> Vec<Candidate> {
     let mut out = vec![Candidate {
         hidden: Vec::new(),
         l2: opts.l2,
+        term_weight: 0.0,
     }];
     if opts.hidden_units > 0 {
         let grid = opts.l2.map_or(HIDDEN_L2.to_vec(), |l2| vec![l2]);
         out.extend(grid.into_iter().map(|l2| Candidate {
             hidden: vec![opts.hidden_units],
             l2: Some(l2),
+            term_weight: 0.0,
         }));
     }
     out
@@ -299,38 +345,51 @@ pub fn train(
     let weights = class_weights(&data.y, &train_idx, data.classes, opts.class_weights);
     let mut best: Option<(Head, Metrics, Candidate)> = None;
     for (which, mut candidate) in candidates(opts).into_iter().enumerate() {
-        let scale = match candidate.hidden.is_empty() {
-            true => uniform(&scale),
-            false => scale.clone(),
-        };
-        let head = candidate.head(mean.clone(), scale, data.classes, &mut rng);
-        let std_x: Vec<Vec<f32>> = data.x.iter().map(|x| head.standardise(x)).collect();
-        let set = Examples {
-            x: &std_x,
-            y: &data.y,
-            weights: &weights,
-        };
         let mut report = |e, total| progress(which, e, total);
         let (trained, curve, best_epoch) = match candidate.l2 {
-            Some(l2) if !candidate.hidden.is_empty() => fit(
-                head,
-                &std_x,
-                &data.y,
-                &train_idx,
-                &val_idx,
-                &weights,
-                l2,
-                opts,
-                &mut rng,
-                &mut report,
-            ),
+            Some(l2) if !candidate.hidden.is_empty() => {
+                let head =
+                    candidate.head(mean.clone(), scale.clone(), None, data.classes, &mut rng);
+                let std_x = standardise_all(&head, &data.x);
+                fit(
+                    head,
+                    &std_x,
+                    &data.y,
+                    &train_idx,
+                    &val_idx,
+                    &weights,
+                    l2,
+                    opts,
+                    &mut rng,
+                    &mut report,
+                )
+            }
             l2 => {
-                let l2 = match l2 {
-                    Some(l2) => l2,
-                    None => cross_validate(&head, &set, &train_idx, &mut rng, &mut report),
+                let scale = uniform(&scale);
+                let std_x: Vec<Vec<f32>> = data
+                    .x
+                    .iter()
+                    .map(|x| standardise(x, &mean, &scale))
+                    .collect();
+                let chosen = choose_softmax(
+                    data,
+                    &std_x,
+                    &train_idx,
+                    (&mean, &scale),
+                    &weights,
+                    l2,
+                    &mut rng,
+                    &mut report,
+                );
+                (candidate.l2, candidate.term_weight) = (Some(chosen.l2), chosen.term_weight);
+                let set = Examples {
+                    x: &std_x,
+                    terms: &chosen.sparse,
+                    y: &data.y,
+                    weights: &weights,
                 };
-                candidate.l2 = Some(l2);
-                let (trained, curve) = fit_exact(head, &set, &train_idx, Some(&val_idx), l2);
+                let (trained, curve) =
+                    fit_exact(chosen.head, &set, &train_idx, Some(&val_idx), chosen.l2);
                 let last = curve.len();
                 (trained, curve, last)
             }
@@ -361,22 +420,24 @@ pub fn train(
     };
     let all: Vec<usize> = (0..data.y.len()).collect();
     let (mean, scale) = standardisation(&data.x, &all, width);
-    let scale = match candidate.hidden.is_empty() {
-        true => uniform(&scale),
-        false => scale,
-    };
-    let head = candidate.head(mean, scale, data.classes, &mut rng);
-    let std_x: Vec<Vec<f32>> = data.x.iter().map(|x| head.standardise(x)).collect();
     let weights = class_weights(&data.y, &all, data.classes, opts.class_weights);
     let l2 = metrics.l2;
     let head = if candidate.hidden.is_empty() {
+        let terms =
+            (candidate.term_weight > 0.0).then(|| fit_terms(data, &all, candidate.term_weight));
+        let head = candidate.head(mean, uniform(&scale), terms, data.classes, &mut rng);
+        let std_x = standardise_all(&head, &data.x);
+        let sparse = features_all(&head, data);
         let set = Examples {
             x: &std_x,
+            terms: &sparse,
             y: &data.y,
             weights: &weights,
         };
         fit_exact(head, &set, &all, None, l2).0
     } else {
+        let head = candidate.head(mean, scale, None, data.classes, &mut rng);
+        let std_x = standardise_all(&head, &data.x);
         fit_epochs(
             head,
             &std_x,
@@ -392,11 +453,113 @@ pub fn train(
     (head, metrics)
 }
 
+/// Softmax regression as cross-validation chose it, not yet fitted.
+struct Chosen {
+    head: Head,
+    /// Every example's n-gram features under the head's vocabulary.
+    sparse: Vec<Sparse>,
+    l2: f32,
+    term_weight: f32,
+}
+
+/// The n-gram weight of [`TERM_WEIGHTS`] (the vocabulary taken from `train`) and the L2
+/// penalty (`l2`, or one of [`L2_GRID`]) whose softmax regression has the lowest
+/// cross-validated loss on `train`, on the same folds for every pair (the embedding alone
+/// and the stronger penalty among equals).
+#[allow(clippy::too_many_arguments)]
+fn choose_softmax(
+    data: &Dataset,
+    std_x: &[Vec<f32>],
+    train: &[usize],
+    (mean, scale): (&[f32], &[f32]),
+    weights: &[f32],
+    l2: Option<f32>,
+    rng: &mut impl Rng,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Chosen {
+    let term_weights: &[f32] = if data.texts.is_empty() {
+        &[0.0]
+    } else {
+        &TERM_WEIGHTS
+    };
+    let grid = l2.map_or(L2_GRID.to_vec(), |l2| vec![l2]);
+    let folds = convex::folds(&data.y, train, FOLDS, rng);
+    let steps = grid.len() * folds.len();
+    let total = term_weights.len() * steps;
+    let mut best: Option<(f32, Chosen)> = None;
+    for (k, &term_weight) in term_weights.iter().enumerate() {
+        let terms = (term_weight > 0.0).then(|| fit_terms(data, train, term_weight));
+        let candidate = Candidate {
+            hidden: Vec::new(),
+            l2: None,
+            term_weight,
+        };
+        let head = candidate.head(mean.to_vec(), scale.to_vec(), terms, data.classes, rng);
+        let sparse = features_all(&head, data);
+        let set = Examples {
+            x: std_x,
+            terms: &sparse,
+            y: &data.y,
+            weights,
+        };
+        let (l2, held_out) = cross_validate(&head, &set, train, &folds, &grid, &mut |d| {
+            progress(k * steps + d, total)
+        });
+        let better = best
+            .as_ref()
+            .is_none_or(|(b, _)| held_out < b - 1e-4 * train.len() as f32);
+        if better {
+            let chosen = Chosen {
+                head,
+                sparse,
+                l2,
+                term_weight,
+            };
+            best = Some((held_out, chosen));
+        }
+    }
+    match best {
+        Some((_, chosen)) => chosen,
+        // `term_weights` is never empty.
+        None => Chosen {
+            head: unreachable_head(mean.len(), data.classes).0,
+            sparse: Vec::new(),
+            l2: grid[0],
+            term_weight: 0.0,
+        },
+    }
+}
+
+/// The vocabulary of the examples `idx`, within the bound for `data`'s labels.
+fn fit_terms(data: &Dataset, idx: &[usize], weight: f32) -> Terms {
+    let max = MAX_TERMS.min(MAX_TERM_WEIGHTS / data.classes.max(1));
+    Terms::fit(idx.iter().map(|&i| data.text(i)), weight, max)
+}
+
+fn standardise_all(head: &Head, x: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    x.iter().map(|v| head.standardise(v)).collect()
+}
+
+fn features_all(head: &Head, data: &Dataset) -> Vec<Sparse> {
+    (0..data.y.len())
+        .map(|i| head.features(data.text(i)))
+        .collect()
+}
+
+fn standardise(x: &[f32], mean: &[f32], scale: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(mean)
+        .zip(scale)
+        .map(|((v, m), s)| (v - m) * s)
+        .collect()
+}
+
 fn unreachable_head(width: usize, classes: usize) -> (Head, Metrics) {
     (
         Head {
             mean: vec![0.0; width],
             scale: vec![1.0; width],
+            terms: None,
             layers: vec![Layer {
                 inp: width,
                 out: classes,
@@ -504,9 +667,11 @@ impl Grads {
 
 /// The weighted mean cross-entropy of `batch` plus the L2 penalty; with `grads`, their
 /// gradients are added there (backpropagation through the layers).
+#[allow(clippy::too_many_arguments)]
 fn loss(
     head: &Head,
     x: &[Vec<f32>],
+    terms: &[Sparse],
     y: &[usize],
     batch: &[usize],
     weights: &[f32],
@@ -526,9 +691,11 @@ fn loss(
     for &i in batch {
         acts[0].clear();
         acts[0].extend_from_slice(&x[i]);
+        let sparse = terms.get(i).map_or(&[][..], Vec::as_slice);
         for (k, layer) in head.layers.iter().enumerate() {
             let (inp, out) = acts.split_at_mut(k + 1);
-            layer.forward(&inp[k], &mut out[0]);
+            let sparse = if k == 0 { sparse } else { &[] };
+            layer.forward(&inp[k], sparse, &mut out[0]);
             if k + 1 < depth {
                 out[0].iter_mut().for_each(|v| *v = v.max(0.0));
             }
@@ -556,6 +723,11 @@ fn loss(
                 gb[o] += d;
                 let row = &mut gw[o * layer.inp..(o + 1) * layer.inp];
                 row.iter_mut().zip(input).for_each(|(gw, a)| *gw += d * a);
+                if k == 0 {
+                    for (c, v) in sparse {
+                        row[input.len() + *c as usize] += d * v;
+                    }
+                }
             }
             if k == 0 {
                 break;
@@ -604,8 +776,8 @@ fn fit(
     let (mut best, mut best_loss, mut best_epoch) = (head.clone(), f32::INFINITY, 0);
     for epoch in 1..=opts.max_epochs {
         adam.epoch(&mut head, x, y, &mut order, weights, l2, opts, rng);
-        let train_loss = loss(&head, x, y, train, weights, l2, None);
-        let validation_loss = loss(&head, x, y, val, weights, 0.0, None);
+        let train_loss = loss(&head, x, &[], y, train, weights, l2, None);
+        let validation_loss = loss(&head, x, &[], y, val, weights, 0.0, None);
         curve.push(Epoch {
             epoch,
             train_loss,
@@ -655,7 +827,7 @@ fn evaluate(
     // confusion[truth][predicted]
     let mut confusion = vec![vec![0usize; k]; k];
     for &i in val {
-        let p = head.probabilities(&data.x[i]);
+        let p = head.probabilities(&data.x[i], data.text(i));
         confusion[data.y[i]][argmax(&p)] += 1;
     }
     let correct: usize = (0..k).map(|c| confusion[c][c]).sum();

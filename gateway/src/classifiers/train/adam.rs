@@ -44,7 +44,7 @@ impl Adam {
         order.shuffle(rng);
         for batch in order.chunks(opts.batch_size) {
             self.grads.clear();
-            loss(head, x, y, batch, weights, l2, Some(&mut self.grads));
+            loss(head, x, &[], y, batch, weights, l2, Some(&mut self.grads));
             let grads = std::mem::replace(&mut self.grads, Grads { layers: Vec::new() });
             self.step(head, &grads, opts.learning_rate);
             self.grads = grads;

@@ -4,7 +4,7 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::{loss, Epoch, Grads, Head, FOLDS, L2_GRID};
+use super::{loss, Epoch, Grads, Head, Sparse};
 use crate::classifiers::lbfgs;
 
 /// L-BFGS iterations at most for one fit.
@@ -20,7 +20,7 @@ pub(super) fn uniform(scale: &[f32]) -> Vec<f32> {
 }
 
 /// Per label, its members dealt in turn to `k` folds after a shuffle.
-fn folds(y: &[usize], idx: &[usize], k: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
+pub(super) fn folds(y: &[usize], idx: &[usize], k: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
     let mut shuffled = idx.to_vec();
     shuffled.shuffle(rng);
     shuffled.sort_by_key(|i| y[*i]);
@@ -33,28 +33,30 @@ fn folds(y: &[usize], idx: &[usize], k: usize, rng: &mut impl Rng) -> Vec<Vec<us
     out
 }
 
-/// Standardised examples, their labels and the class weights.
+/// Standardised examples, their n-gram features (none: empty), their labels and the class
+/// weights.
 pub(super) struct Examples<'a> {
     pub x: &'a [Vec<f32>],
+    pub terms: &'a [Sparse],
     pub y: &'a [usize],
     pub weights: &'a [f32],
 }
 
-/// The penalty of [`L2_GRID`] whose softmax regression, fitted on all but one fold of
+/// The penalty of `grid` whose softmax regression, fitted on all but one of `folds` of
 /// `train`, has the lowest cross-entropy on the fold left out, summed over the folds
-/// (the strongest of equals). Each fit starts where the previous penalty's ended.
+/// (the strongest of equals), and that sum. Each fit starts where the previous penalty's
+/// ended; `progress` has the fits done.
 pub(super) fn cross_validate(
     head: &Head,
     set: &Examples<'_>,
     train: &[usize],
-    rng: &mut impl Rng,
-    progress: &mut dyn FnMut(usize, usize),
-) -> f32 {
-    let folds = folds(set.y, train, FOLDS, rng);
-    let total = L2_GRID.len() * folds.len();
+    folds: &[Vec<usize>],
+    grid: &[f32],
+    progress: &mut dyn FnMut(usize),
+) -> (f32, f32) {
     let mut starts: Vec<Head> = vec![head.clone(); folds.len()];
-    let (mut best, mut best_loss) = (L2_GRID[0], f32::INFINITY);
-    for (g, &l2) in L2_GRID.iter().enumerate() {
+    let (mut best, mut best_loss) = (grid.first().copied().unwrap_or(0.0), f32::INFINITY);
+    for (g, &l2) in grid.iter().enumerate() {
         let mut held_out = 0.0;
         for (k, fold) in folds.iter().enumerate() {
             let rest: Vec<usize> = train
@@ -64,16 +66,24 @@ pub(super) fn cross_validate(
                 .collect();
             let start = std::mem::replace(&mut starts[k], head.clone());
             let (fitted, _) = fit_exact(start, set, &rest, None, l2);
-            held_out +=
-                loss(&fitted, set.x, set.y, fold, set.weights, 0.0, None) * fold.len() as f32;
+            held_out += loss(
+                &fitted,
+                set.x,
+                set.terms,
+                set.y,
+                fold,
+                set.weights,
+                0.0,
+                None,
+            ) * fold.len() as f32;
             starts[k] = fitted;
-            progress(g * folds.len() + k + 1, total);
+            progress(g * folds.len() + k + 1);
         }
         if held_out < best_loss - 1e-4 * train.len() as f32 {
             (best, best_loss) = (l2, held_out);
         }
     }
-    best
+    (best, best_loss)
 }
 
 /// Softmax regression (a head of one layer) fitted by L-BFGS to the optimum of the
@@ -114,6 +124,7 @@ pub(super) fn fit_exact(
         let value = loss(
             &probe,
             set.x,
+            set.terms,
             set.y,
             train,
             set.weights,
@@ -131,7 +142,8 @@ pub(super) fn fit_exact(
     let mut after = |epoch: usize, value: f64, p: &[f64]| {
         if let Some(val) = val {
             load(&mut shown, p);
-            let validation_loss = loss(&shown, set.x, set.y, val, set.weights, 0.0, None);
+            let validation_loss =
+                loss(&shown, set.x, set.terms, set.y, val, set.weights, 0.0, None);
             curve.push(Epoch {
                 epoch,
                 train_loss: value as f32,

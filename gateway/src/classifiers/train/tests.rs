@@ -15,7 +15,12 @@ fn blobs(n: usize, seed: u64) -> Dataset {
             y.push(c);
         }
     }
-    Dataset { x, y, classes: 3 }
+    Dataset {
+        x,
+        texts: Vec::new(),
+        y,
+        classes: 3,
+    }
 }
 
 fn labels() -> Vec<String> {
@@ -37,6 +42,7 @@ fn head(hidden: &[usize], seed: u64) -> Head {
     Head {
         mean: vec![0.0; 8],
         scale: vec![1.0; 8],
+        terms: None,
         layers,
     }
 }
@@ -51,7 +57,16 @@ fn analytic_gradients_match_numeric_ones() {
     for hidden in [vec![], vec![5]] {
         let h = head(&hidden, 2);
         let mut g = Grads::zeros(&h);
-        loss(&h, &data.x, &data.y, &batch, &weights, 0.01, Some(&mut g));
+        loss(
+            &h,
+            &data.x,
+            &[],
+            &data.y,
+            &batch,
+            &weights,
+            0.01,
+            Some(&mut g),
+        );
         let eps = 1e-2f32;
         let mut checked = 0;
         for k in 0..h.layers.len() {
@@ -65,7 +80,7 @@ fn analytic_gradients_match_numeric_ones() {
                             &mut p.layers[k].w[j]
                         };
                         *v += delta;
-                        loss(&p, &data.x, &data.y, &batch, &weights, 0.01, None) as f64
+                        loss(&p, &data.x, &[], &data.y, &batch, &weights, 0.01, None) as f64
                     };
                     let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                     let analytic = if is_bias {
@@ -117,7 +132,7 @@ fn separable_labels_are_learned_reproducibly() {
     assert_eq!(m.validation_examples, 24);
     assert!(m.best_epoch >= 1 && epochs >= m.best_epoch);
     assert!(m.loss_curve.first().unwrap().train_loss > m.loss_curve.last().unwrap().train_loss);
-    let p = a.probabilities(&data.x[0]);
+    let p = a.probabilities(&data.x[0], "");
     assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     // The same seed gives the same head; another seed another one.
     let (b, _) = train(&data, &labels(), &opts, &mut |_, _, _| {});
@@ -192,7 +207,7 @@ fn softmax_regression_is_fitted_to_its_optimum() {
     let x: Vec<Vec<f32>> = data.x.iter().map(|v| head.standardise(v)).collect();
     let weights = class_weights(&data.y, &all, 3, true);
     let mut g = Grads::zeros(&head);
-    loss(&head, &x, &data.y, &all, &weights, m.l2, Some(&mut g));
+    loss(&head, &x, &[], &data.y, &all, &weights, m.l2, Some(&mut g));
     let largest = g.layers[0]
         .0
         .iter()
@@ -210,4 +225,98 @@ fn softmax_regression_is_fitted_to_its_optimum() {
     };
     let (few, many) = (noisy(8, 2.0), noisy(200, 0.0));
     assert!(few > many, "{few} {many}");
+}
+
+/// The n-gram columns' gradients against central differences, beside the embedding's.
+#[test]
+fn analytic_gradients_match_numeric_ones_with_n_gram_features() {
+    let data = blobs(4, 6);
+    let batch: Vec<usize> = (0..data.y.len()).collect();
+    let weights = [1.0, 0.5, 2.0];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let h = Head {
+        mean: vec![0.0; 8],
+        scale: vec![1.0; 8],
+        terms: None,
+        layers: vec![Layer::new(8 + 3, 3, &mut rng, false)],
+    };
+    let terms: Vec<Sparse> = (0..data.y.len())
+        .map(|i| match i % 3 {
+            0 => vec![(0, 0.6), (2, 0.8)],
+            1 => vec![(1, 1.0)],
+            _ => Vec::new(),
+        })
+        .collect();
+    let mut g = Grads::zeros(&h);
+    loss(
+        &h,
+        &data.x,
+        &terms,
+        &data.y,
+        &batch,
+        &weights,
+        0.01,
+        Some(&mut g),
+    );
+    let eps = 1e-2f32;
+    for j in 0..h.layers[0].w.len() {
+        let at = |delta: f32| {
+            let mut p = h.clone();
+            p.layers[0].w[j] += delta;
+            loss(&p, &data.x, &terms, &data.y, &batch, &weights, 0.01, None) as f64
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        let analytic = g.layers[0].0[j] as f64;
+        assert!(
+            (numeric - analytic).abs() < 2e-3 + 2e-2 * numeric.abs(),
+            "weight {j}: numeric {numeric}, analytic {analytic}"
+        );
+    }
+}
+
+/// Where the words decide the label and the embedding carries nothing, cross-validation
+/// takes the n-gram features and the head learns from them; a word never seen in training
+/// is ignored at prediction.
+#[test]
+fn n_gram_features_are_taken_where_the_words_decide() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let cue = ["calm sea", "loud storm", "warm sun"];
+    let filler = [
+        "the", "boat", "went", "out", "again", "today", "with", "crew",
+    ];
+    let (mut x, mut texts, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..90 {
+        let c = i % 3;
+        x.push((0..8).map(|_| normal(&mut rng)).collect::<Vec<f32>>());
+        let words: Vec<&str> = (0..4)
+            .map(|_| filler[rng.random_range(0..filler.len())])
+            .collect();
+        texts.push(format!(
+            "{} {} {}",
+            words[..2].join(" "),
+            cue[c],
+            words[2..].join(" ")
+        ));
+        y.push(c);
+    }
+    let data = Dataset {
+        x,
+        texts,
+        y,
+        classes: 3,
+    };
+    let opts = Options {
+        hidden_units: 0,
+        ..Options::default()
+    };
+    let (head, m) = train(&data, &labels(), &opts, &mut |_, _, _| {});
+    assert!(head.terms.is_some(), "{}", m.architecture);
+    assert!(m.architecture.contains("n-grams"), "{}", m.architecture);
+    // Chance is a third; the embedding alone scores about that.
+    assert!(m.accuracy > 0.8, "{m:?}");
+    let p = head.probabilities(&data.x[0], "a loud storm came");
+    assert_eq!(argmax(&p), 1, "{p:?}");
+    let unknown = head.probabilities(&data.x[0], "zzz qqq");
+    let embedding_only = head.probabilities(&data.x[0], "");
+    assert_eq!(unknown, embedding_only);
 }
