@@ -27,6 +27,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("creating the database folder: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Schema(String),
 }
 
 /// The usage shipper's SQLite page cache, in KiB (SQLite's default is 2 MiB). A batch
@@ -63,15 +65,81 @@ pub struct Db {
 enum Purpose {
     /// Everything a gateway or a command does; runs migrations first.
     Serve,
+    /// As `Serve`, but the migrations were run beforehand (`gateway migrate`): it checks
+    /// that every one has been applied instead.
+    ServeMigrated,
     /// Writing usage records only (the shipper): a connection or two of its own, opened on
     /// the caller's runtime; the schema is already migrated by a serving handle.
     ShipUsage,
+}
+
+fn migrator(backend: Backend) -> &'static Migrator {
+    match backend {
+        Backend::Sqlite => &SQLITE_MIGRATIONS,
+        Backend::Postgres => &POSTGRES_MIGRATIONS,
+    }
+}
+
+/// Versions of the migrations applied to the store (an error where it has none yet).
+async fn applied_migrations(pool: &AnyPool) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
+}
+
+/// Fails unless every migration of `migrator` has been applied to the store.
+async fn check_migrated(pool: &AnyPool, migrator: &Migrator) -> Result<(), DbError> {
+    let run_first = "run `gateway migrate` against it first";
+    let applied = applied_migrations(pool)
+        .await
+        .map_err(|e| DbError::Schema(format!("the store has no schema yet ({e}); {run_first}")))?;
+    let missing = migrator
+        .iter()
+        .find(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version));
+    match missing {
+        Some(m) => Err(DbError::Schema(format!(
+            "the store lacks migration {} ({}) and {} more after it; {run_first}",
+            m.version,
+            m.description,
+            migrator
+                .iter()
+                .filter(|n| n.version > m.version && !applied.contains(&n.version))
+                .count()
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl Db {
     /// Connects, creating a SQLite file (and its folder) if missing, and runs migrations.
     pub async fn connect(url: &str) -> Result<Self, DbError> {
         Self::open(url, Purpose::Serve).await
+    }
+
+    /// Connects without running migrations, after checking that every migration this build
+    /// knows has been applied (a rollout never races a migration: `Db::migrate` runs once
+    /// before it). A store behind is an error naming the first migration missing.
+    pub async fn connect_migrated(url: &str) -> Result<Self, DbError> {
+        Self::open(url, Purpose::ServeMigrated).await
+    }
+
+    /// Applies the migrations the store lacks, and returns them (`version description`).
+    /// On Postgres the migrator holds a session-level advisory lock while it runs, so two
+    /// at once wait for each other; that lock needs a direct connection or a pooler in
+    /// session mode (a transaction-mode pooler hands the session to others).
+    pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+        let db = Self::open(url, Purpose::ShipUsage).await?;
+        let migrator = migrator(db.backend);
+        let before = applied_migrations(&db.pool).await.unwrap_or_default();
+        migrator.run(&db.pool).await?;
+        db.ensure_partitions().await?;
+        let applied = migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && !before.contains(&m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect();
+        db.close().await;
+        Ok(applied)
     }
 
     /// Connects for writing usage records only: small pools of its own, no migrations (a
@@ -138,8 +206,8 @@ impl Db {
             })
             .connect_lazy_with(options.clone());
         let pool_size = match (purpose, backend) {
-            (Purpose::Serve, Backend::Sqlite) => 4,
-            (Purpose::Serve, Backend::Postgres) => 16,
+            (Purpose::Serve | Purpose::ServeMigrated, Backend::Sqlite) => 4,
+            (Purpose::Serve | Purpose::ServeMigrated, Backend::Postgres) => 16,
             (Purpose::ShipUsage, _) => 1,
         };
         let pool_options = AnyPoolOptions::new()
@@ -163,20 +231,20 @@ impl Db {
                 })
             });
         let pool = match purpose {
-            Purpose::Serve => pool_options.connect_with(options).await?,
+            Purpose::Serve | Purpose::ServeMigrated => pool_options.connect_with(options).await?,
             // The shipper writes through its native pool below; this one connects only if
             // something reads through it.
             Purpose::ShipUsage => pool_options.connect_lazy_with(options),
         };
-        match (purpose, backend) {
-            (Purpose::Serve, Backend::Sqlite) => SQLITE_MIGRATIONS.run(&pool).await?,
-            (Purpose::Serve, Backend::Postgres) => POSTGRES_MIGRATIONS.run(&pool).await?,
-            (Purpose::ShipUsage, _) => {}
+        match purpose {
+            Purpose::Serve => migrator(backend).run(&pool).await?,
+            Purpose::ServeMigrated => check_migrated(&pool, migrator(backend)).await?,
+            Purpose::ShipUsage => {}
         }
         let pg = match backend {
             Backend::Postgres => Some(
                 sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(if purpose == Purpose::Serve { 4 } else { 2 })
+                    .max_connections(if purpose == Purpose::ShipUsage { 2 } else { 4 })
                     .acquire_timeout(Duration::from_secs(3))
                     .connect(&url)
                     .await?,
@@ -212,7 +280,7 @@ impl Db {
             counters,
             backend,
         };
-        if purpose == Purpose::Serve {
+        if purpose != Purpose::ShipUsage {
             db.ensure_partitions().await?;
         }
         Ok(db)

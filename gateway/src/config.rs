@@ -24,6 +24,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
+    /// Start without running migrations, refusing to start unless the store has every
+    /// one this build knows: for rollouts where `gateway migrate` runs first, once.
+    #[arg(long, env = "GATEWAY_SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
+
     /// Folder of the durable usage spool (one per gateway process).
     #[arg(long, env = "GATEWAY_SPOOL_DIR", default_value = "data/spool")]
     pub spool_dir: PathBuf,

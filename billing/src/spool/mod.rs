@@ -315,6 +315,16 @@ impl Spool {
         self.shared.clone()
     }
 
+    /// Segments an earlier process left here that are not yet wholly in the store: none
+    /// once a shipper has shipped them (it deletes each segment it has shipped).
+    pub fn recovered_segments_left(&self) -> io::Result<usize> {
+        let first_live = self.shared.first_live_segment;
+        Ok(segment::list_segments(&self.shared.dir)?
+            .into_iter()
+            .filter(|n| *n < first_live)
+            .count())
+    }
+
     /// What the writer has done so far.
     pub fn stats(&self) -> SpoolStats {
         SpoolStats {

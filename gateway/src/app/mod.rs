@@ -52,10 +52,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Connects the store (running migrations), binds the listeners, and checks the
-    /// workers once.
+    /// Connects the store (running migrations, or with `--skip-migrations` checking that
+    /// they have run), binds the listeners, and checks the workers once.
     pub async fn build(config: &GatewayConfig) -> anyhow::Result<Self> {
-        let db = Db::connect(&config.database_url).await?;
+        let db = match config.skip_migrations {
+            false => Db::connect(&config.database_url).await?,
+            true => Db::connect_migrated(&config.database_url).await?,
+        };
         Self::build_with_db(config, db).await
     }
 

@@ -66,6 +66,14 @@ pub enum Command {
     CreateClassifier(CreateClassifier),
     /// Batches, newest first, of one tenant or every tenant: status and progress.
     ListBatches(ListBatches),
+    /// Apply the store's migrations and exit (once per release, before gateways start with
+    /// `--skip-migrations`). On Postgres, connect directly or through a session-mode
+    /// pooler: the migration holds a session lock.
+    Migrate(StoreArgs),
+    /// Ship the usage a stopped gateway left in its spool folder to the store, then exit:
+    /// for a replica's volume after it is scaled away. Never run it on a folder a running
+    /// gateway uses.
+    ShipSpool(ShipSpool),
 }
 
 // The per-command structs carry no doc comment of their own: the variant's is the help.
@@ -282,6 +290,18 @@ pub struct RotateKey {
     /// Seconds the old key keeps working (0: revoked now).
     #[arg(long, default_value_t = 0)]
     pub grace_secs: i64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShipSpool {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The spool folder (a gateway's `--spool-dir`).
+    #[arg(long, env = "GATEWAY_SPOOL_DIR")]
+    pub spool_dir: std::path::PathBuf,
+    /// How long to keep trying while the store cannot be reached, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,8 +3,9 @@
 //! Owns: parsing the command line ([`args`]) and sending each subcommand to the function
 //! that does it: [`serve`], the directory of tenants, plans and keys ([`directory`]),
 //! prices, invoices and exports ([`finance`]), usage reports ([`usage`]) and admin tokens
-//! and their revocation ([`token`]); [`output`] prints for all of them. Must never: hold
-//! business rules; the library's stores and billing do.
+//! and their revocation ([`token`]), and store upkeep for deployments ([`store`]: migrate,
+//! ship a spool); [`output`] prints for all of them. Must never: hold business rules; the
+//! library's stores and billing do.
 
 mod args;
 mod classifier;
@@ -12,6 +13,7 @@ mod directory;
 mod finance;
 mod output;
 mod serve;
+mod store;
 mod token;
 mod usage;
 
@@ -41,6 +43,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CreateClassifier(a) => classifier::create(a, json).await,
         Command::Top(a) => usage::top(a, json).await,
         Command::AdminToken(a) => token::admin_token(a, json),
+        Command::Migrate(a) => store::migrate(a, json).await,
+        Command::ShipSpool(a) => store::ship_spool(a, json).await,
         Command::RevokeAdminToken(a) => token::revoke_admin_token(a, json).await,
     }
 }

@@ -14,6 +14,7 @@ mod classifiers;
 mod cli;
 mod connection_flood;
 mod dashboard;
+mod deploy_commands;
 mod deploy_config;
 mod discovery;
 mod http_server;
