@@ -60,9 +60,9 @@ else
 fi
 say "Postgres for tests: ${TEST_DATABASE_URL}"
 
-# The official openai SDK, for the compatibility test.
-if ! target/sdk-venv/bin/python -c 'import openai, openapi_spec_validator, jsonschema' 2>/dev/null; then
-  say "creating target/sdk-venv with the openai SDK"
+# The official openai SDK, for the compatibility test; the Kubernetes schemas, for the manifests.
+if ! target/sdk-venv/bin/python -c 'import openai, openapi_spec_validator, jsonschema, kubernetes_validate, yaml' 2>/dev/null; then
+  say "creating target/sdk-venv with the openai SDK and the Kubernetes schemas"
   mkdir -p target
   python3 -m venv target/sdk-venv
   target/sdk-venv/bin/pip install -q -r tests/sdk/requirements.txt

@@ -1,7 +1,7 @@
 //! `deploy/`: the Prometheus configuration and alert rules load in `promtool`; the Grafana
 //! dashboard is well-formed, every query in it is valid PromQL (checked by `promtool` as
 //! recording rules), uses the provisioned data source, and names only series the gateway
-//! and the workers export.
+//! and the workers export; the Kubernetes manifests render and validate without a cluster.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -201,4 +201,38 @@ async fn grafana_dashboard_is_valid_and_uses_real_series() {
     }
     assert!(seen_live >= 6, "only {seen_live} gateway series seen live");
     assert!(Path::new(&deploy("grafana/provisioning/dashboards/gateway.yml")).exists());
+}
+
+/// `deploy/k8s`: both overlays render, validate against the oldest and newest Kubernetes
+/// schemas we support, set only environment variables the binaries know, wire ports and
+/// selectors that exist, run locked down, and carry `prometheus/alerts.yml` as their rule
+/// (all checked by `scripts/k8s.py`, which prints what it saw).
+#[test]
+fn kubernetes_manifests_render_and_validate() {
+    let root = workspace_root();
+    let python = root.join("target/sdk-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `make test` (it creates target/sdk-venv)",
+        python.display()
+    );
+    let out = Command::new(python)
+        .arg(root.join("scripts/k8s.py"))
+        .arg("check")
+        .arg("--gateway")
+        .arg(e2e_tests::binary("gateway"))
+        .arg("--worker")
+        .arg(e2e_tests::binary("inference-worker"))
+        .output()
+        .expect("running scripts/k8s.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the manifests' check failed");
+    for overlay in ["single-node", "production"] {
+        assert!(
+            stdout.contains(&format!("{overlay}: ")),
+            "{overlay} not checked"
+        );
+    }
+    assert!(stdout.contains("1 alert rule sets"), "{stdout}");
 }
