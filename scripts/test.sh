@@ -60,8 +60,10 @@ else
 fi
 say "Postgres for tests: ${TEST_DATABASE_URL}"
 
-# The official openai SDK, for the compatibility test; the Kubernetes schemas, for the manifests.
-if ! target/sdk-venv/bin/python -c 'import openai, openapi_spec_validator, jsonschema, kubernetes_validate, yaml' 2>/dev/null; then
+# The official openai SDK, for the compatibility test; the Kubernetes schemas and hadolint,
+# for the manifests and the Containerfiles.
+if ! target/sdk-venv/bin/python -c 'import openai, openapi_spec_validator, jsonschema, kubernetes_validate, yaml' 2>/dev/null \
+  || [ ! -x target/sdk-venv/bin/hadolint ]; then
   say "creating target/sdk-venv with the openai SDK and the Kubernetes schemas"
   mkdir -p target
   python3 -m venv target/sdk-venv

@@ -1,7 +1,8 @@
 //! `deploy/`: the Prometheus configuration and alert rules load in `promtool`; the Grafana
 //! dashboard is well-formed, every query in it is valid PromQL (checked by `promtool` as
 //! recording rules), uses the provisioned data source, and names only series the gateway
-//! and the workers export; the Kubernetes manifests render and validate without a cluster.
+//! and the workers export; the Kubernetes manifests render and validate without a cluster;
+//! the Containerfiles pass hadolint.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -235,4 +236,30 @@ fn kubernetes_manifests_render_and_validate() {
         );
     }
     assert!(stdout.contains("1 alert rule sets"), "{stdout}");
+}
+
+/// The Containerfiles pass hadolint (its default rules, every level).
+#[test]
+fn containerfiles_pass_hadolint() {
+    let root = workspace_root();
+    let hadolint = root.join("target/sdk-venv/bin/hadolint");
+    assert!(
+        hadolint.exists(),
+        "{} missing: run `make test` (it installs it in target/sdk-venv)",
+        hadolint.display()
+    );
+    let files: Vec<_> = ["gateway", "inference-worker"]
+        .iter()
+        .map(|b| root.join(format!("deploy/image/{b}.Containerfile")))
+        .collect();
+    let out = Command::new(hadolint)
+        .args(&files)
+        .output()
+        .expect("running hadolint");
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

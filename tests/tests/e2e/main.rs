@@ -13,6 +13,7 @@ mod chaos_store_outage;
 mod classifiers;
 mod cli;
 mod connection_flood;
+mod containers;
 mod dashboard;
 mod deploy_commands;
 mod deploy_config;
