@@ -261,7 +261,8 @@ for chunk in raw.parse():
     if chunk.usage:
         usage = chunk.usage
 note(raw, usage.prompt_tokens, usage.completion_tokens)
-check("completion stream", len(text) > 0 and usage.completion_tokens == 6, repr((text, usage)))
+# Sampled: the model may end before max_tokens; the usage chunk counts what it sent.
+check("completion stream", len(text) > 0 and 1 <= usage.completion_tokens <= 6, repr((text, usage)))
 
 raw = client.responses.with_raw_response.create(
     model=CHAT, instructions="Answer briefly.", input="What is the capital of France?", max_output_tokens=24, temperature=0

@@ -82,11 +82,18 @@ impl WorkerProcess {
 
     pub async fn start_with(extra: &[&str]) -> Self {
         let models = models_dir();
+        let chat = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut args = vec!["--chat-model", chat.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_embedding_at("127.0.0.1:0", &args).await
+    }
+
+    /// A worker serving the embedding model (and what `extra` adds) on `listen`.
+    pub async fn start_embedding_at(listen: &str, extra: &[&str]) -> Self {
+        let models = models_dir();
         let mut child = Command::new(binary("inference-worker"))
             .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--chat-model")
-            .arg(models.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .arg(listen)
             .arg("--embedding-model")
             .arg(models.join("all-MiniLM-L6-v2"))
             .args(extra)
@@ -145,7 +152,27 @@ impl GatewayProcess {
         workers: &[String],
         extra_args: &[&str],
     ) -> Self {
-        let mut child = Command::new(binary("gateway"))
+        Self::start_wrapped(&[], database_url, spool_dir, workers, extra_args).await
+    }
+
+    /// [`GatewayProcess::start_with`] run by `wrapper` (a command that ends by executing
+    /// its trailing arguments, e.g. in a namespace of its own).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        database_url: &str,
+        spool_dir: &Path,
+        workers: &[String],
+        extra_args: &[&str],
+    ) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary("gateway"));
+                c
+            }
+            None => Command::new(binary("gateway")),
+        };
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--database-url", database_url])

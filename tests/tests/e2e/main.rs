@@ -28,6 +28,7 @@ mod openai_sdk;
 mod prefix_affinity;
 mod quota_bound;
 mod revocation;
+mod scale;
 mod shipper_priority;
 mod store_backends;
 mod stream_faults;
