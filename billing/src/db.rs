@@ -29,6 +29,13 @@ pub enum DbError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Schema(String),
+    #[error(
+        "the store's connections are pooled per transaction (PgBouncer's `pool_mode = \
+         transaction` or `statement`): the gateway keeps session state (prepared statements, \
+         session settings, the migration lock), so connect directly or through a pooler in \
+         `pool_mode = session`"
+    )]
+    TransactionPooling,
 }
 
 /// The usage shipper's SQLite page cache, in KiB (SQLite's default is 2 MiB). A batch
@@ -73,6 +80,10 @@ enum Purpose {
     ShipUsage,
 }
 
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
 fn migrator(backend: Backend) -> &'static Migrator {
     match backend {
         Backend::Sqlite => &SQLITE_MIGRATIONS,
@@ -85,6 +96,40 @@ async fn applied_migrations(pool: &AnyPool) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
         .fetch_all(pool)
         .await
+}
+
+/// Fails where one client connection's statements reach more than one server session, or
+/// two client connections share one (a pooler in transaction or statement mode): each of
+/// two connections asks for its server process id three times, in turn, by the simple
+/// protocol (no prepared statement to trip over).
+async fn require_session_pooling(url: &str) -> Result<(), DbError> {
+    use sqlx::{Connection, Row};
+    async fn pids(
+        a: &mut sqlx::PgConnection,
+        b: &mut sqlx::PgConnection,
+    ) -> Result<[Vec<i32>; 2], sqlx::Error> {
+        let mut seen = [Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            for (conn, seen) in [&mut *a, &mut *b].into_iter().zip(seen.iter_mut()) {
+                let row = sqlx::raw_sql("SELECT pg_backend_pid()")
+                    .fetch_one(conn)
+                    .await?;
+                seen.push(row.try_get::<i32, _>(0)?);
+            }
+        }
+        Ok(seen)
+    }
+    let mut a = sqlx::PgConnection::connect(url).await?;
+    let mut b = sqlx::PgConnection::connect(url).await?;
+    let seen = pids(&mut a, &mut b).await;
+    let _ = a.close().await;
+    let _ = b.close().await;
+    let [a, b] = seen?;
+    let steady = |v: &[i32]| v.windows(2).all(|w| w[0] == w[1]);
+    match steady(&a) && steady(&b) && a[0] != b[0] {
+        true => Ok(()),
+        false => Err(DbError::TransactionPooling),
+    }
 }
 
 /// Fails unless every migration of `migrator` has been applied to the store.
@@ -128,6 +173,9 @@ impl Db {
     /// at once wait for each other; that lock needs a direct connection or a pooler in
     /// session mode (a transaction-mode pooler hands the session to others).
     pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+        if is_postgres_url(url) {
+            require_session_pooling(url).await?;
+        }
         let db = Self::open(url, Purpose::ShipUsage).await?;
         let migrator = migrator(db.backend);
         let before = applied_migrations(&db.pool).await.unwrap_or_default();
@@ -159,11 +207,14 @@ impl Db {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        } else if is_postgres_url(url) {
             Backend::Postgres
         } else {
             return Err(DbError::UnsupportedUrl);
         };
+        if backend == Backend::Postgres && purpose != Purpose::ShipUsage {
+            require_session_pooling(url).await?;
+        }
         let mut url = url.to_owned();
         if backend == Backend::Sqlite {
             if let Some(path) = sqlite_path(&url) {

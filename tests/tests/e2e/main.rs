@@ -25,6 +25,7 @@ mod limits;
 mod limits_store_outage;
 mod metric_labels;
 mod openai_sdk;
+mod pgbouncer;
 mod prefix_affinity;
 mod quota_bound;
 mod revocation;
