@@ -315,6 +315,9 @@ pub async fn serve<S, B>(
             }
         }
     }
+    // Closed before the drain: a new connection is refused at once (so a readiness check
+    // fails from the drain's start) rather than left waiting in the backlog.
+    drop(listener);
     // Each connection saw `stop` and is closing once its requests are done.
     let drained = tokio::time::timeout(options.grace, async {
         while connections.join_next().await.is_some() {}

@@ -180,13 +180,31 @@ async fn graceful_shutdown_finishes_and_records_an_in_flight_stream() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
 
-    // Shut down while the stream is in flight; it must still finish.
+    // Shut down while the stream is in flight; it must still finish, while new
+    // connections are refused from the drain's start (a readiness check fails).
+    let address = gateway.url.trim_start_matches("http://").to_owned();
     let stopping = tokio::spawn(gateway.stop());
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while tokio::net::TcpStream::connect(&address).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "new connections still accepted while draining"
+    );
     let mut text = String::from_utf8_lossy(&first).into_owned();
+    let mut chunks_after_refusal = 0;
     while let Some(chunk) = stream.next().await {
+        chunks_after_refusal += 1;
         text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        chunks_after_refusal > 1,
+        "the stream went on after the listener closed"
+    );
     stopping.await.unwrap();
     // The gateway closed its pool on the way out; look with a fresh one.
     let db = billing::Db::connect(&store.url).await.unwrap();
