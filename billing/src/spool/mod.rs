@@ -119,6 +119,8 @@ pub struct Spool {
 
 pub(crate) struct Shared {
     pub dir: PathBuf,
+    /// `dir/lock`, held exclusively while this spool is open (see [`lock_dir`]).
+    _lock: Option<fs::File>,
     /// Segments numbered below this were written by an earlier process.
     pub first_live_segment: u64,
     /// Wakes the shipper when something was written.
@@ -160,8 +162,9 @@ impl Spool {
     /// [`Spool::open`] with every option.
     pub fn open_with(dir: &Path, options: SpoolOptions) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
         let first_live_segment = segment::list_segments(dir)?.last().map_or(0, |n| n + 1);
-        let shared = Arc::new(Shared::new(dir, first_live_segment));
+        let shared = Arc::new(Shared::new(dir, first_live_segment, Some(lock)));
         let (commands, queue) = mpsc::channel(QUEUE);
         let periodic = !options.fsync_interval.is_zero();
         let log = Arc::new(Mutex::new(Log::create(
@@ -197,7 +200,7 @@ impl Spool {
         let (commands, _queue) = mpsc::channel(1);
         Self {
             commands,
-            shared: Arc::new(Shared::new(dir, 0)),
+            shared: Arc::new(Shared::new(dir, 0, None)),
             direct: None,
             discard: true,
         }
@@ -334,10 +337,47 @@ impl Spool {
     }
 }
 
+/// How long opening a spool waits for another holder of its folder to let go (a gateway
+/// restarted in the same process, whose threads are winding down).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Takes `dir/lock` exclusively (`flock`), so two processes never write and ship one
+/// folder: a shipper deletes the segments behind its cursor, which would be another
+/// writer's live segment. Released when the spool and its threads are gone.
+fn lock_dir(dir: &Path) -> io::Result<fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "the spool folder {} is in use by another process (a running gateway \
+                         or ship-spool); one folder has one user",
+                        dir.display()
+                    ),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Shared {
-    fn new(dir: &Path, first_live_segment: u64) -> Self {
+    fn new(dir: &Path, first_live_segment: u64, lock: Option<fs::File>) -> Self {
         Self {
             dir: dir.to_owned(),
+            _lock: lock,
             first_live_segment,
             written: Notify::new(),
             settling: std::sync::atomic::AtomicUsize::new(0),

@@ -127,3 +127,24 @@ async fn concurrent_appends_share_fsyncs_and_every_one_is_counted() {
     drop(spool);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// One folder has one user: a second spool on it is refused while the first is open (after
+/// waiting out [`LOCK_WAIT`]), and opens once the first and its threads are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_in_use_is_refused_and_free_once_its_spool_is_gone() {
+    let dir = std::env::temp_dir().join(format!("spool-lock-{}", uuid::Uuid::new_v4().simple()));
+    let first = Spool::open(&dir, 1 << 20).unwrap();
+    first.append_usage(&shipper::tests::event(1)).await.unwrap();
+    let started = Instant::now();
+    let refused = Spool::open(&dir, 1 << 20)
+        .err()
+        .expect("a second spool on one folder");
+    assert!(started.elapsed() >= LOCK_WAIT);
+    assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
+    assert!(refused.to_string().contains("in use"), "{refused}");
+    drop(first);
+    let second = Spool::open(&dir, 1 << 20).expect("the folder is free again");
+    assert_eq!(usage_in(&dir), 1);
+    drop(second);
+    let _ = fs::remove_dir_all(&dir);
+}

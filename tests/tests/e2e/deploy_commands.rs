@@ -2,7 +2,8 @@
 //! once and reports what it applied; `serve --skip-migrations` refuses a store that lacks
 //! a migration and serves one that has them all; `gateway ship-spool` moves the usage a
 //! `kill -9`ed replica left on its volume (calls answered while Postgres, a throwaway
-//! cluster of this test, was down) into the store, each call once.
+//! cluster of this test, was down) into the store, each call once, and refuses the folder
+//! of a gateway still running.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -167,6 +168,13 @@ async fn ship_spool_drains_a_killed_replicas_volume() {
         ids.push(embed(&http, &gw.url, &key, n).await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The folder of a running gateway is refused: one spool folder has one user.
+    let (code, _, stderr) = gateway(
+        &pg.url,
+        &["ship-spool", "--spool-dir", spool.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("in use"), "{stderr}");
     pg.stop_server();
     for n in 3..10 {
         ids.push(embed(&http, &gw.url, &key, n).await);
