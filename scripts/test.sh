@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[test]\033[0m %s\n' "$*" >&2; }
 
 scripts/fetch-models.sh
+# The Q4_K_M file of the K-quant reference test, made by llama.cpp's own quantizer (built
+# once under target/llama.cpp/).
+scripts/requantize.sh Q4_K_M
 
 pg_bin() { # name -> path of a Postgres server binary, or nothing
   command -v "$1" 2>/dev/null && return

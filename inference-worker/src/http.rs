@@ -265,14 +265,15 @@ async fn classify(
     }
     let model = embedding_model(&state, &req.model)?;
     let inputs: Vec<String> = req.input.texts().into_iter().map(str::to_owned).collect();
-    let n_inputs = inputs.len();
-    let mut texts = inputs;
-    texts.extend(req.labels.iter().cloned());
-    let out = model.embed(texts).await?;
-    let (input_vectors, label_vectors) = out.vectors.split_at(n_inputs);
-    // Every text embedded is billed, the labels as well as the input.
-    let tokens: u64 = out.tokens.iter().map(|t| *t as u64).sum();
-    let mut results = embed::classify(input_vectors, &req.labels, label_vectors);
+    let (inputs, labels) = model.embed_with_labels(inputs, &req.labels).await?;
+    // Every text is billed, the labels as well as the input (cached labels too).
+    let tokens: u64 = inputs
+        .tokens
+        .iter()
+        .chain(&labels.tokens)
+        .map(|t| *t as u64)
+        .sum();
+    let mut results = embed::classify(&inputs.vectors, &req.labels, &labels.vectors);
     let result = match (&req.input, results.len()) {
         (openai_types::TextInput::One(_), 1) => ClassifyResult::One(results.remove(0)),
         _ => ClassifyResult::Many { data: results },

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub prefix_cache_misses: IntCounterVec,
     pub prefix_cache_evictions: IntCounterVec,
     pub prefix_cached_tokens: IntCounterVec,
+    pub embedded_texts: IntCounterVec,
+    pub label_cache_hits: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,6 +96,16 @@ impl Metrics {
             "worker_prefix_cached_tokens_total",
             "Prompt tokens read from the prefix cache instead of the model",
         )?;
+        let embedded_texts = counter(
+            "worker_embedded_texts_total",
+            "Texts run through the embedding model",
+        )?;
+        let label_cache_hits = counter(
+            "worker_label_cache_hits_total",
+            "Classify labels answered from the label cache instead of the model",
+        )?;
+        registry.register(Box::new(embedded_texts.clone()))?;
+        registry.register(Box::new(label_cache_hits.clone()))?;
         registry.register(Box::new(prefix_cache_bytes.clone()))?;
         registry.register(Box::new(prefix_cache_hits.clone()))?;
         registry.register(Box::new(prefix_cache_misses.clone()))?;
@@ -120,6 +132,8 @@ impl Metrics {
             prefix_cache_misses,
             prefix_cache_evictions,
             prefix_cached_tokens,
+            embedded_texts,
+            label_cache_hits,
         })
     }
 

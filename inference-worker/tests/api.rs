@@ -318,16 +318,21 @@ async fn classify_accuracy_on_a_labelled_set() {
     assert!(accuracy >= 0.6, "accuracy {accuracy}");
 }
 
-/// A classify call is billed for every text it embeds: the input and each label. Its usage
-/// equals what `/v1/embeddings` reports for the same texts, so 64 long labels cannot ride
-/// free on a one-word input.
+/// A classify call is billed for every text it classifies by: the input and each label. Its
+/// usage equals what `/v1/embeddings` reports for the same texts, so 64 long labels cannot
+/// ride free on a one-word input, and that holds when the labels come from the label cache
+/// (the second call: only its inputs go through the model).
 #[tokio::test(flavor = "multi_thread")]
 async fn classify_usage_counts_the_labels_too() {
     let w = worker(&[]).await;
     let labels: Vec<String> = (0..64)
         .map(|i| format!("label number {i}: a fairly long description of one more topic"))
         .collect();
-    for input in [json!("hi"), json!(["hi", "the weather is fine today"])] {
+    for (call, input) in [json!("hi"), json!(["hi", "the weather is fine today"])]
+        .into_iter()
+        .enumerate()
+    {
+        let embedded_before = w.metric("worker_embedded_texts_total").await;
         let (status, _, classified) = w
             .post(
                 "/v1/classify",
@@ -335,6 +340,16 @@ async fn classify_usage_counts_the_labels_too() {
             )
             .await;
         assert_eq!(status, 200, "{classified}");
+        let inputs = input.as_array().map_or(1, Vec::len) as f64;
+        let embedded = w.metric("worker_embedded_texts_total").await - embedded_before;
+        let hits = w.metric("worker_label_cache_hits_total").await;
+        if call == 0 {
+            assert_eq!(embedded, inputs + 64.0);
+            assert_eq!(hits, 0.0);
+        } else {
+            assert_eq!(embedded, inputs, "the labels came from the cache");
+            assert_eq!(hits, 64.0);
+        }
         let mut texts: Vec<Value> = match &input {
             Value::Array(items) => items.clone(),
             one => vec![one.clone()],

@@ -22,16 +22,23 @@ const NEAR_TIE_LOGITS: f64 = 0.5;
 const MIN_MATCHING_PROMPTS: usize = 4;
 const MATCH_TOKENS: usize = 20;
 
-fn model() -> Arc<ChatModel> {
-    let dir = std::env::var_os("MODELS_DIR")
+fn models_dir() -> PathBuf {
+    std::env::var_os("MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+fn model() -> Arc<ChatModel> {
+    let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
         "{} missing: run `make models`",
         path.display()
     );
+    load(&path)
+}
+
+fn load(path: &std::path::Path) -> Arc<ChatModel> {
     let limits = EngineLimits {
         max_active: 4,
         max_queued: 16,
@@ -40,7 +47,7 @@ fn model() -> Arc<ChatModel> {
     };
     ChatModel::load(
         "smollm2".into(),
-        &path,
+        path,
         limits,
         Arc::new(Metrics::new().unwrap()),
     )
@@ -48,8 +55,13 @@ fn model() -> Arc<ChatModel> {
 }
 
 fn fixtures() -> Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
+    fixture("smollm2_reference.json")
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -103,10 +115,38 @@ async fn chat_prompts_equal_jinja2() {
 
 #[tokio::test]
 async fn greedy_completions_equal_llama_cpp() {
-    let model = model();
+    greedy_completions_match(&model(), &fixtures()).await;
+}
+
+/// The same on a Q4_K_M file (Q4_K, Q6_K, Q5_0 and Q8_0 tensors) made from the shipped one by
+/// llama.cpp's `llama-quantize` (`scripts/requantize.sh`), against llama.cpp on that file
+/// (`tests/fixtures/smollm2_q4_k_m_reference.json`, which records the file's SHA-256).
+#[tokio::test]
+async fn greedy_completions_on_q4_k_m_equal_llama_cpp() {
+    use sha2::Digest;
+
+    let fixtures = fixture("smollm2_q4_k_m_reference.json");
+    let path = models_dir().join("derived/SmolLM2-135M-Instruct.Q4_K_M.gguf");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run `scripts/requantize.sh Q4_K_M`",
+            path.display()
+        )
+    });
+    let digest = format!("{:x}", sha2::Sha256::digest(&bytes));
+    assert_eq!(
+        digest,
+        fixtures["sha256"].as_str().unwrap(),
+        "{} is not the file the fixtures were made from",
+        path.display()
+    );
+    greedy_completions_match(&load(&path), &fixtures).await;
+}
+
+async fn greedy_completions_match(model: &ChatModel, fixtures: &Value) {
     let mut mismatches = Vec::new();
     let mut full_matches = 0;
-    for case in fixtures()["greedy"].as_array().unwrap() {
+    for case in fixtures["greedy"].as_array().unwrap() {
         let prepared = model.prepare(request(&case["messages"])).unwrap();
         assert_eq!(prepared.prompt, ids(&case["prompt_ids"]));
         let (events, mut rx) = tokio::sync::mpsc::channel(64);

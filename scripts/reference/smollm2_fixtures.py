@@ -4,7 +4,19 @@ packaged by llama-cpp-python) and Python Jinja2, on the same GGUF file.
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install llama-cpp-python==0.3.36 jinja2
     /tmp/ref/bin/python scripts/reference/smollm2_fixtures.py models/SmolLM2-135M-Instruct.Q4_1.gguf \
         > inference-worker/tests/fixtures/smollm2_reference.json
+
+For another quantisation of the same weights, only the greedy completions and the file's
+SHA-256 (the file from scripts/requantize.sh; llama-cpp-python may run on the libllama that
+scripts/llama-cpp.sh built, installed with CMAKE_ARGS=-DLLAMA_BUILD=OFF and run with
+LLAMA_CPP_LIB_PATH=target/llama.cpp/build/bin):
+
+    /tmp/ref/bin/python scripts/reference/smollm2_fixtures.py --greedy-only \
+        models/derived/SmolLM2-135M-Instruct.Q4_K_M.gguf \
+        > inference-worker/tests/fixtures/smollm2_q4_k_m_reference.json
 """
+
+import hashlib
+import os
 
 import json
 import sys
@@ -58,7 +70,7 @@ GREEDY_PROMPTS = [
 ]
 
 
-def main(path):
+def main(path, greedy_only=False):
     # One token per decode: the batched kernels llama.cpp picks for this CPU (AMX) crash
     # under some hypervisors; per-token decoding gives the same logits.
     llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
@@ -96,13 +108,17 @@ def main(path):
         greedy.append(
             {"messages": messages, "prompt_ids": prompt_ids, "ids": out, "text": text, "margins": margins}
         )
+    name = os.path.basename(path)
+    if greedy_only:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        out = {"source": f"llama-cpp-python 0.3.36 on {name}", "sha256": digest,
+               "greedy": greedy}
+    else:
+        out = {"source": f"llama-cpp-python 0.3.36 and Jinja2 on {name}", "tokens": tokens,
+               "renders": renders, "greedy": greedy}
     json.dump(
-        {
-            "source": "llama-cpp-python 0.3.36 and Jinja2 on SmolLM2-135M-Instruct.Q4_1.gguf",
-            "tokens": tokens,
-            "renders": renders,
-            "greedy": greedy,
-        },
+        out,
         sys.stdout,
         ensure_ascii=False,
         indent=1,
@@ -111,4 +127,5 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = [a for a in sys.argv[1:] if a != "--greedy-only"]
+    main(args[0], greedy_only="--greedy-only" in sys.argv[1:])

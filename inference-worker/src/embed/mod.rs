@@ -40,7 +40,13 @@ pub struct EmbeddingModel {
     pub name: String,
     pub dimensions: usize,
     submit: mpsc::Sender<EmbedJob>,
+    metrics: Arc<Metrics>,
+    /// Label texts' vectors and token counts: zero-shot classify embeds a label set once.
+    labels: moka::sync::Cache<String, Arc<(Vec<f32>, usize)>>,
 }
+
+/// Label texts kept embedded (a few MiB at 384 dimensions).
+const LABEL_CACHE_ENTRIES: u64 = 10_000;
 
 /// Batching knobs, from the worker's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -80,14 +86,64 @@ impl EmbeddingModel {
             model,
             tokenizer,
             max_batch: limits.max_batch.max(1),
-            metrics,
+            metrics: metrics.clone(),
         };
         crate::math::spawn_on_own_pool(format!("embed-{name}"), move || runner.run(queue))?;
         Ok(Arc::new(Self {
             name,
             dimensions,
             submit,
+            metrics,
+            labels: moka::sync::Cache::new(LABEL_CACHE_ENTRIES),
         }))
+    }
+
+    /// Embeds `inputs` and `labels` in one job, taking labels embedded before from the cache:
+    /// (inputs, labels), each with its vectors and token counts (a cached label still
+    /// reports its tokens, so what a call is billed does not depend on the cache).
+    pub async fn embed_with_labels(
+        &self,
+        inputs: Vec<String>,
+        labels: &[String],
+    ) -> Result<(Embedded, Embedded), WorkerError> {
+        let cached: Vec<_> = labels.iter().map(|l| self.labels.get(l)).collect();
+        let hits = cached.iter().filter(|c| c.is_some()).count();
+        self.metrics
+            .label_cache_hits
+            .with_label_values(&[&self.name])
+            .inc_by(hits as u64);
+        let n = inputs.len();
+        let mut texts = inputs;
+        texts.extend(
+            labels
+                .iter()
+                .zip(&cached)
+                .filter(|(_, c)| c.is_none())
+                .map(|(l, _)| l.clone()),
+        );
+        let mut out = self.embed(texts).await?;
+        let fresh_vectors = out.vectors.split_off(n);
+        let fresh_tokens = out.tokens.split_off(n);
+        let mut fresh = fresh_vectors.into_iter().zip(fresh_tokens);
+        let mut label_out = Embedded {
+            vectors: Vec::with_capacity(labels.len()),
+            tokens: Vec::with_capacity(labels.len()),
+        };
+        for (label, hit) in labels.iter().zip(cached) {
+            let entry = match hit {
+                Some(entry) => entry,
+                None => {
+                    let entry = Arc::new(fresh.next().ok_or_else(|| {
+                        WorkerError::Internal("embedding engine lost a label".into())
+                    })?);
+                    self.labels.insert(label.clone(), entry.clone());
+                    entry
+                }
+            };
+            label_out.vectors.push(entry.0.clone());
+            label_out.tokens.push(entry.1);
+        }
+        Ok((out, label_out))
     }
 
     /// Embeds `texts`, batched with whatever else is waiting.
@@ -136,6 +192,10 @@ impl Runner {
                 .flat_map(|j| j.texts.iter().map(String::as_str))
                 .collect();
             let started = std::time::Instant::now();
+            self.metrics
+                .embedded_texts
+                .with_label_values(&[&self.name])
+                .inc_by(texts.len() as u64);
             let result = self.embed_all(&texts);
             self.metrics
                 .embed_batch_seconds

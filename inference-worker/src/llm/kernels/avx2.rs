@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::layout::{ActBlock, Q4Block, Q4Tile, Q8Block, Q8Tile};
+use super::layout::{ActBlock, Q4Block, Q4Tile, Q5Block, Q5Tile, Q8Block, Q8Tile, S8Block, S8Tile};
 use super::TILE_ROWS;
 
 /// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
@@ -289,6 +289,247 @@ pub fn q8_dots<const N: usize>(row: &[Q8Block], xs: [&[ActBlock]; N], out: &mut 
         }
         for k in 0..N {
             out[k] = hsum(_mm256_add_ps(even[k], odd[k]));
+        }
+    }
+}
+
+/// The fifth bits of group `g` of a `Q5Tile` (its `h` in `bits`) as 0x10 in each byte: for
+/// the low nibbles (bit `2g` moved to bit 4) and the high ones (bit `2g + 1`). A 16-bit
+/// shift of at most 4 keeps bit 4 of each byte within that byte.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn fifth_bits(bits: __m256i, g: usize) -> (__m256i, __m256i) {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let (low, high) = match g {
+            0 => (_mm256_slli_epi16::<4>(bits), _mm256_slli_epi16::<3>(bits)),
+            1 => (_mm256_slli_epi16::<2>(bits), _mm256_slli_epi16::<1>(bits)),
+            2 => (bits, _mm256_srli_epi16::<1>(bits)),
+            _ => (_mm256_srli_epi16::<2>(bits), _mm256_srli_epi16::<3>(bits)),
+        };
+        let bit4 = _mm256_set1_epi8(0x10);
+        (_mm256_and_si256(low, bit4), _mm256_and_si256(high, bit4))
+    }
+}
+
+/// As `tile_dots`, with each group's fifth bits added to its nibbles. The 16-bit partial
+/// sums widen every two groups (2 · 2 · 2 · 31 · 127 = 31 496 at most).
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn q5_tile_dots<const N: usize>(
+    tiles: &[Q5Tile],
+    xs: [&[ActBlock]; N],
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let len = tiles.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+    // `[u8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, t) in tiles.iter().enumerate() {
+            let bits = _mm256_loadu_si256(t.h.as_ptr().cast());
+            let mut dots = [_mm256_setzero_si256(); N];
+            for pair in 0..2 {
+                let mut partial = [_mm256_setzero_si256(); N];
+                for g in 2 * pair..2 * pair + 2 {
+                    let packed = _mm256_loadu_si256(t.q[g].as_ptr().cast());
+                    let (low_bits, high_bits) = fifth_bits(bits, g);
+                    let lo = _mm256_or_si256(_mm256_and_si256(packed, mask), low_bits);
+                    let hi = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask),
+                        high_bits,
+                    );
+                    for k in 0..N {
+                        let a = &xs[k][b].q;
+                        let low = _mm256_maddubs_epi16(lo, broadcast4(a, 4 * g));
+                        let high = _mm256_maddubs_epi16(hi, broadcast4(a, 16 + 4 * g));
+                        partial[k] = _mm256_add_epi16(partial[k], _mm256_add_epi16(low, high));
+                    }
+                }
+                for k in 0..N {
+                    dots[k] = _mm256_add_epi32(dots[k], _mm256_madd_epi16(partial[k], ones));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            let m = _mm256_loadu_ps(t.m.as_ptr());
+            for k in 0..N {
+                let a = &xs[k][b];
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots[k]), acc[k]);
+                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
+            }
+        }
+        for k in 0..N {
+            _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+        }
+    }
+}
+
+/// Bit `i` of `qh` as 0x10 in byte `i`: each byte picks its source byte of `qh`, keeps its
+/// own bit and compares.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn bits_to_bytes(qh: u32) -> __m256i {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn q5_dots<const N: usize>(row: &[Q5Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+    let len = row.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+    // only through `unpack` and `load32`, from arrays.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        for (j, w) in row.iter().enumerate() {
+            let codes = _mm256_or_si256(unpack(&w.q), bits_to_bytes(w.qh));
+            for k in 0..N {
+                let a = &xs[k][j];
+                let d = _mm256_set1_ps(w.d * a.d);
+                acc[k] = _mm256_fmadd_ps(d, products(codes, load32(&a.q)), acc[k]);
+                offsets[k] += w.m * a.s;
+            }
+        }
+        for k in 0..N {
+            out[k] = hsum(acc[k]) + offsets[k];
+        }
+    }
+}
+
+/// As `q8_tile_dots`, with the first four groups (values 0–15) and the last four summed
+/// apart for their own scales. Values within ±32 let four groups' pair sums stay in 16
+/// bits (4 · 2 · 32 · 127 = 32 512) before one widening per half.
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn s8_tile_dots<const N: usize>(
+    tiles: &[S8Tile],
+    xs: [&[ActBlock]; N],
+    sums: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let len = tiles.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); loads read
+    // `[i8; 32]` and `[f32; 8]` arrays, stores write `[f32; 8]` arrays, all unaligned.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, t) in tiles.iter().enumerate() {
+            for half in 0..2 {
+                let mut partial = [_mm256_setzero_si256(); N];
+                for g in 4 * half..4 * half + 4 {
+                    let w = load32(&t.q[g]);
+                    let magnitude = _mm256_sign_epi8(w, w);
+                    for k in 0..N {
+                        let x = _mm256_sign_epi8(broadcast4(&xs[k][b].q, 4 * g), w);
+                        partial[k] =
+                            _mm256_add_epi16(partial[k], _mm256_maddubs_epi16(magnitude, x));
+                    }
+                }
+                let d = _mm256_loadu_ps(t.d[half].as_ptr());
+                for k in 0..N {
+                    let dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(partial[k], ones));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(xs[k][b].d));
+                    acc[k] = _mm256_fmadd_ps(scale, dots, acc[k]);
+                }
+            }
+        }
+        for k in 0..N {
+            _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn s8_dots<const N: usize>(row: &[S8Block], xs: [&[ActBlock]; N], out: &mut [f32]) {
+    let len = row.len();
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); memory is read
+    // only through `load32`, from arrays.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (j, w) in row.iter().enumerate() {
+            let q = load32(&w.q);
+            let magnitude = _mm256_sign_epi8(q, q);
+            for k in 0..N {
+                let a = &xs[k][j];
+                let x = _mm256_sign_epi8(load32(&a.q), q);
+                // Products' lanes 0–3 cover values 0–15, lanes 4–7 values 16–31.
+                let scale = _mm256_set_m128(_mm_set1_ps(w.d[1] * a.d), _mm_set1_ps(w.d[0] * a.d));
+                acc[k] = _mm256_fmadd_ps(scale, products(magnitude, x), acc[k]);
+            }
+        }
+        for k in 0..N {
+            out[k] = hsum(acc[k]);
+        }
+    }
+}
+
+/// Eight 16-bit floats widened: by F16C, or for bfloat16 by moving the bits to the top half.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn widen_half<const BF16: bool>(bits: &[u16]) -> __m256 {
+    assert!(bits.len() >= 8);
+    // SAFETY: F16C/AVX2 are enabled for this build; the load reads the first 16 bytes of
+    // `bits` (checked above).
+    unsafe {
+        let raw = _mm_loadu_si128(bits.as_ptr().cast());
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        } else {
+            _mm256_cvtph_ps(raw)
+        }
+    }
+}
+
+/// Two rows against `N` vectors, eight columns a step: each row's eight weights are widened
+/// once and meet every vector (8 accumulators, 2 + 4 operands: within the 16 registers).
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn half_dots<const N: usize, const BF16: bool>(
+    ws: [&[u16]; super::floats::HALF_ROWS],
+    xs: [&[f32]; N],
+    sums: &mut [[f32; 4]; super::floats::HALF_ROWS],
+) {
+    let cols = ws[0].len();
+    let xs: [&[f32]; N] = xs.map(|x| &x[..cols]);
+    let ws = ws.map(|w| &w[..cols]);
+    // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); every load reads 8
+    // values at `c < cols - 7` of slices `cols` long (`cols` is a multiple of 8).
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        let mut c = 0;
+        while c + 8 <= cols {
+            let w0 = widen_half::<BF16>(&ws[0][c..]);
+            let w1 = widen_half::<BF16>(&ws[1][c..]);
+            for k in 0..N {
+                let x = _mm256_loadu_ps(xs[k].as_ptr().add(c));
+                acc[0][k] = _mm256_fmadd_ps(w0, x, acc[0][k]);
+                acc[1][k] = _mm256_fmadd_ps(w1, x, acc[1][k]);
+            }
+            c += 8;
+        }
+        for (row, row_acc) in acc.iter().enumerate() {
+            for k in 0..N {
+                sums[row][k] = hsum(row_acc[k]);
+            }
         }
     }
 }

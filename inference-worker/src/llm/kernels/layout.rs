@@ -43,6 +43,44 @@ pub struct Q8Tile {
     pub(super) q: [[i8; 32]; 8],
 }
 
+/// 32 values `d · q + m`, `q` in 0..32: the low 4 bits as in `Q4Block`, the fifth bit of
+/// value `i` in bit `i` of `qh` (GGUF Q5_0, Q5_1 and the sub-blocks of Q5_K).
+#[derive(Clone, Copy)]
+pub struct Q5Block {
+    pub(super) d: f32,
+    pub(super) m: f32,
+    pub(super) qh: u32,
+    pub(super) q: [u8; 16],
+}
+
+/// 8 rows of `Q5Block`: the low bits interleaved as in `Q4Tile`, the fifth bits beside
+/// them: byte `4r + i` of `h` holds, for row `r`, the fifth bit of value `4g + i` in bit
+/// `2g` and that of value `16 + 4g + i` in bit `2g + 1`, so each group of `q` finds its
+/// bits at one shift.
+#[derive(Clone, Copy)]
+pub struct Q5Tile {
+    pub(super) d: [f32; 8],
+    pub(super) m: [f32; 8],
+    pub(super) h: [u8; 32],
+    pub(super) q: [[u8; 32]; 4],
+}
+
+/// 32 values `d[0] · q` (the first 16) and `d[1] · q` (the last 16), `q` in -32..=32: the
+/// 32-value blocks of GGUF Q6_K and Q3_K, whose scales change every 16 values.
+#[derive(Clone, Copy)]
+pub struct S8Block {
+    pub(super) d: [f32; 2],
+    pub(super) q: [i8; 32],
+}
+
+/// 8 rows of `S8Block`, interleaved like `Q8Tile`: groups 0–3 hold the first 16 values of
+/// each row, groups 4–7 the last 16.
+#[derive(Clone, Copy)]
+pub struct S8Tile {
+    pub(super) d: [[f32; 8]; 2],
+    pub(super) q: [[i8; 32]; 8],
+}
+
 /// 32 quantized activations with `s = d · Σ q`, the term that meets a 4-bit block's `m`.
 #[derive(Clone, Copy)]
 pub struct ActBlock {

@@ -9,6 +9,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::kquant::SUPER;
 use super::{BlockKind, Q8Acts, BLOCK, TILE_ROWS};
 
 /// A quantized matrix: rows are contiguous runs of `cols / 32` blocks until `pack` moves
@@ -27,11 +28,17 @@ pub(super) fn half_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-fn check_shape(len: usize, rows: usize, cols: usize, block_bytes: usize) -> anyhow::Result<()> {
-    if !cols.is_multiple_of(BLOCK) {
-        anyhow::bail!("rows of {cols} values are not whole blocks of {BLOCK}");
+fn check_shape(
+    len: usize,
+    rows: usize,
+    cols: usize,
+    values: usize,
+    block_bytes: usize,
+) -> anyhow::Result<()> {
+    if !cols.is_multiple_of(values) {
+        anyhow::bail!("rows of {cols} values are not whole blocks of {values}");
     }
-    let want = rows * cols / BLOCK * block_bytes;
+    let want = rows * cols / values * block_bytes;
     if len != want {
         anyhow::bail!("tensor holds {len} bytes; {rows}×{cols} needs {want}");
     }
@@ -47,11 +54,29 @@ impl<B: BlockKind> Matrix<B> {
         block_bytes: usize,
         block: impl Fn(&[u8]) -> B,
     ) -> anyhow::Result<Self> {
-        check_shape(raw.len(), rows, cols, block_bytes)?;
+        check_shape(raw.len(), rows, cols, BLOCK, block_bytes)?;
         Ok(Self {
             rows,
             cols,
             blocks: raw.chunks_exact(block_bytes).map(block).collect(),
+            tiles: Vec::new(),
+        })
+    }
+
+    /// Super-blocks of 256 values in `block_bytes` bytes each, split by `split` into the
+    /// eight 32-value blocks they hold (a row holds whole super-blocks).
+    pub(super) fn parse_super(
+        raw: &[u8],
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        split: impl Fn(&[u8]) -> [B; 8],
+    ) -> anyhow::Result<Self> {
+        check_shape(raw.len(), rows, cols, SUPER, block_bytes)?;
+        Ok(Self {
+            rows,
+            cols,
+            blocks: raw.chunks_exact(block_bytes).flat_map(split).collect(),
             tiles: Vec::new(),
         })
     }

@@ -1,6 +1,7 @@
 //! Quantized matrix × vector kernels for the chat engine, in the block formats of GGUF.
 //!
-//! Weights stay in 4- or 8-bit blocks of 32; activations are quantized to 8-bit blocks of
+//! Weights stay in 4-, 5- or 8-bit blocks of 32 (GGUF's K-quant super-blocks of 256 are
+//! unpacked into their eight 32-value sub-blocks at load, exactly); activations are quantized to 8-bit blocks of
 //! 32 (each with its scale and, for the 4-bit kind, the scaled sum of its values) and the
 //! dot products are integer sums scaled once per block, as llama.cpp does. One call
 //! multiplies a matrix by a whole batch of vectors: each weight row is read from memory once
@@ -12,7 +13,8 @@
 //! allocate per block or know about models.
 //!
 //! The pieces: `layout` (blocks and tiles in memory), `matrix` (the generic matrix, its
-//! tiling and the parallel multiply), `q4` and `q8` (one GGUF format each), `acts`
+//! tiling and the parallel multiply), `q4`, `q5`, `q8` and `s8` (a block kind each, read
+//! from the GGUF formats that fit it), `kquant` (the K-quant super-blocks), `acts`
 //! (quantized activations), `attention` (f16 rounding and the products over the cache).
 //! The instruction-level loops are in `avx2` (x86-64 with AVX2/FMA, compiled in when the
 //! target has them, as the workspace's default `target-cpu` does) and `portable` (every
@@ -37,18 +39,27 @@ mod attention;
     target_feature = "fma"
 ))]
 mod avx2;
+mod floats;
+#[cfg(test)]
+mod format_tests;
+mod kquant;
 mod layout;
 mod matrix;
 mod portable;
 mod q4;
+mod q5;
 mod q8;
+mod s8;
 #[cfg(test)]
 mod testdata;
 
 pub use acts::Q8Acts;
 pub use attention::{extend_f16, f16_dots, f16_weighted_sum, round_to_f16};
+pub use floats::{HalfKind, HalfMatrix};
 pub use q4::Q4Matrix;
+pub use q5::Q5Matrix;
 pub use q8::Q8Matrix;
+pub use s8::S8Matrix;
 
 use layout::ActBlock;
 

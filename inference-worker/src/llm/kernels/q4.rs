@@ -1,4 +1,5 @@
-//! The 4-bit format (GGUF Q4_1, and Q4_0 read as Q4_1 with `m = -8 d`): reading its blocks
+//! The 4-bit format (GGUF Q4_1; Q4_0 read as Q4_1 with `m = -8 d`; the sub-blocks of Q4_K,
+//! whose scale and min are the super-block's times the sub-block's): reading its blocks
 //! from GGUF bytes, tiling and dequantizing them, and which kernels multiply them.
 //!
 //! Owns: `Q4Matrix` and the `BlockKind` implementation of `Q4Block`. Must never: hold SIMD
@@ -6,7 +7,7 @@
 
 use super::layout::{deinterleave, interleave, ActBlock, Q4Block, Q4Tile};
 use super::matrix::{half_at, Matrix};
-use super::{BlockKind, TILE_ROWS};
+use super::{kquant, BlockKind, TILE_ROWS};
 
 /// 4-bit blocks (GGUF Q4_1, and Q4_0 as `m = -8 d`).
 pub type Q4Matrix = Matrix<Q4Block>;
@@ -31,6 +32,13 @@ impl Q4Matrix {
                 q: std::array::from_fn(|i| b[2 + i]),
             }
         })
+    }
+}
+
+impl Q4Matrix {
+    /// From GGUF Q4_K super-blocks: each 32-value sub-block is a `Q4Block` exactly.
+    pub fn from_q4_k(raw: &[u8], rows: usize, cols: usize) -> anyhow::Result<Self> {
+        Self::parse_super(raw, rows, cols, kquant::Q4_K_BYTES, kquant::q4_k)
     }
 }
 
