@@ -38,13 +38,11 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u32) -> Vec<u
     for _ in 0..rows * cols / values {
         let mut block: Vec<u8> = (0..bytes).map(|_| next()).collect();
         for (k, &at) in halves.iter().enumerate() {
-            // A scale, then (where there is one) a min or offset of either sign.
+            // A scale, then (where there is one) a min: added and negative in Q4_1 and Q5_1,
+            // subtracted and positive in the K-quants.
             let v = f32::from(next()) / 4000.0 + 0.002;
-            let v = if k == 1 && dtype == GgmlDType::Q4_1 || dtype == GgmlDType::Q5_1 && k == 1 {
-                -v
-            } else {
-                v
-            };
+            let negative = k == 1 && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1);
+            let v = if negative { -v } else { v };
             block[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
         }
         raw.extend(block);
@@ -71,14 +69,17 @@ fn dequantized(acts: &Q8Acts, v: usize) -> Vec<f32> {
         .collect()
 }
 
+type RowKernel<B> = fn(&[B], [&[ActBlock]; 1], &mut [f32]);
+type TileKernel<B> = fn(&[<B as BlockKind>::Tile], [&[ActBlock]; 1], &mut [[f32; TILE_ROWS]; 4]);
+
 /// The checks for one matrix `m` made from `raw`, given its kind's portable kernels.
 fn check<B: BlockKind>(
     name: &str,
     dtype: GgmlDType,
     raw: &[u8],
     m: Matrix<B>,
-    portable_row: fn(&[B], [&[ActBlock]; 1], &mut [f32]),
-    portable_tile: fn(&[B::Tile], [&[ActBlock]; 1], &mut [[f32; TILE_ROWS]; 4]),
+    portable_row: RowKernel<B>,
+    portable_tile: TileKernel<B>,
 ) {
     let (rows, cols) = (m.rows, m.cols);
     let want = reference(dtype, raw, rows, cols);
