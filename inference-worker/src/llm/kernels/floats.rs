@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn half_matmul_matches_the_widened_rows_for_every_batch_size() {
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols) in [(7, 96), (16, 64), (1, 8)] {
+            for (rows, cols) in [(7, 96), (16, 64), (1, 8), (3, 40)] {
                 let raw = random(rows, cols, kind);
                 let m = HalfMatrix::new(&raw, rows, cols, kind).unwrap();
                 let mut row = vec![0f32; cols];
