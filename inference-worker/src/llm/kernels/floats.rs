@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::matrix::row_tasks;
+
 /// Rows per kernel call.
 pub(super) const HALF_ROWS: usize = 2;
 
@@ -91,16 +93,7 @@ impl HalfMatrix {
         if n == 0 || rows == 0 {
             return;
         }
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = rows.div_ceil(threads * 4).max(16).div_ceil(HALF_ROWS) * HALF_ROWS;
-        let mut tasks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(per_task))
-            .map(|_| Vec::with_capacity(n))
-            .collect();
-        for vector_out in out.chunks_exact_mut(rows) {
-            for (task, run) in tasks.iter_mut().zip(vector_out.chunks_mut(per_task)) {
-                task.push(run);
-            }
-        }
+        let (per_task, tasks) = row_tasks(out, rows, HALF_ROWS);
         tasks.into_par_iter().enumerate().for_each(|(t, mut outs)| {
             let task_rows = outs[0].len();
             let mut local = 0;

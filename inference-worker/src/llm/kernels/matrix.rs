@@ -133,18 +133,7 @@ impl<B: BlockKind> Matrix<B> {
         }
         let tiled = !self.tiles.is_empty();
         let step = if tiled { TILE_ROWS } else { 1 };
-        let per_task = rows_per_task(rows).div_ceil(step) * step;
-        // Each task owns a run of rows, and so the same run in every vector's output: each
-        // row (or tile) is read once for all vectors, up to four at a time, and its results
-        // land directly where the vectors' outputs want them.
-        let mut tasks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(per_task))
-            .map(|_| Vec::with_capacity(n))
-            .collect();
-        for vector_out in out.chunks_exact_mut(rows) {
-            for (task, run) in tasks.iter_mut().zip(vector_out.chunks_mut(per_task)) {
-                task.push(run);
-            }
-        }
+        let (per_task, tasks) = row_tasks(out, rows, step);
         tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| {
             let task_rows = outs[0].len();
             for local in (0..task_rows).step_by(step) {
@@ -208,6 +197,28 @@ fn tile_dots_of<B: BlockKind>(
 fn rows_per_task(rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     rows.div_ceil(threads * 4).max(16).min(rows.max(1))
+}
+
+/// Shares the rows of `out` (vectors of `rows` values, one after another) out to parallel
+/// tasks in runs of a multiple of `step` rows: each task owns a run of rows, and so the same
+/// run in every vector's output, so a row is read once for all vectors and its results land
+/// directly where the vectors' outputs want them. Returns the run length and the tasks.
+pub(super) fn row_tasks(
+    out: &mut [f32],
+    rows: usize,
+    step: usize,
+) -> (usize, Vec<Vec<&mut [f32]>>) {
+    let per_task = rows_per_task(rows).div_ceil(step) * step;
+    let n = out.len() / rows.max(1);
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(per_task))
+        .map(|_| Vec::with_capacity(n))
+        .collect();
+    for vector_out in out.chunks_exact_mut(rows) {
+        for (task, run) in tasks.iter_mut().zip(vector_out.chunks_mut(per_task)) {
+            task.push(run);
+        }
+    }
+    (per_task, tasks)
 }
 
 #[cfg(test)]
