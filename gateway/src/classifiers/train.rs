@@ -14,7 +14,8 @@
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use adam::Adam;
+use adam::{fit, fit_epochs};
+use backprop::{loss, Grads};
 use convex::{cross_validate, fit_exact, uniform, Examples};
 use serde::{Deserialize, Serialize};
 
@@ -641,179 +642,6 @@ fn class_weights(y: &[usize], train: &[usize], classes: usize, on: bool) -> Vec<
         .collect()
 }
 
-/// Gradients of the loss with respect to every layer's weights and biases.
-struct Grads {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-impl Grads {
-    fn zeros(head: &Head) -> Self {
-        Self {
-            layers: head
-                .layers
-                .iter()
-                .map(|l| (vec![0.0; l.w.len()], vec![0.0; l.b.len()]))
-                .collect(),
-        }
-    }
-
-    fn clear(&mut self) {
-        for (w, b) in &mut self.layers {
-            w.iter_mut().for_each(|v| *v = 0.0);
-            b.iter_mut().for_each(|v| *v = 0.0);
-        }
-    }
-}
-
-/// The weighted mean cross-entropy of `batch` plus the L2 penalty; with `grads`, their
-/// gradients are added there (backpropagation through the layers).
-#[allow(clippy::too_many_arguments)]
-fn loss(
-    head: &Head,
-    x: &[Vec<f32>],
-    terms: &[Sparse],
-    y: &[usize],
-    batch: &[usize],
-    weights: &[f32],
-    l2: f32,
-    mut grads: Option<&mut Grads>,
-) -> f32 {
-    if batch.is_empty() {
-        return 0.0;
-    }
-    let n = batch.len() as f32;
-    let depth = head.layers.len();
-    let mut total = 0.0f32;
-    // Activations of each layer's input, kept for the backward pass.
-    let mut acts: Vec<Vec<f32>> = vec![Vec::new(); depth + 1];
-    let mut delta = Vec::new();
-    let mut back = Vec::new();
-    for &i in batch {
-        acts[0].clear();
-        acts[0].extend_from_slice(&x[i]);
-        let sparse = terms.get(i).map_or(&[][..], Vec::as_slice);
-        for (k, layer) in head.layers.iter().enumerate() {
-            let (inp, out) = acts.split_at_mut(k + 1);
-            let sparse = if k == 0 { sparse } else { &[] };
-            layer.forward(&inp[k], sparse, &mut out[0]);
-            if k + 1 < depth {
-                out[0].iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-        }
-        let probs = &mut acts[depth];
-        softmax(probs);
-        let w = weights[y[i]];
-        total += -w * probs[y[i]].max(1e-12).ln();
-        let Some(g) = grads.as_deref_mut() else {
-            continue;
-        };
-        // d(loss)/d(logits) = w · (p − onehot) / n
-        delta.clear();
-        delta.extend(
-            probs
-                .iter()
-                .enumerate()
-                .map(|(c, p)| w * (p - if c == y[i] { 1.0 } else { 0.0 }) / n),
-        );
-        for k in (0..depth).rev() {
-            let layer = &head.layers[k];
-            let input = &acts[k];
-            let (gw, gb) = &mut g.layers[k];
-            for (o, d) in delta.iter().enumerate() {
-                gb[o] += d;
-                let row = &mut gw[o * layer.inp..(o + 1) * layer.inp];
-                row.iter_mut().zip(input).for_each(|(gw, a)| *gw += d * a);
-                if k == 0 {
-                    for (c, v) in sparse {
-                        row[input.len() + *c as usize] += d * v;
-                    }
-                }
-            }
-            if k == 0 {
-                break;
-            }
-            // Back through the weights, then the ReLU of the layer below.
-            back.clear();
-            back.resize(layer.inp, 0.0);
-            for (o, d) in delta.iter().enumerate() {
-                let row = &layer.w[o * layer.inp..(o + 1) * layer.inp];
-                back.iter_mut().zip(row).for_each(|(b, w)| *b += d * w);
-            }
-            back.iter_mut().zip(input).for_each(|(b, a)| {
-                if *a <= 0.0 {
-                    *b = 0.0
-                }
-            });
-            std::mem::swap(&mut delta, &mut back);
-        }
-    }
-    if let Some(g) = grads {
-        for (layer, (gw, _)) in head.layers.iter().zip(&mut g.layers) {
-            gw.iter_mut().zip(&layer.w).for_each(|(g, w)| *g += l2 * w);
-        }
-    }
-    total / n + 0.5 * l2 * head.weights_sq()
-}
-
-/// Mini-batch Adam until the validation loss has not improved for `patience` epochs; the
-/// weights of the best epoch are kept. Returns them, the curve and the best epoch.
-#[allow(clippy::too_many_arguments)]
-fn fit(
-    mut head: Head,
-    x: &[Vec<f32>],
-    y: &[usize],
-    train: &[usize],
-    val: &[usize],
-    weights: &[f32],
-    l2: f32,
-    opts: &Options,
-    rng: &mut impl Rng,
-    progress: &mut dyn FnMut(usize, usize),
-) -> (Head, Vec<Epoch>, usize) {
-    let mut adam = Adam::new(&head);
-    let mut order = train.to_vec();
-    let mut curve = Vec::new();
-    let (mut best, mut best_loss, mut best_epoch) = (head.clone(), f32::INFINITY, 0);
-    for epoch in 1..=opts.max_epochs {
-        adam.epoch(&mut head, x, y, &mut order, weights, l2, opts, rng);
-        let train_loss = loss(&head, x, &[], y, train, weights, l2, None);
-        let validation_loss = loss(&head, x, &[], y, val, weights, 0.0, None);
-        curve.push(Epoch {
-            epoch,
-            train_loss,
-            validation_loss,
-        });
-        progress(epoch, opts.max_epochs);
-        if validation_loss < best_loss - 1e-5 {
-            (best, best_loss, best_epoch) = (head.clone(), validation_loss, epoch);
-        } else if epoch - best_epoch >= opts.patience {
-            break;
-        }
-    }
-    (best, curve, best_epoch)
-}
-
-/// Mini-batch Adam for exactly `epochs` epochs on `train`.
-#[allow(clippy::too_many_arguments)]
-fn fit_epochs(
-    mut head: Head,
-    x: &[Vec<f32>],
-    y: &[usize],
-    train: &[usize],
-    weights: &[f32],
-    l2: f32,
-    epochs: usize,
-    opts: &Options,
-    rng: &mut impl Rng,
-) -> Head {
-    let mut adam = Adam::new(&head);
-    let mut order = train.to_vec();
-    for _ in 0..epochs {
-        adam.epoch(&mut head, x, y, &mut order, weights, l2, opts, rng);
-    }
-    head
-}
-
 fn evaluate(
     head: &Head,
     data: &Dataset,
@@ -920,6 +748,7 @@ fn normal(rng: &mut impl Rng) -> f32 {
 }
 
 mod adam;
+mod backprop;
 mod convex;
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::{loss, Grads, Head, Options};
+use super::{loss, Epoch, Grads, Head, Options};
 
 /// Adam's moments for every parameter, in the order of [`Grads`].
 pub(super) struct Adam {
@@ -68,4 +68,63 @@ impl Adam {
             update(&mut layer.b, &g.layers[k].1, mb, vb);
         }
     }
+}
+
+/// Mini-batch Adam until the validation loss has not improved for `patience` epochs; the
+/// weights of the best epoch are kept. Returns them, the curve and the best epoch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fit(
+    mut head: Head,
+    x: &[Vec<f32>],
+    y: &[usize],
+    train: &[usize],
+    val: &[usize],
+    weights: &[f32],
+    l2: f32,
+    opts: &Options,
+    rng: &mut impl Rng,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (Head, Vec<Epoch>, usize) {
+    let mut adam = Adam::new(&head);
+    let mut order = train.to_vec();
+    let mut curve = Vec::new();
+    let (mut best, mut best_loss, mut best_epoch) = (head.clone(), f32::INFINITY, 0);
+    for epoch in 1..=opts.max_epochs {
+        adam.epoch(&mut head, x, y, &mut order, weights, l2, opts, rng);
+        let train_loss = loss(&head, x, &[], y, train, weights, l2, None);
+        let validation_loss = loss(&head, x, &[], y, val, weights, 0.0, None);
+        curve.push(Epoch {
+            epoch,
+            train_loss,
+            validation_loss,
+        });
+        progress(epoch, opts.max_epochs);
+        if validation_loss < best_loss - 1e-5 {
+            (best, best_loss, best_epoch) = (head.clone(), validation_loss, epoch);
+        } else if epoch - best_epoch >= opts.patience {
+            break;
+        }
+    }
+    (best, curve, best_epoch)
+}
+
+/// Mini-batch Adam for exactly `epochs` epochs on `train`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fit_epochs(
+    mut head: Head,
+    x: &[Vec<f32>],
+    y: &[usize],
+    train: &[usize],
+    weights: &[f32],
+    l2: f32,
+    epochs: usize,
+    opts: &Options,
+    rng: &mut impl Rng,
+) -> Head {
+    let mut adam = Adam::new(&head);
+    let mut order = train.to_vec();
+    for _ in 0..epochs {
+        adam.epoch(&mut head, x, y, &mut order, weights, l2, opts, rng);
+    }
+    head
 }
