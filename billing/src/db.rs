@@ -357,6 +357,16 @@ impl Db {
         &self.pool
     }
 
+    /// A transaction that may read before it writes. On SQLite it takes the write lock at
+    /// `BEGIN` (waiting out the busy timeout): a deferred one that read first fails at once
+    /// with "database is locked" when another connection wrote meanwhile.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Connections for admission counters (see the field's docs).
     pub fn counters(&self) -> &AnyPool {
         &self.counters

@@ -486,7 +486,7 @@ impl Invoices {
         let book = PriceBook::load(&self.db).await?;
         // One invoice per tenant and period, so the id is derived from both.
         let id = format!("inv_{}_{tenant_id}", period.replace('-', ""));
-        let mut tx = self.db.pool().begin().await.map_err(DbError::from)?;
+        let mut tx = self.db.begin_write().await.map_err(DbError::from)?;
         let exists = sqlx::query("SELECT id FROM invoices WHERE tenant_id = $1 AND period = $2")
             .bind(tenant_id)
             .bind(period)

@@ -220,7 +220,7 @@ impl BatchStore {
         lines: &[Line],
     ) -> Result<BatchObject, DbError> {
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO batches (id, tenant_id, key_id, endpoint, input_file_id, status, \
              metadata, total, created_at, in_progress_at, expires_at) \
@@ -417,7 +417,7 @@ impl BatchStore {
         end: LineEnd,
         result: &str,
     ) -> Result<bool, DbError> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let r = sqlx::query(
             "UPDATE batch_lines SET status = $1, result = $2, lease_owner = NULL, lease_until = NULL \
              WHERE batch_id = $3 AND line = $4 AND lease_owner = $5 AND status = 'pending'",
@@ -570,7 +570,7 @@ impl BatchStore {
                 }
             }
         }
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let mut ids = [None, None];
         for (k, (content, suffix)) in [(&output, "output"), (&errors, "errors")]
             .into_iter()

@@ -884,3 +884,51 @@ async fn postgres_random_invoices_are_exact() {
     let pg = TempPostgres::new().await;
     random_invoices(Db::connect(&pg.url).await.unwrap(), 40).await;
 }
+
+/// Finalising reads before it writes; while another replica keeps recording usage into
+/// the same SQLite file it must wait its turn, never fail with "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_finalise_waits_out_a_busy_writer() {
+    let store = TempSqlite::new();
+    let db = Db::connect(&store.url).await.unwrap();
+    let other = Db::connect(&store.url).await.unwrap();
+    let (sep, _) = period_bounds("2026-09").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (ledger, stop) = (Ledger::new(other), stop.clone());
+        async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<_> = (0..5)
+                    .map(|i| {
+                        let id = format!("busy-{n}-{i}");
+                        event(&id, "tn_busy", "chat", sep + n, 10, 10, Delivery::Delivered)
+                    })
+                    .collect();
+                ledger.record_batch(&batch).await.unwrap();
+                n += 1;
+            }
+            n
+        }
+    });
+    let ledger = Ledger::new(db.clone());
+    let invoices = Invoices::new(db.clone());
+    for t in 0..40 {
+        let tenant = format!("tn_{t}");
+        let e = event(
+            &format!("own-{t}"),
+            &tenant,
+            "chat",
+            sep + 1,
+            5,
+            5,
+            Delivery::Delivered,
+        );
+        ledger.record_batch(&[e]).await.unwrap();
+        let inv = invoices.finalise(&tenant, "2026-09").await.unwrap();
+        assert_eq!(inv.records, 1, "{tenant}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = writer.await.unwrap();
+    assert!(batches > 0, "the other writer recorded nothing");
+}
