@@ -58,9 +58,23 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_EMBED_MAX_BATCH", default_value_t = 32)]
     pub embed_max_batch: usize,
 
+    /// Instruction set of the embedding models' dense kernels: `auto` takes the best the
+    /// CPU reports at start (AVX-512, else AVX2/FMA); the others cap it, e.g. to compare.
+    #[arg(long, env = "WORKER_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Auto)]
+    pub cpu_kernels: CpuKernels,
+
     /// Largest request body accepted.
     #[arg(long, env = "WORKER_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+/// A choice of kernel instruction set (see `--cpu-kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuKernels {
+    Auto,
+    Avx512,
+    Avx2,
+    Portable,
 }
 
 /// Splits `NAME=PATH`, or names the model after the path.

@@ -55,6 +55,7 @@ impl ModelSet {
         let batch = BatchLimits {
             max_batch: config.embed_max_batch,
             max_queued: config.max_queued,
+            kernel: embed::Kernel::choose(config.cpu_kernels)?,
         };
         for spec in &config.embedding_models {
             let (name, path) = config::named_path(spec);

@@ -216,9 +216,27 @@ async fn greedy_completions_match(model: &ChatModel, fixtures: &Value) {
 
 /// Embeddings of all-MiniLM-L6-v2 against sentence-transformers on the same folder
 /// (`tests/fixtures/minilm_reference.json`, made by `scripts/reference/minilm_fixtures.py`),
-/// embedded together in one request and each alone: cosine ≥ 0.9999 for every sentence.
+/// embedded together in one request and each alone: cosine ≥ 0.9999 for every sentence,
+/// with each kernel instruction set this CPU has.
 #[tokio::test]
 async fn minilm_embeddings_equal_sentence_transformers() {
+    use inference_worker::config::CpuKernels;
+    use inference_worker::embed::Kernel;
+
+    let mut ran = Vec::new();
+    for choice in [CpuKernels::Avx512, CpuKernels::Avx2, CpuKernels::Portable] {
+        match Kernel::choose(choice) {
+            Ok(kernel) => {
+                minilm_against_sentence_transformers(kernel).await;
+                ran.push(kernel);
+            }
+            Err(e) => println!("not on this CPU: {e}"),
+        }
+    }
+    assert!(ran.contains(&Kernel::Portable), "{ran:?}");
+}
+
+async fn minilm_against_sentence_transformers(kernel: inference_worker::embed::Kernel) {
     use inference_worker::embed::{BatchLimits, EmbeddingModel};
 
     let dir = std::env::var_os("MODELS_DIR")
@@ -231,6 +249,7 @@ async fn minilm_embeddings_equal_sentence_transformers() {
         BatchLimits {
             max_batch: 32,
             max_queued: 64,
+            kernel,
         },
         Arc::new(Metrics::new().unwrap()),
     )
@@ -269,5 +288,8 @@ async fn minilm_embeddings_equal_sentence_transformers() {
             assert!(cosine >= 0.9999, "{how} {:?}: cosine {cosine}", texts[i]);
         }
     }
-    println!("{} sentences, lowest cosine {worst:.7}", cases.len());
+    println!(
+        "{kernel:?}: {} sentences, lowest cosine {worst:.7}",
+        cases.len()
+    );
 }

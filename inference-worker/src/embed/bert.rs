@@ -5,17 +5,15 @@
 //!
 //! Owns: weight loading from `config.json` + `model.safetensors`, the encoder's forward pass
 //! and pooling. Must never: tokenize, batch requests or know who is asking. The dense
-//! layers call the `gemm` crate directly into reused buffers (bias and residual written
-//! first, the product accumulated onto them); the element-wise parts (layer norm, GELU,
-//! softmax) are plain loops written so the compiler vectorizes them.
-
-// One `unsafe` call: `gemm::gemm` takes raw pointers and strides.
-#![allow(unsafe_code)]
+//! layers are `dense.rs`'s packed kernels writing into reused buffers, with bias, residual
+//! or activation applied as each tile is stored; layer norm and softmax are plain loops
+//! written so the compiler vectorizes them.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::dense::{Dense, Epilogue, Kernel};
 use crate::math::{add_into, dot, softmax};
 use serde::Deserialize;
 
@@ -66,13 +64,6 @@ struct Norm {
     eps: f32,
 }
 
-/// `y = x · Wᵀ + b`, `W` row-major `[outputs, inputs]` as stored in the checkpoint.
-struct Dense {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    inputs: usize,
-}
-
 struct Layer {
     /// Query, key and value projections side by side.
     qkv: Dense,
@@ -91,6 +82,7 @@ pub struct Bert {
     token_type: Vec<f32>,
     embed_norm: Norm,
     layers: Vec<Layer>,
+    kernel: Kernel,
 }
 
 fn values(t: &Tensor) -> anyhow::Result<Vec<f32>> {
@@ -98,7 +90,7 @@ fn values(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 }
 
 impl Bert {
-    pub fn load(config: BertConfig, weights: Vec<u8>) -> anyhow::Result<Self> {
+    pub fn load(config: BertConfig, weights: Vec<u8>, kernel: Kernel) -> anyhow::Result<Self> {
         if config.position_embedding_type != "absolute" {
             anyhow::bail!(
                 "position_embedding_type {:?} is not supported",
@@ -141,11 +133,7 @@ impl Bert {
                 weight.extend(values(&vb.get((outputs, inputs), "weight")?)?);
                 bias.extend(values(&vb.get(outputs, "bias")?)?);
             }
-            Ok(Dense {
-                weight,
-                bias,
-                inputs,
-            })
+            Ok(Dense::new(&weight, bias, inputs))
         };
         let emb = vb.pp("embeddings");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -175,6 +163,7 @@ impl Bert {
             layers,
             activation,
             config,
+            kernel,
         })
     }
 
@@ -219,18 +208,18 @@ impl Bert {
         let mut context = vec![0f32; total * h];
         let (mut qkv, mut next, mut hidden) = (Vec::new(), Vec::new(), Vec::new());
         for layer in &self.layers {
-            layer.qkv.forward(&x, None, &mut qkv);
+            let k = self.kernel;
+            layer.qkv.forward(k, &x, Epilogue::Bias, &mut qkv);
             self.attention(&qkv, &spans, &mut context);
-            layer.attn_out.forward(&context, Some(&x), &mut next);
+            let residual = Epilogue::Residual(&x);
+            layer.attn_out.forward(k, &context, residual, &mut next);
             layer_norm(&mut next, &layer.attn_norm);
             std::mem::swap(&mut x, &mut next);
 
-            layer.intermediate.forward(&x, None, &mut hidden);
-            let act = self.activation;
-            hidden
-                .par_chunks_mut(4096)
-                .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = activate(act, *v)));
-            layer.output.forward(&hidden, Some(&x), &mut next);
+            let act = Epilogue::Activation(self.activation.over_slice());
+            layer.intermediate.forward(k, &x, act, &mut hidden);
+            let residual = Epilogue::Residual(&x);
+            layer.output.forward(k, &hidden, residual, &mut next);
             layer_norm(&mut next, &layer.out_norm);
             std::mem::swap(&mut x, &mut next);
         }
@@ -290,65 +279,23 @@ impl Bert {
     }
 }
 
-impl Dense {
-    /// `out = x · Wᵀ + b (+ residual)` for the rows of `x`.
-    fn forward(&self, x: &[f32], residual: Option<&[f32]>, out: &mut Vec<f32>) {
-        let (inputs, outputs) = (self.inputs, self.bias.len());
-        let rows = x.len() / inputs;
-        out.clear();
-        out.resize(rows * outputs, 0.0);
-        let bias = &self.bias;
-        out.par_chunks_mut(outputs * 16)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (i, row) in chunk.chunks_exact_mut(outputs).enumerate() {
-                    row.copy_from_slice(bias);
-                    if let Some(res) = residual {
-                        let r = c * 16 + i;
-                        add_into(row, &res[r * outputs..(r + 1) * outputs]);
-                    }
-                }
-            });
-        assert_eq!(x.len(), rows * inputs);
-        assert_eq!(self.weight.len(), outputs * inputs);
-        // SAFETY: `out` holds rows × outputs values (row stride `outputs`), `x` rows × inputs
-        // (row stride `inputs`) and `weight` outputs × inputs, read as its transpose (column
-        // stride `inputs`); the asserts above and `resize` guarantee those extents, and the
-        // three buffers do not overlap (`out` is borrowed mutably, the others shared).
-        unsafe {
-            gemm::gemm(
-                rows,
-                outputs,
-                inputs,
-                out.as_mut_ptr(),
-                1,
-                outputs as isize,
-                true,
-                x.as_ptr(),
-                1,
-                inputs as isize,
-                self.weight.as_ptr(),
-                inputs as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
+impl Activation {
+    /// The activation over a run of values, as the dense layer's epilogue.
+    fn over_slice(self) -> fn(&mut [f32]) {
+        match self {
+            Activation::Gelu => |xs| {
+                xs.iter_mut().for_each(|x| {
+                    *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                })
+            },
+            Activation::GeluTanh => |xs| {
+                xs.iter_mut().for_each(|x| {
+                    let inner = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
+                    *x = 0.5 * *x * (1.0 + tanh(inner));
+                })
+            },
+            Activation::Relu => |xs| xs.iter_mut().for_each(|x| *x = x.max(0.0)),
         }
-    }
-}
-
-fn activate(act: Activation, x: f32) -> f32 {
-    match act {
-        Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
-        Activation::GeluTanh => {
-            let inner = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-            0.5 * x * (1.0 + tanh(inner))
-        }
-        Activation::Relu => x.max(0.0),
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod bert;
 mod classify;
+mod dense;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
 pub use classify::classify;
+pub use dense::Kernel;
 
 use crate::error::WorkerError;
 use crate::metrics::Metrics;
@@ -48,11 +50,12 @@ pub struct EmbeddingModel {
 /// Label texts kept embedded (a few MiB at 384 dimensions).
 const LABEL_CACHE_ENTRIES: u64 = 10_000;
 
-/// Batching knobs, from the worker's configuration.
+/// Batching knobs and the dense kernels, from the worker's configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub max_batch: usize,
     pub max_queued: usize,
+    pub kernel: Kernel,
 }
 
 impl EmbeddingModel {
@@ -77,7 +80,7 @@ impl EmbeddingModel {
                 ..Default::default()
             }))
             .map_err(anyhow::Error::msg)?;
-        let model = Bert::load(config, read("model.safetensors")?)?;
+        let model = Bert::load(config, read("model.safetensors")?, limits.kernel)?;
         let dimensions = model.dimensions();
 
         let (submit, queue) = mpsc::channel(limits.max_queued.max(1));
