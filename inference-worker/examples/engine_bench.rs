@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release -p inference-worker --example engine_bench -- models/SmolLM2-135M-Instruct.Q4_1.gguf [threads]`
 //!
+//! `WORKER_CPU_KERNELS=avx2` in the environment keeps the kernels off AVX-512 VNNI.
+//!
 //! With `THREADS STREAMS [TOKENS]` after the model it prints only the aggregate decode figure
 //! for that many streams of that many tokens (512 by default), for profiling and A/B runs.
 
@@ -81,6 +83,9 @@ async fn run(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // As the worker's flag: `WORKER_CPU_KERNELS=avx2` keeps the kernels off AVX-512 VNNI.
+    let kernels = std::env::var("WORKER_CPU_KERNELS").unwrap_or_default();
+    inference_worker::llm::allow_vnni(!matches!(kernels.as_str(), "avx2" | "portable"));
     let mut args = std::env::args().skip(1);
     let path = args.next().ok_or_else(|| {
         anyhow::anyhow!("usage: engine_bench MODEL.gguf [THREADS [STREAMS [TOKENS]]]")

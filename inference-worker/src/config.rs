@@ -58,8 +58,9 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_EMBED_MAX_BATCH", default_value_t = 32)]
     pub embed_max_batch: usize,
 
-    /// Instruction set of the embedding models' dense kernels: `auto` takes the best the
-    /// CPU reports at start (AVX-512, else AVX2/FMA); the others cap it, e.g. to compare.
+    /// Instruction set of the model kernels: `auto` takes the best the CPU reports at start
+    /// (AVX-512 and VNNI, else AVX2/FMA); the others cap it, e.g. to compare (`avx2` for
+    /// both model kinds, `portable` for the embedding models' dense layers).
     #[arg(long, env = "WORKER_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Auto)]
     pub cpu_kernels: CpuKernels,
 

@@ -46,6 +46,11 @@ impl ModelSet {
             max_context: config.max_context,
             prefix_cache_bytes: config.prefix_cache_bytes,
         };
+        // `--cpu-kernels` below AVX-512 also keeps the chat kernels off VNNI.
+        llm::allow_vnni(matches!(
+            config.cpu_kernels,
+            config::CpuKernels::Auto | config::CpuKernels::Avx512
+        ));
         for spec in &config.chat_models {
             let (name, path) = config::named_path(spec);
             tracing::info!(model = %name, path = %path.display(), "loading chat model");

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::WorkerError;
 use crate::metrics::Metrics;
+pub use kernels::allow_vnni;
 pub use sampler::SamplingParams;
 pub use template::{ChatTemplate, TemplateMessage};
 

@@ -19,7 +19,7 @@ use super::TILE_ROWS;
 /// Four activation bytes `4g..4g+4` of `q` as one 32-bit lane pattern, in every lane.
 #[inline(always)]
 #[allow(unused_unsafe)]
-fn broadcast4(q: &[i8; 32], at: usize) -> __m256i {
+pub(super) fn broadcast4(q: &[i8; 32], at: usize) -> __m256i {
     let word = i32::from_le_bytes([
         q[at] as u8,
         q[at + 1] as u8,
@@ -180,7 +180,7 @@ fn hsum(v: __m256) -> f32 {
 
 #[inline(always)]
 #[allow(unused_unsafe)]
-fn load32(x: &[i8; 32]) -> __m256i {
+pub(super) fn load32(x: &[i8; 32]) -> __m256i {
     // SAFETY: `x` is 32 readable bytes; the load is unaligned.
     unsafe { _mm256_loadu_si256(x.as_ptr().cast()) }
 }
@@ -298,7 +298,7 @@ pub fn q8_dots<const N: usize>(row: &[Q8Block], xs: [&[ActBlock]; N], out: &mut 
 /// shift of at most 4 keeps bit 4 of each byte within that byte.
 #[inline(always)]
 #[allow(unused_unsafe)]
-fn fifth_bits(bits: __m256i, g: usize) -> (__m256i, __m256i) {
+pub(super) fn fifth_bits(bits: __m256i, g: usize) -> (__m256i, __m256i) {
     // SAFETY: register-only AVX2 operations.
     unsafe {
         let (low, high) = match g {

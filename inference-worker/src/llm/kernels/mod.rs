@@ -18,7 +18,8 @@
 //! (quantized activations), `attention` (f16 rounding and the products over the cache).
 //! The instruction-level loops are in `avx2` (x86-64 with AVX2/FMA, compiled in when the
 //! target has them, as the workspace's default `target-cpu` does) and `portable` (every
-//! other target); a test here checks that both agree.
+//! other target); a test here checks that both agree. `vnni` has AVX-512 VNNI twins of the
+//! tile kernels, chosen at run time where the CPU reports the instructions.
 
 /// Calls `avx2::f` where the build has AVX2/FMA and `portable::f` elsewhere. For the block
 /// modules directly under this one (the paths are resolved where the macro is called).
@@ -26,6 +27,18 @@ macro_rules! dispatch {
     ($f:ident::<$n:ident>($($arg:expr),*)) => {{
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         super::avx2::$f::<$n>($($arg),*);
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        super::portable::$f::<$n>($($arg),*);
+    }};
+}
+
+/// As `dispatch!`, first trying the AVX-512 VNNI twin where the CPU has it (`vnni`).
+macro_rules! dispatch_tiles {
+    ($f:ident::<$n:ident>($($arg:expr),*)) => {{
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if !super::vnni::$f::<$n>($($arg),*) {
+            super::avx2::$f::<$n>($($arg),*);
+        }
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
         super::portable::$f::<$n>($($arg),*);
     }};
@@ -52,6 +65,12 @@ mod q8;
 mod s8;
 #[cfg(test)]
 mod testdata;
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod vnni;
 
 pub use acts::Q8Acts;
 pub use attention::{extend_f16, f16_dots, f16_weighted_sum, round_to_f16};
@@ -62,6 +81,23 @@ pub use q8::Q8Matrix;
 pub use s8::S8Matrix;
 
 use layout::ActBlock;
+
+static VNNI_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the tile kernels may use AVX-512 VNNI where the CPU has it (they may, unless
+/// the worker's `--cpu-kernels` caps them at AVX2).
+pub fn allow_vnni(allow: bool) {
+    VNNI_ALLOWED.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+fn vnni_allowed() -> bool {
+    VNNI_ALLOWED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;

@@ -77,7 +77,7 @@ impl BlockKind for Q4Block {
         xs: [&[ActBlock]; N],
         sums: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        dispatch!(tile_dots::<N>(tiles, xs, sums));
+        dispatch_tiles!(tile_dots::<N>(tiles, xs, sums));
     }
 }
 

@@ -113,6 +113,6 @@ impl BlockKind for Q5Block {
         xs: [&[ActBlock]; N],
         sums: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        dispatch!(q5_tile_dots::<N>(tiles, xs, sums));
+        dispatch_tiles!(q5_tile_dots::<N>(tiles, xs, sums));
     }
 }

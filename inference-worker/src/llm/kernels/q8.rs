@@ -52,7 +52,7 @@ impl BlockKind for Q8Block {
         xs: [&[ActBlock]; N],
         sums: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        dispatch!(q8_tile_dots::<N>(tiles, xs, sums));
+        dispatch_tiles!(q8_tile_dots::<N>(tiles, xs, sums));
     }
 }
 

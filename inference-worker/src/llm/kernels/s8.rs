@@ -56,6 +56,6 @@ impl BlockKind for S8Block {
         xs: [&[ActBlock]; N],
         sums: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        dispatch!(s8_tile_dots::<N>(tiles, xs, sums));
+        dispatch_tiles!(s8_tile_dots::<N>(tiles, xs, sums));
     }
 }
