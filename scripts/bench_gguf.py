@@ -6,6 +6,10 @@ server, side by side in one run on the same files and threads.
     cargo build --release -p inference-worker
     python3 scripts/bench_gguf.py              # --threads N, --reps N, FILES...
 
+On a CPU with more than AVX2 (AVX-512, VNNI), compare against llama.cpp built for it:
+`LLAMA_NATIVE=1 scripts/llama-cpp.sh llama-server` and
+`--llama-server target/llama.cpp/build-native/bin/llama-server`.
+
 For each file, each server is started alone (ours with 8 sequences; llama-server with
 `-np 8 -cb`, 8 slots and continuous batching, like the worker) and measured over HTTP
 the same way (scripts/bench_worker.py's measures): decode tok/s for 1, 4 and 8 concurrent
