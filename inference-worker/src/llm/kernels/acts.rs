@@ -36,6 +36,7 @@ impl Q8Acts {
                     d: round_f16(d),
                     s: round_f16(d * sum as f32),
                     q,
+                    u: q.map(|v| (v as u8) ^ 0x80),
                 }
             })
             .collect();

@@ -87,6 +87,8 @@ pub struct ActBlock {
     pub(super) d: f32,
     pub(super) s: f32,
     pub(super) q: [i8; 32],
+    /// `q + 128` as unsigned bytes: the unsigned operand of VNNI's byte dot products.
+    pub(super) u: [u8; 32],
 }
 
 /// Interleaves 8 rows' bytes: group `g` holds bytes `4g..4g+4` of each row in turn.

@@ -138,8 +138,17 @@ unsafe fn q5_vnni<const N: usize>(
     }
 }
 
-/// As `avx2::q8_tile_dots`: the weights' magnitudes are the unsigned operand and their
-/// signs move onto the activations.
+/// Unsigned activation bytes `4g..4g+4` as one 32-bit lane pattern, in every lane.
+#[inline(always)]
+fn broadcast4u(u: &[u8; 32], at: usize) -> __m256i {
+    let word = i32::from_le_bytes([u[at], u[at + 1], u[at + 2], u[at + 3]]);
+    // SAFETY: register-only AVX operation (the build's baseline).
+    unsafe { _mm256_set1_epi32(word) }
+}
+
+/// As `avx2::q8_tile_dots`, with the activations' unsigned copy (`x + 128`) against the
+/// signed weights: each lane sums `(x + 128) · w`, and `128 · Σ w` (from one more
+/// `vpdpbusd` against ones per group, shared by the vectors) is taken off per block.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_vnni<const N: usize>(
     tiles: &[Q8Tile],
@@ -149,20 +158,22 @@ unsafe fn q8_vnni<const N: usize>(
     let len = tiles.len();
     let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
     // SAFETY (all loads and stores): `[i8; 32]` and `[f32; 8]` arrays, unaligned.
+    let ones = _mm256_set1_epi8(1);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
         let mut dots = [_mm256_setzero_si256(); N];
+        let mut weights = _mm256_setzero_si256();
         for g in 0..8 {
             let w = load32(&t.q[g]);
-            let magnitude = _mm256_sign_epi8(w, w);
+            weights = _mm256_dpbusd_epi32(weights, ones, w);
             for k in 0..N {
-                let x = _mm256_sign_epi8(broadcast4(&xs[k][b].q, 4 * g), w);
-                dots[k] = _mm256_dpbusd_epi32(dots[k], magnitude, x);
+                dots[k] = _mm256_dpbusd_epi32(dots[k], broadcast4u(&xs[k][b].u, 4 * g), w);
             }
         }
+        let bias = _mm256_slli_epi32::<7>(weights);
         let d = _mm256_loadu_ps(t.d.as_ptr());
         for k in 0..N {
-            scale_into(&mut acc[k], d, &xs[k][b], dots[k]);
+            scale_into(&mut acc[k], d, &xs[k][b], _mm256_sub_epi32(dots[k], bias));
         }
     }
     for k in 0..N {
@@ -170,7 +181,7 @@ unsafe fn q8_vnni<const N: usize>(
     }
 }
 
-/// As `avx2::s8_tile_dots`: as `q8_tile_dots`, each half of the block with its scales.
+/// As `avx2::s8_tile_dots`: as `q8_vnni`, each half of the block with its scales.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn s8_vnni<const N: usize>(
     tiles: &[S8Tile],
@@ -180,21 +191,24 @@ unsafe fn s8_vnni<const N: usize>(
     let len = tiles.len();
     let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
     // SAFETY (all loads and stores): `[i8; 32]` and `[f32; 8]` arrays, unaligned.
+    let ones = _mm256_set1_epi8(1);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
         for half in 0..2 {
             let mut dots = [_mm256_setzero_si256(); N];
+            let mut weights = _mm256_setzero_si256();
             for g in 4 * half..4 * half + 4 {
                 let w = load32(&t.q[g]);
-                let magnitude = _mm256_sign_epi8(w, w);
+                weights = _mm256_dpbusd_epi32(weights, ones, w);
                 for k in 0..N {
-                    let x = _mm256_sign_epi8(broadcast4(&xs[k][b].q, 4 * g), w);
-                    dots[k] = _mm256_dpbusd_epi32(dots[k], magnitude, x);
+                    let x = broadcast4u(&xs[k][b].u, 4 * g);
+                    dots[k] = _mm256_dpbusd_epi32(dots[k], x, w);
                 }
             }
+            let bias = _mm256_slli_epi32::<7>(weights);
             let d = _mm256_loadu_ps(t.d[half].as_ptr());
             for k in 0..N {
-                scale_into(&mut acc[k], d, &xs[k][b], dots[k]);
+                scale_into(&mut acc[k], d, &xs[k][b], _mm256_sub_epi32(dots[k], bias));
             }
         }
     }
