@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,20 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MINILM = ROOT / "models" / "all-MiniLM-L6-v2"
 BATCHES = [1, 8, 32, 128]
 
-SUBJECTS = ["The committee", "A small dog", "My neighbour", "The new software release",
-            "An old lighthouse keeper", "The orchestra", "Our quarterly report",
-            "A sudden thunderstorm", "The museum's curator", "This recipe"]
-VERBS = ["surprised everyone", "was delayed again", "explained the rules",
-         "changed the schedule", "needs more testing", "arrived before noon",
-         "won the regional prize", "described the coastline"]
-TAILS = ["", " after a long discussion about budgets and priorities",
-         " because nobody had read the instructions carefully",
-         " while the rain kept falling on the empty streets of the harbour town"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_worker as bw  # noqa: E402
+
+# The first four endings: sentences of about 20 tokens.
+TAILS = bw.TAILS[:4]
 
 
 def sentences(n):
     """~20-token sentences, all different."""
-    return [f"{SUBJECTS[i % len(SUBJECTS)]} {VERBS[(i // len(SUBJECTS)) % len(VERBS)]}"
+    return [f"{bw.SUBJECTS[i % len(bw.SUBJECTS)]} {bw.VERBS[(i // len(bw.SUBJECTS)) % len(bw.VERBS)]}"
             f"{TAILS[(i * 7) % len(TAILS)]} (note {i})." for i in range(n)]
 
 
@@ -73,18 +68,12 @@ def cpu_features():
     return ""
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Worker:
     def __init__(self, threads, profile, kernels):
         binary = ROOT / "target" / profile / "inference-worker"
         if not binary.exists():
             sys.exit(f"{binary} is missing: cargo build --profile {profile} -p inference-worker")
-        port = free_port()
+        port = bw.free_port()
         self.proc = subprocess.Popen(
             [str(binary), "--listen", f"127.0.0.1:{port}", "--threads", str(threads),
              "--embedding-model", f"minilm={MINILM}", "--cpu-kernels", kernels],
