@@ -59,6 +59,44 @@ unsafe fn scale_into(acc: &mut __m256, d: __m256, a: &ActBlock, dots: __m256i) {
     *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dots), *acc);
 }
 
+/// Per vector, the block's 4-bit-group sums: `codes(g)` gives group `g`'s low and high
+/// codes (values `4g..4g+4` and `16+4g..16+4g+4` of the 8 rows), the unsigned operand.
+#[inline(always)]
+unsafe fn nibble_dots<const N: usize>(
+    codes: impl Fn(usize) -> (__m256i, __m256i),
+    xs: &[&[ActBlock]; N],
+    b: usize,
+) -> [__m256i; N] {
+    let mut dots = [_mm256_setzero_si256(); N];
+    for g in 0..4 {
+        let (lo, hi) = codes(g);
+        for k in 0..N {
+            let a = &xs[k][b].q;
+            dots[k] = _mm256_dpbusd_epi32(dots[k], lo, broadcast4(a, 4 * g));
+            dots[k] = _mm256_dpbusd_epi32(dots[k], hi, broadcast4(a, 16 + 4 * g));
+        }
+    }
+    dots
+}
+
+/// `acc += d · a.d · dots + m · a.s` per vector: the epilogue of the offset (4/5-bit) kinds.
+#[inline(always)]
+unsafe fn offset_into<const N: usize>(
+    acc: &mut [__m256; N],
+    (d, m): (&[f32; 8], &[f32; 8]),
+    xs: &[&[ActBlock]; N],
+    b: usize,
+    dots: [__m256i; N],
+) {
+    // SAFETY: `[f32; 8]` loads, unaligned.
+    let (d, m) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(m.as_ptr()));
+    for k in 0..N {
+        let a = &xs[k][b];
+        scale_into(&mut acc[k], d, a, dots[k]);
+        acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
+    }
+}
+
 /// As `avx2::tile_dots`: nibbles are the unsigned operand, activations the signed one.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_vnni<const N: usize>(
@@ -66,76 +104,49 @@ unsafe fn q4_vnni<const N: usize>(
     xs: [&[ActBlock]; N],
     sums: &mut [[f32; TILE_ROWS]; 4],
 ) {
-    let len = tiles.len();
-    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
-    // SAFETY (all loads and stores): `[u8; 32]` and `[f32; 8]` arrays, unaligned.
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..tiles.len()]);
     let mask = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
-        let mut dots = [_mm256_setzero_si256(); N];
-        for g in 0..4 {
+        let codes = |g: usize| {
+            // SAFETY: a `[u8; 32]` load, unaligned.
             let packed = _mm256_loadu_si256(t.q[g].as_ptr().cast());
-            let lo = _mm256_and_si256(packed, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask);
-            for k in 0..N {
-                let a = &xs[k][b].q;
-                dots[k] = _mm256_dpbusd_epi32(dots[k], lo, broadcast4(a, 4 * g));
-                dots[k] = _mm256_dpbusd_epi32(dots[k], hi, broadcast4(a, 16 + 4 * g));
-            }
-        }
-        let d = _mm256_loadu_ps(t.d.as_ptr());
-        let m = _mm256_loadu_ps(t.m.as_ptr());
-        for k in 0..N {
-            let a = &xs[k][b];
-            scale_into(&mut acc[k], d, a, dots[k]);
-            acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
-        }
+            let hi = _mm256_srli_epi16::<4>(packed);
+            (_mm256_and_si256(packed, mask), _mm256_and_si256(hi, mask))
+        };
+        let dots = nibble_dots(codes, &xs, b);
+        offset_into(&mut acc, (&t.d, &t.m), &xs, b, dots);
     }
-    for k in 0..N {
-        _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
-    }
+    store(&acc, sums);
 }
 
-/// As `avx2::q5_tile_dots`: the fifth bits joined to the nibbles, then as `tile_dots`.
+/// As `avx2::q5_tile_dots`: the fifth bits joined to the nibbles, then as `q4_vnni`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q5_vnni<const N: usize>(
     tiles: &[Q5Tile],
     xs: [&[ActBlock]; N],
     sums: &mut [[f32; TILE_ROWS]; 4],
 ) {
-    let len = tiles.len();
-    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
-    // SAFETY (all loads and stores): `[u8; 32]` and `[f32; 8]` arrays, unaligned.
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..tiles.len()]);
     let mask = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
+        // SAFETY: a `[u8; 32]` load, unaligned.
         let bits = _mm256_loadu_si256(t.h.as_ptr().cast());
-        let mut dots = [_mm256_setzero_si256(); N];
-        for g in 0..4 {
+        let codes = |g: usize| {
+            // SAFETY: a `[u8; 32]` load, unaligned.
             let packed = _mm256_loadu_si256(t.q[g].as_ptr().cast());
             let (low_bits, high_bits) = fifth_bits(bits, g);
-            let lo = _mm256_or_si256(_mm256_and_si256(packed, mask), low_bits);
-            let hi = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask),
-                high_bits,
-            );
-            for k in 0..N {
-                let a = &xs[k][b].q;
-                dots[k] = _mm256_dpbusd_epi32(dots[k], lo, broadcast4(a, 4 * g));
-                dots[k] = _mm256_dpbusd_epi32(dots[k], hi, broadcast4(a, 16 + 4 * g));
-            }
-        }
-        let d = _mm256_loadu_ps(t.d.as_ptr());
-        let m = _mm256_loadu_ps(t.m.as_ptr());
-        for k in 0..N {
-            let a = &xs[k][b];
-            scale_into(&mut acc[k], d, a, dots[k]);
-            acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc[k]);
-        }
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask);
+            (
+                _mm256_or_si256(_mm256_and_si256(packed, mask), low_bits),
+                _mm256_or_si256(hi, high_bits),
+            )
+        };
+        let dots = nibble_dots(codes, &xs, b);
+        offset_into(&mut acc, (&t.d, &t.m), &xs, b, dots);
     }
-    for k in 0..N {
-        _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
-    }
+    store(&acc, sums);
 }
 
 /// Unsigned activation bytes `4g..4g+4` as one 32-bit lane pattern, in every lane.
@@ -146,39 +157,50 @@ fn broadcast4u(u: &[u8; 32], at: usize) -> __m256i {
     unsafe { _mm256_set1_epi32(word) }
 }
 
-/// As `avx2::q8_tile_dots`, with the activations' unsigned copy (`x + 128`) against the
-/// signed weights: each lane sums `(x + 128) · w`, and `128 · Σ w` (from one more
-/// `vpdpbusd` against ones per group, shared by the vectors) is taken off per block.
+/// Per vector, `Σ x · w` over the signed-weight groups `groups` of block `b`, scaled by
+/// `d` into `acc`. The activations' unsigned copy (`x + 128`) meets the signed weights:
+/// each lane sums `(x + 128) · w`, and `128 · Σ w` (one more `vpdpbusd` against ones per
+/// group, shared by the vectors) is taken off.
+#[inline(always)]
+unsafe fn signed_into<const N: usize>(
+    acc: &mut [__m256; N],
+    q: &[[i8; 32]],
+    groups: std::ops::Range<usize>,
+    d: &[f32; 8],
+    xs: &[&[ActBlock]; N],
+    b: usize,
+) {
+    let ones = _mm256_set1_epi8(1);
+    let mut dots = [_mm256_setzero_si256(); N];
+    let mut weights = _mm256_setzero_si256();
+    for g in groups {
+        let w = load32(&q[g]);
+        weights = _mm256_dpbusd_epi32(weights, ones, w);
+        for k in 0..N {
+            dots[k] = _mm256_dpbusd_epi32(dots[k], broadcast4u(&xs[k][b].u, 4 * g), w);
+        }
+    }
+    let bias = _mm256_slli_epi32::<7>(weights);
+    // SAFETY: a `[f32; 8]` load, unaligned.
+    let d = _mm256_loadu_ps(d.as_ptr());
+    for k in 0..N {
+        scale_into(&mut acc[k], d, &xs[k][b], _mm256_sub_epi32(dots[k], bias));
+    }
+}
+
+/// As `avx2::q8_tile_dots`, through `signed_into` (no sign fix on the activations).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_vnni<const N: usize>(
     tiles: &[Q8Tile],
     xs: [&[ActBlock]; N],
     sums: &mut [[f32; TILE_ROWS]; 4],
 ) {
-    let len = tiles.len();
-    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
-    // SAFETY (all loads and stores): `[i8; 32]` and `[f32; 8]` arrays, unaligned.
-    let ones = _mm256_set1_epi8(1);
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..tiles.len()]);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
-        let mut dots = [_mm256_setzero_si256(); N];
-        let mut weights = _mm256_setzero_si256();
-        for g in 0..8 {
-            let w = load32(&t.q[g]);
-            weights = _mm256_dpbusd_epi32(weights, ones, w);
-            for k in 0..N {
-                dots[k] = _mm256_dpbusd_epi32(dots[k], broadcast4u(&xs[k][b].u, 4 * g), w);
-            }
-        }
-        let bias = _mm256_slli_epi32::<7>(weights);
-        let d = _mm256_loadu_ps(t.d.as_ptr());
-        for k in 0..N {
-            scale_into(&mut acc[k], d, &xs[k][b], _mm256_sub_epi32(dots[k], bias));
-        }
+        signed_into(&mut acc, &t.q, 0..8, &t.d, &xs, b);
     }
-    for k in 0..N {
-        _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
-    }
+    store(&acc, sums);
 }
 
 /// As `avx2::s8_tile_dots`: as `q8_vnni`, each half of the block with its scales.
@@ -188,31 +210,20 @@ unsafe fn s8_vnni<const N: usize>(
     xs: [&[ActBlock]; N],
     sums: &mut [[f32; TILE_ROWS]; 4],
 ) {
-    let len = tiles.len();
-    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..len]);
-    // SAFETY (all loads and stores): `[i8; 32]` and `[f32; 8]` arrays, unaligned.
-    let ones = _mm256_set1_epi8(1);
+    let xs: [&[ActBlock]; N] = xs.map(|x| &x[..tiles.len()]);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, t) in tiles.iter().enumerate() {
-        for half in 0..2 {
-            let mut dots = [_mm256_setzero_si256(); N];
-            let mut weights = _mm256_setzero_si256();
-            for g in 4 * half..4 * half + 4 {
-                let w = load32(&t.q[g]);
-                weights = _mm256_dpbusd_epi32(weights, ones, w);
-                for k in 0..N {
-                    let x = broadcast4u(&xs[k][b].u, 4 * g);
-                    dots[k] = _mm256_dpbusd_epi32(dots[k], x, w);
-                }
-            }
-            let bias = _mm256_slli_epi32::<7>(weights);
-            let d = _mm256_loadu_ps(t.d[half].as_ptr());
-            for k in 0..N {
-                scale_into(&mut acc[k], d, &xs[k][b], _mm256_sub_epi32(dots[k], bias));
-            }
-        }
+        signed_into(&mut acc, &t.q, 0..4, &t.d[0], &xs, b);
+        signed_into(&mut acc, &t.q, 4..8, &t.d[1], &xs, b);
     }
+    store(&acc, sums);
+}
+
+/// Each vector's 8 row sums into `sums`.
+#[inline(always)]
+unsafe fn store<const N: usize>(acc: &[__m256; N], sums: &mut [[f32; TILE_ROWS]; 4]) {
     for k in 0..N {
+        // SAFETY: a `[f32; 8]` store, unaligned.
         _mm256_storeu_ps(sums[k].as_mut_ptr(), acc[k]);
     }
 }
