@@ -69,7 +69,8 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Seconds to wait for a worker's response head.
+    /// Seconds to wait for a worker's response head on a streamed call (a non-streamed
+    /// call's head comes with its body, bounded by `upstream_timeout_secs`).
     #[arg(
         long,
         env = "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT",

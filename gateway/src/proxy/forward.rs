@@ -63,7 +63,15 @@ impl Proxy {
         }
         let mut tried: Vec<String> = Vec::new();
         let bytes = loop {
-            let (slot, upstream) = self.send(&call, &mut tried).await?;
+            // A worker sends a non-streamed reply's head with its body, once generation is
+            // done: that head may take as long as the whole reply may.
+            let started = tokio::time::Instant::now();
+            let head_timeout = if stream {
+                self.timeouts.first_byte_timeout
+            } else {
+                self.timeouts.total_timeout
+            };
+            let (slot, upstream) = self.send(&call, &mut tried, head_timeout).await?;
             let status = upstream.status();
             if !status.is_success() {
                 // Worker-side errors are already in the OpenAI shape; pass them on as they are.
@@ -82,7 +90,8 @@ impl Proxy {
                     capture,
                 ));
             }
-            match tokio::time::timeout(self.timeouts.total_timeout, read_all(upstream)).await {
+            let deadline = started + self.timeouts.total_timeout;
+            match tokio::time::timeout_at(deadline, read_all(upstream)).await {
                 Err(_) => return Err(GatewayError::UpstreamTimeout),
                 Ok(Ok(bytes)) => break bytes,
                 // The worker died while answering; nothing reached the client, so another
@@ -120,11 +129,13 @@ impl Proxy {
 
     /// Sends to a worker, trying another (up to `max_attempts` workers in all, counting
     /// `tried`) while nothing has reached the client: on a refused or broken connection,
-    /// or a 503. A timeout is not retried: the worker may still be working on it.
+    /// or a 503, each waiting up to `head_timeout` for the response head. A timeout is not
+    /// retried: the worker may still be working on it.
     async fn send(
         &self,
         call: &ProxiedCall,
         tried: &mut Vec<String>,
+        head_timeout: std::time::Duration,
     ) -> Result<(WorkerSlot, hyper::Response<UpstreamBody>), GatewayError> {
         let body = call.upstream_body()?;
         while tried.len() < self.timeouts.max_attempts.max(1) {
@@ -156,11 +167,8 @@ impl Proxy {
                 .upstream()
                 .ok_or_else(|| GatewayError::Upstream("no upstream connections".into()))?;
             tried.push(worker.clone());
-            let sent = tokio::time::timeout(
-                self.timeouts.first_byte_timeout,
-                upstream.send(&target.authority, request),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout(head_timeout, upstream.send(&target.authority, request)).await;
             match sent {
                 Err(_) => {
                     failed("timeout");

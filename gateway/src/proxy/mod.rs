@@ -43,9 +43,10 @@ use reserve::Reservation;
 /// How long a call waits on workers, and on how many it may be tried.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamTimeouts {
-    /// Until the worker's response head arrives.
+    /// Until a streamed response's head arrives.
     pub first_byte_timeout: Duration,
-    /// For a whole non-streamed response.
+    /// For a whole non-streamed response, head and body (a worker sends the head with the
+    /// body, once generation is done).
     pub total_timeout: Duration,
     /// Workers tried for one request (only while nothing reached the client).
     pub max_attempts: usize,

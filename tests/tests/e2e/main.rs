@@ -33,4 +33,5 @@ mod scale;
 mod shipper_priority;
 mod store_backends;
 mod stream_faults;
+mod upstream_timeouts;
 mod worker_failover;

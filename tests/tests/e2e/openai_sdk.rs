@@ -123,7 +123,7 @@ async fn the_official_python_sdk_works_unchanged() {
 
     // Real replies of the real model on every consumer route the document describes,
     // validated against it (the stub behind the admin API test answers no tools,
-    // completions or responses).
+    // completions or responses). Sampled tool calls may repeat: their budget is bounded.
     let tool = serde_json::json!({"type": "function", "function": {"name": "f",
         "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}});
     let user = serde_json::json!([{"role": "user", "content": "Hi"}]);
@@ -133,7 +133,7 @@ async fn the_official_python_sdk_works_unchanged() {
             "/v1/chat/completions",
             "/v1/chat/completions".into(),
             Some(
-                serde_json::json!({"model": CHAT_MODEL, "messages": user, "tools": [tool], "tool_choice": "required"}),
+                serde_json::json!({"model": CHAT_MODEL, "messages": user, "tools": [tool], "tool_choice": "required", "max_tokens": 64}),
             ),
         ),
         (
@@ -177,7 +177,7 @@ async fn the_official_python_sdk_works_unchanged() {
             Some(
                 serde_json::json!({"model": CHAT_MODEL, "input": "Hi", "tools": [{"type": "function", "name": "f",
              "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}],
-             "tool_choice": "required"}),
+             "tool_choice": "required", "max_output_tokens": 64}),
             ),
         ),
         (
