@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::matrix::row_tasks;
+use super::matrix::{row_tasks, VECTOR_CHUNK};
 
 /// Rows per kernel call.
 pub(super) const HALF_ROWS: usize = 2;
@@ -96,33 +96,37 @@ impl HalfMatrix {
         let (per_task, tasks) = row_tasks(out, rows, HALF_ROWS);
         tasks.into_par_iter().enumerate().for_each(|(t, mut outs)| {
             let task_rows = outs[0].len();
-            let mut local = 0;
-            while local < task_rows {
-                let first = t * per_task + local;
-                let take_rows = (task_rows - local).min(HALF_ROWS);
-                let ws: [&[u16]; HALF_ROWS] = std::array::from_fn(|i| {
-                    let r = first + i.min(take_rows - 1);
-                    &self.values[r * cols..(r + 1) * cols]
-                });
-                let mut v = 0;
-                while v < n {
-                    let take = (n - v).min(4);
-                    let x = |k: usize| &xs[(v + k) * cols..(v + k + 1) * cols];
-                    let mut sums = [[0f32; 4]; HALF_ROWS];
-                    match take {
-                        4 => half_dots::<4>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                        3 => half_dots::<3>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                        2 => half_dots::<2>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                        _ => half_dots::<1>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                    }
-                    for (i, row_sums) in sums.iter().take(take_rows).enumerate() {
-                        for (k, sum) in row_sums.iter().take(take).enumerate() {
-                            outs[v + k][local + i] = *sum;
+            // As the quantized multiply: a chunk of vectors meets all the task's rows.
+            for chunk in (0..n).step_by(VECTOR_CHUNK) {
+                let chunk_end = (chunk + VECTOR_CHUNK).min(n);
+                let mut local = 0;
+                while local < task_rows {
+                    let first = t * per_task + local;
+                    let take_rows = (task_rows - local).min(HALF_ROWS);
+                    let ws: [&[u16]; HALF_ROWS] = std::array::from_fn(|i| {
+                        let r = first + i.min(take_rows - 1);
+                        &self.values[r * cols..(r + 1) * cols]
+                    });
+                    let mut v = chunk;
+                    while v < chunk_end {
+                        let take = (chunk_end - v).min(4);
+                        let x = |k: usize| &xs[(v + k) * cols..(v + k + 1) * cols];
+                        let mut sums = [[0f32; 4]; HALF_ROWS];
+                        match take {
+                            4 => half_dots::<4>(self.kind, ws, std::array::from_fn(x), &mut sums),
+                            3 => half_dots::<3>(self.kind, ws, std::array::from_fn(x), &mut sums),
+                            2 => half_dots::<2>(self.kind, ws, std::array::from_fn(x), &mut sums),
+                            _ => half_dots::<1>(self.kind, ws, std::array::from_fn(x), &mut sums),
                         }
+                        for (i, row_sums) in sums.iter().take(take_rows).enumerate() {
+                            for (k, sum) in row_sums.iter().take(take).enumerate() {
+                                outs[v + k][local + i] = *sum;
+                            }
+                        }
+                        v += take;
                     }
-                    v += take;
+                    local += take_rows;
                 }
-                local += take_rows;
             }
         });
     }
@@ -179,7 +183,7 @@ mod tests {
                 let raw = random(rows, cols, kind);
                 let m = HalfMatrix::new(&raw, rows, cols, kind).unwrap();
                 let mut row = vec![0f32; cols];
-                for n in [1, 2, 3, 4, 5, 9] {
+                for n in [1, 2, 3, 4, 5, 9, 37] {
                     let xs = vectors(n, cols);
                     let mut out = Vec::new();
                     m.matmul(&xs, &mut out);

@@ -99,7 +99,7 @@ fn check<B: BlockKind>(
         }
     }
     let bpr = cols / BLOCK;
-    for n in [1, 2, 3, 4, 5, 9] {
+    for n in [1, 2, 3, 4, 5, 9, 37] {
         let xs = vectors(n, cols);
         let acts = Q8Acts::quantize(&xs, cols);
         let (mut plain_out, mut tiled_out) = (Vec::new(), Vec::new());

@@ -136,33 +136,42 @@ impl<B: BlockKind> Matrix<B> {
         let (per_task, tasks) = row_tasks(out, rows, step);
         tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| {
             let task_rows = outs[0].len();
-            for local in (0..task_rows).step_by(step) {
-                let first_row = c * per_task + local;
-                let mut v = 0;
-                while v < n {
-                    let take = (n - v).min(4);
-                    if tiled {
-                        let group = first_row / TILE_ROWS;
-                        let tiles = &self.tiles[group * bpr..(group + 1) * bpr];
-                        let mut sums = [[0f32; TILE_ROWS]; 4];
-                        tile_dots_of::<B>(tiles, acts, v, take, &mut sums);
-                        for (k, row_sums) in sums.iter().take(take).enumerate() {
-                            outs[v + k][local..local + TILE_ROWS].copy_from_slice(row_sums);
+            // A chunk of vectors meets all the task's rows before the next chunk, so the
+            // activations a row reads stay in the core's cache however many there are.
+            for chunk in (0..n).step_by(VECTOR_CHUNK) {
+                let chunk_end = (chunk + VECTOR_CHUNK).min(n);
+                for local in (0..task_rows).step_by(step) {
+                    let first_row = c * per_task + local;
+                    let mut v = chunk;
+                    while v < chunk_end {
+                        let take = (chunk_end - v).min(4);
+                        if tiled {
+                            let group = first_row / TILE_ROWS;
+                            let tiles = &self.tiles[group * bpr..(group + 1) * bpr];
+                            let mut sums = [[0f32; TILE_ROWS]; 4];
+                            tile_dots_of::<B>(tiles, acts, v, take, &mut sums);
+                            for (k, row_sums) in sums.iter().take(take).enumerate() {
+                                outs[v + k][local..local + TILE_ROWS].copy_from_slice(row_sums);
+                            }
+                        } else {
+                            let row = &self.blocks[first_row * bpr..(first_row + 1) * bpr];
+                            let mut dots = [0f32; 4];
+                            row_dots_of::<B>(row, acts, v, take, &mut dots[..take]);
+                            for (k, dot) in dots.iter().take(take).enumerate() {
+                                outs[v + k][local] = *dot;
+                            }
                         }
-                    } else {
-                        let row = &self.blocks[first_row * bpr..(first_row + 1) * bpr];
-                        let mut dots = [0f32; 4];
-                        row_dots_of::<B>(row, acts, v, take, &mut dots[..take]);
-                        for (k, dot) in dots.iter().take(take).enumerate() {
-                            outs[v + k][local] = *dot;
-                        }
+                        v += take;
                     }
-                    v += take;
                 }
             }
         });
     }
 }
+
+/// Vectors that meet a task's rows together: a few hundred KiB of activations at most, so
+/// they stay in a core's L2 cache while the rows pass over them.
+pub(super) const VECTOR_CHUNK: usize = 32;
 
 /// `take` (1–4) vectors from `first` against one row.
 fn row_dots_of<B: BlockKind>(row: &[B], acts: &Q8Acts, first: usize, take: usize, out: &mut [f32]) {
