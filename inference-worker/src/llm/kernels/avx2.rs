@@ -499,8 +499,9 @@ fn widen_half<const BF16: bool>(bits: &[u16]) -> __m256 {
     }
 }
 
-/// Two rows against `N` vectors, eight columns a step: each row's eight weights are widened
-/// once and meet every vector (8 accumulators, 2 + 4 operands: within the 16 registers).
+/// `HALF_ROWS` (3) rows against `N` vectors, eight columns a step: each row's eight weights
+/// are widened once and meet every vector (12 accumulators and 3 widened rows in the 16
+/// registers; the vectors are read as memory operands).
 #[inline(always)]
 #[allow(unused_unsafe)]
 pub fn half_dots<const N: usize, const BF16: bool>(
@@ -514,15 +515,15 @@ pub fn half_dots<const N: usize, const BF16: bool>(
     // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); every load reads 8
     // values at `c < cols - 7` of slices `cols` long (`cols` is a multiple of 8).
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        let mut acc = [[_mm256_setzero_ps(); N]; super::floats::HALF_ROWS];
         let mut c = 0;
         while c + 8 <= cols {
-            let w0 = widen_half::<BF16>(&ws[0][c..]);
-            let w1 = widen_half::<BF16>(&ws[1][c..]);
+            let w = ws.map(|row| widen_half::<BF16>(&row[c..]));
             for k in 0..N {
                 let x = _mm256_loadu_ps(xs[k].as_ptr().add(c));
-                acc[0][k] = _mm256_fmadd_ps(w0, x, acc[0][k]);
-                acc[1][k] = _mm256_fmadd_ps(w1, x, acc[1][k]);
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    acc[k] = _mm256_fmadd_ps(*w, x, acc[k]);
+                }
             }
             c += 8;
         }

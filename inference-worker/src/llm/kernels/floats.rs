@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::matrix::{row_tasks, VECTOR_CHUNK};
 
 /// Rows per kernel call.
-pub(super) const HALF_ROWS: usize = 2;
+pub(super) const HALF_ROWS: usize = 3;
 
 /// How the 16 bits of a weight read as a float.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
