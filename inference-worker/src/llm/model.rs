@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use crate::math::{add_into, dot, softmax};
 
-use super::kernels::{extend_f16, f16_dots, f16_weighted_sum, round_to_f16};
+use super::kernels::{
+    cached_dots, cached_weighted_sum, extend_f16, extend_f32, round_to_f16, Cached, TurnedKeys,
+};
 use super::weights::{Embeddings, Fused, Linear};
 
 struct Layer {
@@ -282,11 +284,21 @@ impl Llama {
             rms_norm(&x, &layer.attn_norm, h.eps, &mut normed);
             layer.qkv.forward(&normed, &mut qkv)?;
             let width = dim + 2 * kv_dim;
-            for (s, row) in slots.iter().zip(qkv.chunks_exact_mut(width)) {
+            let rotate = |(s, row): (&Slot, &mut [f32])| {
                 let (q, kv) = row.split_at_mut(dim);
-                let k = &mut kv[..kv_dim];
                 self.rotate(q, s.position);
-                self.rotate(k, s.position);
+                self.rotate(&mut kv[..kv_dim], s.position);
+            };
+            if n >= PARALLEL_ROWS {
+                slots
+                    .par_iter()
+                    .zip(qkv.par_chunks_exact_mut(width))
+                    .for_each(rotate);
+            } else {
+                slots
+                    .iter()
+                    .zip(qkv.chunks_exact_mut(width))
+                    .for_each(rotate);
             }
             for (s, row) in slots.iter().zip(qkv.chunks_exact(width)) {
                 let cache = &mut caches[s.cache];
@@ -307,10 +319,21 @@ impl Llama {
             rms_norm(&x, &layer.ffn_norm, h.eps, &mut normed);
             layer.gate_up.forward(&normed, &mut ffn)?;
             let inter = layer.gate_up.rows / 2;
-            act.clear();
-            for row in ffn.chunks_exact(2 * inter) {
+            act.resize(n * inter, 0.0);
+            let silu = |(row, out): (&[f32], &mut [f32])| {
                 let (gate, up) = row.split_at(inter);
-                act.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+                for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            };
+            if n >= PARALLEL_ROWS {
+                ffn.par_chunks_exact(2 * inter)
+                    .zip(act.par_chunks_exact_mut(inter))
+                    .for_each(silu);
+            } else {
+                ffn.chunks_exact(2 * inter)
+                    .zip(act.chunks_exact_mut(inter))
+                    .for_each(silu);
             }
             layer.down.forward(&act, &mut proj)?;
             add_into(&mut x, &proj);
@@ -353,7 +376,8 @@ impl Llama {
     /// Causal attention of each slot over its own cache, up to and including its position.
     /// The query heads that share a key/value head run in one task, one after another: the
     /// first brings that head's cached keys and values in from memory, the others find them
-    /// in the core's cache.
+    /// in the core's cache. A cache that several slots read in this step (a prompt's chunk)
+    /// is widened to f32 once for all of them, instead of once per slot and head.
     fn attention(
         &self,
         layer: usize,
@@ -368,28 +392,59 @@ impl Llama {
         let group = h.heads / h.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * h.heads;
+
+        let mut readers = vec![(0usize, 0usize); caches.len()];
+        for s in slots {
+            let (count, len) = &mut readers[s.cache];
+            *count += 1;
+            *len = (*len).max(s.position + 1);
+        }
+        let widened: Vec<Option<(TurnedKeys, Vec<f32>)>> = readers
+            .iter()
+            .zip(caches)
+            .map(|(&(count, len), cache)| {
+                (count > 1).then(|| {
+                    let keys = TurnedKeys::new(&cache.keys[layer], h.kv_heads, hd, len);
+                    let mut values = Vec::new();
+                    extend_f32(&mut values, &cache.values[layer][..len * kv_dim]);
+                    (keys, values)
+                })
+            })
+            .collect();
+
         // One task per (slot, key/value head): `group` query heads, contiguous in `out`.
         let run = |(i, group_out): (usize, &mut [f32])| {
             let (slot, kv_head) = (i / h.kv_heads, i % h.kv_heads);
             let s = slots[slot];
-            let cache = &caches[s.cache];
-            let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
             let len = s.position + 1;
             // Queries at f16 precision, like the cache (llama.cpp multiplies them in f16).
             let q_at = slot * width + kv_head * group * hd;
             let mut queries = qkv[q_at..q_at + group * hd].to_vec();
             round_to_f16(&mut queries);
             let kv_off = kv_head * hd;
-            // scores[j · len + p]: query head j against position p.
-            let mut scores = vec![0f32; group * len];
-            for (q, row) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
-                f16_dots(q, &keys[kv_off..], kv_dim, scale, row);
-                softmax(row, f32::exp);
-                // Probabilities at f16 precision, as llama.cpp feeds them to its V product.
-                round_to_f16(row);
-            }
-            for (weights, o) in scores.chunks_exact(len).zip(group_out.chunks_exact_mut(hd)) {
-                f16_weighted_sum(weights, &values[kv_off..], kv_dim, o);
+            let keys = &caches[s.cache].keys[layer][kv_off..];
+            match &widened[s.cache] {
+                Some((turned, values)) => {
+                    let dots = |q: &[f32], out: &mut [f32]| {
+                        turned.dots(kv_head, q, keys, kv_dim, scale, out);
+                    };
+                    head_group(
+                        &queries,
+                        hd,
+                        dots,
+                        &values[kv_off..],
+                        len,
+                        kv_dim,
+                        group_out,
+                    );
+                }
+                None => {
+                    let dots = |q: &[f32], out: &mut [f32]| {
+                        cached_dots(q, keys, kv_dim, scale, out);
+                    };
+                    let values = &caches[s.cache].values[layer][kv_off..];
+                    head_group(&queries, hd, dots, values, len, kv_dim, group_out);
+                }
             }
         };
         // Small steps (one token per decoding sequence, short contexts) are cheaper on this
@@ -402,18 +457,55 @@ impl Llama {
     }
 }
 
+/// Attention of the query heads in `queries` (`hd` values each, one after another) over the
+/// first `len` positions of one key/value head: `dots(q, scores)` scores a query against
+/// each position, `values` holds that head's rows `stride` apart.
+fn head_group<T: Cached>(
+    queries: &[f32],
+    hd: usize,
+    dots: impl Fn(&[f32], &mut [f32]),
+    values: &[T],
+    len: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let group = queries.len() / hd;
+    // scores[j · len + p]: query head j against position p.
+    let mut scores = vec![0f32; group * len];
+    for (q, row) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
+        dots(q, row);
+        softmax(row, f32::exp);
+        // Probabilities at f16 precision, as llama.cpp feeds them to its V product.
+        round_to_f16(row);
+    }
+    for (weights, o) in scores.chunks_exact(len).zip(out.chunks_exact_mut(hd)) {
+        cached_weighted_sum(weights, values, stride, o);
+    }
+}
+
 fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    for (x, o) in xs
-        .chunks_exact(weight.len())
-        .zip(out.chunks_exact_mut(weight.len()))
-    {
+    let norm = |(x, o): (&[f32], &mut [f32])| {
         let mean = dot(x, x) / x.len() as f32;
         let inv = 1.0 / (mean + eps).sqrt();
         for ((o, v), w) in o.iter_mut().zip(x).zip(weight) {
             *o = v * inv * w;
         }
+    };
+    let width = weight.len();
+    if xs.len() >= PARALLEL_ROWS * width {
+        xs.par_chunks_exact(width)
+            .zip(out.par_chunks_exact_mut(width))
+            .for_each(norm);
+    } else {
+        xs.chunks_exact(width)
+            .zip(out.chunks_exact_mut(width))
+            .for_each(norm);
     }
 }
+
+/// Slots past which a step's per-token work (norms, rotations, activations) is shared out
+/// to the thread pool, so a prompt's chunk does not leave the other threads idle.
+const PARALLEL_ROWS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -431,13 +523,6 @@ mod tests {
         let mut file = std::fs::File::open(&path).expect("model missing: run `make models`");
         let content = gguf_file::Content::read(&mut file).unwrap();
         Llama::load(&content, &mut file).unwrap()
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     fn prompt_slots(prompt: &[u32], cache: usize) -> Vec<Slot> {
@@ -460,7 +545,10 @@ mod tests {
     #[test]
     fn batched_and_chunked_passes_equal_a_sequence_alone() {
         let llama = model();
-        let prompt: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198];
+        // Long enough for whole blocks of eight positions and for the steps' shared-out
+        // per-token work; a prompt's chunk reads its cache widened, a lone token reads f16.
+        let mut prompt: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198];
+        prompt.extend((0..29).map(|i| 300 + 97 * i));
         let other: Vec<u32> = vec![1, 4093, 198, 19556, 30, 2, 198, 1, 520, 9531, 198];
 
         let mut alone = KvCache::new(llama.layers());
@@ -482,10 +570,15 @@ mod tests {
             .forward(&step, &mut [&mut chunked, &mut neighbour])
             .unwrap();
         assert_eq!(both.len(), 2);
-        assert!(
-            max_diff(&first[0], &both[0]) < 1e-3,
-            "chunked prompt differs"
-        );
+        assert_eq!(first[0], both[0], "chunked prompt differs");
+
+        // All but the last token as one chunk, then the last alone.
+        let mut split = KvCache::new(llama.layers());
+        let slots = prompt_slots(&prompt, 0);
+        let (head, last) = slots.split_at(prompt.len() - 1);
+        llama.forward(head, &mut [&mut split]).unwrap();
+        let lone = llama.forward(last, &mut [&mut split]).unwrap();
+        assert_eq!(first[0], lone[0], "a prompt's last token alone differs");
 
         // Decode steps: alone, and batched with the neighbour at another position.
         for (i, token) in [28u32, 314, 2188].into_iter().enumerate() {

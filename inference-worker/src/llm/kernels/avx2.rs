@@ -111,6 +111,142 @@ pub fn widen8(h: &[f16]) -> [f32; 8] {
     out
 }
 
+/// Eight positions' scores from turned keys (`block[64l + 8·lane + i]` is dimension
+/// `8l + lane` of position `i`): per position, lane `lane` sums `q[8l + lane] · k[8l + lane]`
+/// over `l` in order, then the lanes are added in order, as `attention::cached_dots` does
+/// for one row.
+pub fn turned_dots8(q: &[f32], block: &[f32]) -> [f32; 8] {
+    assert!(q.len().is_multiple_of(8) && block.len() >= 8 * q.len());
+    let mut out = [0f32; 8];
+    // SAFETY: AVX is enabled for this build (the caller's cfg checks it); every load reads
+    // 8 values of `block` below `8 · q.len()` or one value of `q` (both checked above); the
+    // store writes the 8 values of `out`.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for l in 0..q.len() / 8 {
+            for (lane, acc) in acc.iter_mut().enumerate() {
+                let qv = _mm256_broadcast_ss(&q[8 * l + lane]);
+                let k = _mm256_loadu_ps(block.as_ptr().add(64 * l + 8 * lane));
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qv, k));
+            }
+        }
+        let mut sum = _mm256_setzero_ps();
+        for acc in acc {
+            sum = _mm256_add_ps(sum, acc);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), sum);
+    }
+    out
+}
+
+/// `out[j] = Σ_p weights[p] · rows[p · stride + j]` for 64 outputs, the rows' values read by
+/// `load` eight at a time; each output summed over the rows in order, a product then an add.
+/// Eight accumulators stay in registers across all rows.
+#[inline(always)]
+fn weighted64<T>(
+    weights: &[f32],
+    rows: &[T],
+    stride: usize,
+    load: unsafe fn(*const T) -> __m256,
+    out: &mut [f32],
+) {
+    assert!(out.len() >= 64);
+    assert!(weights.is_empty() || rows.len() >= (weights.len() - 1) * stride + 64);
+    // SAFETY: AVX is enabled for this build; each load reads 8 values of row
+    // `p < weights.len()` below offset 64, inside `rows`, and each store 8 of the 64 values
+    // of `out` (both checked above).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (p, w) in weights.iter().enumerate() {
+            let w = _mm256_set1_ps(*w);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let v = load(rows.as_ptr().add(p * stride + 8 * c));
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, v));
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *acc);
+        }
+    }
+}
+
+/// `weighted64` over f32 rows.
+pub fn weighted64_f32(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    weighted64(weights, rows, stride, load8_f32, out);
+}
+
+/// `weighted64` over f16 rows, widened with F16C.
+pub fn weighted64_f16(weights: &[f32], rows: &[f16], stride: usize, out: &mut [f32]) {
+    weighted64(weights, rows, stride, load8_f16, out);
+}
+
+/// Eight f32 values at `at`.
+///
+/// # Safety
+/// AVX enabled, and 8 values readable at `at`.
+#[inline(always)]
+unsafe fn load8_f32(at: *const f32) -> __m256 {
+    _mm256_loadu_ps(at)
+}
+
+/// Eight f16 values at `at`, widened.
+///
+/// # Safety
+/// F16C enabled, and 8 values readable at `at`.
+#[inline(always)]
+unsafe fn load8_f16(at: *const f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
+}
+
+/// A block of 32 activations as `acts::quantize_block` makes it, eight lanes at a time:
+/// the scale from `max |x|`, the values `x · (127 / max)` rounded half to even, their sum.
+/// The same operations on the same values, so the same bytes and sums.
+pub fn quantize_block(block: &[f32]) -> (f32, [i8; 32], i32) {
+    assert!(block.len() >= 32);
+    let mut q = [0i8; 32];
+    // SAFETY: AVX2 is enabled for this build; the loads read the 32 values of `block`
+    // (checked above), the store writes the 32 bytes of `q`.
+    unsafe {
+        let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(block.as_ptr().add(8 * i)));
+        let sign = _mm256_set1_ps(-0.0);
+        let mut amax = _mm256_setzero_ps();
+        for x in x {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, x));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+        let amax = lanes.iter().fold(0f32, |a, x| a.max(*x));
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let inv = _mm256_set1_ps(inv);
+        let ints = x.map(|x| {
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, inv),
+            );
+            _mm256_cvtps_epi32(r)
+        });
+        // Sum of the 32 integers.
+        let total = _mm256_add_epi32(
+            _mm256_add_epi32(ints[0], ints[1]),
+            _mm256_add_epi32(ints[2], ints[3]),
+        );
+        let half = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let half = _mm_hadd_epi32(half, half);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(half, half));
+        // 32-bit to 8-bit in order: packs work within 128-bit halves, a permute restores order.
+        let words = [
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        ];
+        let bytes = _mm256_packs_epi16(words[0], words[1]);
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr().cast(), bytes);
+        (amax, q, sum)
+    }
+}
+
 /// Eight values through f16 and back.
 #[inline(always)]
 #[allow(unused_unsafe)]

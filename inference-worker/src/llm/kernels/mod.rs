@@ -73,7 +73,9 @@ mod testdata;
 mod vnni;
 
 pub use acts::Q8Acts;
-pub use attention::{extend_f16, f16_dots, f16_weighted_sum, round_to_f16};
+pub use attention::{
+    cached_dots, cached_weighted_sum, extend_f16, extend_f32, round_to_f16, Cached, TurnedKeys,
+};
 pub use floats::{HalfKind, HalfMatrix};
 pub use q4::Q4Matrix;
 pub use q5::Q5Matrix;

@@ -19,6 +19,25 @@ use half::f16;
 use super::layout::{ActBlock, Q4Block, Q4Tile, Q5Block, Q5Tile, Q8Block, Q8Tile, S8Block, S8Tile};
 use super::TILE_ROWS;
 
+/// Eight positions' scores from turned keys, as `avx2::turned_dots8`.
+pub fn turned_dots8(q: &[f32], block: &[f32]) -> [f32; 8] {
+    let mut acc = [[0f32; 8]; 8];
+    for (l, q8) in q.chunks_exact(8).enumerate() {
+        for (lane, acc) in acc.iter_mut().enumerate() {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc += q8[lane] * block[64 * l + 8 * lane + i];
+            }
+        }
+    }
+    let mut sums = [0f32; 8];
+    for acc in &acc {
+        for (s, a) in sums.iter_mut().zip(acc) {
+            *s += a;
+        }
+    }
+    sums
+}
+
 pub fn narrow8(chunk: &[f32]) -> [f16; 8] {
     std::array::from_fn(|i| f16::from_f32(chunk[i]))
 }
