@@ -635,26 +635,31 @@ fn widen_half<const BF16: bool>(bits: &[u16]) -> __m256 {
     }
 }
 
-/// `HALF_ROWS` (3) rows against `N` vectors, eight columns a step: each row's eight weights
-/// are widened once and meet every vector (12 accumulators and 3 widened rows in the 16
-/// registers; the vectors are read as memory operands).
+/// `HALF_ROWS` (3) interleaved rows (`floats::interleave`) against `N` vectors, eight
+/// columns a step: each row's eight weights are widened once and meet every vector (12
+/// accumulators and 3 widened rows in the 16 registers; the vectors are read as memory
+/// operands).
 #[inline(always)]
 #[allow(unused_unsafe)]
 pub fn half_dots<const N: usize, const BF16: bool>(
-    ws: [&[u16]; super::floats::HALF_ROWS],
+    group: &[u16],
     xs: [&[f32]; N],
     sums: &mut [[f32; 4]; super::floats::HALF_ROWS],
 ) {
-    let cols = ws[0].len();
+    const ROWS: usize = super::floats::HALF_ROWS;
+    let cols = group.len() / ROWS;
     let xs: [&[f32]; N] = xs.map(|x| &x[..cols]);
-    let ws = ws.map(|w| &w[..cols]);
+    let group = &group[..ROWS * cols];
     // SAFETY: AVX2/FMA are enabled for this build (cfg on the module); every load reads 8
-    // values at `c < cols - 7` of slices `cols` long (`cols` is a multiple of 8).
+    // values at `c < cols - 7` of vectors `cols` long (`cols` is a multiple of 8); the
+    // weights are read by `widen_half`, which checks its slice.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); N]; super::floats::HALF_ROWS];
+        let mut acc = [[_mm256_setzero_ps(); N]; ROWS];
         let mut c = 0;
         while c + 8 <= cols {
-            let w = ws.map(|row| widen_half::<BF16>(&row[c..]));
+            let at = ROWS * c;
+            let w: [__m256; ROWS] =
+                std::array::from_fn(|i| widen_half::<BF16>(&group[at + 8 * i..]));
             for k in 0..N {
                 let x = _mm256_loadu_ps(xs[k].as_ptr().add(c));
                 for (acc, w) in acc.iter_mut().zip(&w) {

@@ -1,6 +1,8 @@
 //! 16-bit float weights (GGUF F16 and BF16) times f32 vectors: the rows stay 16-bit (half
 //! the memory of f32, read once per batch of vectors), widened eight at a time into f32
-//! products. Activations are not quantized here.
+//! products. Activations are not quantized here. Rows are interleaved in groups of
+//! `HALF_ROWS`, eight values of each in turn, so the multiply reads one contiguous stream:
+//! a core fetches it about twice as fast as three rows read side by side.
 //!
 //! Owns: `HalfMatrix`, its row-parallel multiply and the widening. Must never: round the
 //! weights (the file's values are used exactly) or know about models.
@@ -30,13 +32,16 @@ impl HalfKind {
     }
 }
 
-/// A `rows × cols` matrix of 16-bit floats, row by row.
+/// A `rows × cols` matrix of 16-bit floats: row by row until `pack` interleaves them.
 #[derive(Clone)]
 pub struct HalfMatrix {
     pub rows: usize,
     pub cols: usize,
     pub kind: HalfKind,
     values: Vec<u16>,
+    /// Whether `values` holds groups of `HALF_ROWS` rows interleaved eight values at a time
+    /// (the last group padded with copies of its last row).
+    packed: bool,
 }
 
 impl HalfMatrix {
@@ -61,12 +66,13 @@ impl HalfMatrix {
             cols,
             kind,
             values,
+            packed: false,
         })
     }
 
-    /// Appends the rows of `other` (same width and kind).
+    /// Appends the rows of `other` (same width and kind). Call before `pack`.
     pub fn stack(&mut self, other: &Self) -> bool {
-        if self.cols != other.cols || self.kind != other.kind {
+        if self.cols != other.cols || self.kind != other.kind || self.packed || other.packed {
             return false;
         }
         self.rows += other.rows;
@@ -74,13 +80,42 @@ impl HalfMatrix {
         true
     }
 
-    /// Nothing to do: the rows are already in the layout the kernel reads.
-    pub fn pack(&mut self) {}
+    /// Interleaves the rows for the kernel (after any `stack`).
+    pub fn pack(&mut self) {
+        if self.packed || self.rows == 0 {
+            return;
+        }
+        let cols = self.cols;
+        let mut values = Vec::with_capacity(self.rows.div_ceil(HALF_ROWS) * HALF_ROWS * cols);
+        for first in (0..self.rows).step_by(HALF_ROWS) {
+            let rows: [&[u16]; HALF_ROWS] = std::array::from_fn(|i| {
+                let r = (first + i).min(self.rows - 1);
+                &self.values[r * cols..(r + 1) * cols]
+            });
+            values.extend(interleave(rows));
+        }
+        self.values = values;
+        self.packed = true;
+    }
 
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let row = &self.values[r * self.cols..(r + 1) * self.cols];
-        for (o, bits) in out.iter_mut().zip(row) {
-            *o = self.kind.widen(*bits);
+        let cols = self.cols;
+        if !self.packed {
+            let row = &self.values[r * cols..(r + 1) * cols];
+            for (o, bits) in out.iter_mut().zip(row) {
+                *o = self.kind.widen(*bits);
+            }
+            return;
+        }
+        let group = &self.values[r / HALF_ROWS * HALF_ROWS * cols..][..HALF_ROWS * cols];
+        let lane = r % HALF_ROWS;
+        for (o, chunk) in out
+            .chunks_exact_mut(8)
+            .zip(group.chunks_exact(8 * HALF_ROWS))
+        {
+            for (o, bits) in o.iter_mut().zip(&chunk[8 * lane..8 * lane + 8]) {
+                *o = self.kind.widen(*bits);
+            }
         }
     }
 
@@ -94,6 +129,15 @@ impl HalfMatrix {
             return;
         }
         let (per_task, tasks) = row_tasks(out, rows, HALF_ROWS);
+        let interleaved;
+        let values = if self.packed {
+            &self.values
+        } else {
+            let mut copy = self.clone();
+            copy.pack();
+            interleaved = copy.values;
+            &interleaved
+        };
         tasks.into_par_iter().enumerate().for_each(|(t, mut outs)| {
             let task_rows = outs[0].len();
             // As the quantized multiply: a chunk of vectors meets all the task's rows.
@@ -103,20 +147,25 @@ impl HalfMatrix {
                 while local < task_rows {
                     let first = t * per_task + local;
                     let take_rows = (task_rows - local).min(HALF_ROWS);
-                    let ws: [&[u16]; HALF_ROWS] = std::array::from_fn(|i| {
-                        let r = first + i.min(take_rows - 1);
-                        &self.values[r * cols..(r + 1) * cols]
-                    });
+                    let group = &values[first * cols..(first + HALF_ROWS) * cols];
                     let mut v = chunk;
                     while v < chunk_end {
                         let take = (chunk_end - v).min(4);
                         let x = |k: usize| &xs[(v + k) * cols..(v + k + 1) * cols];
                         let mut sums = [[0f32; 4]; HALF_ROWS];
                         match take {
-                            4 => half_dots::<4>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                            3 => half_dots::<3>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                            2 => half_dots::<2>(self.kind, ws, std::array::from_fn(x), &mut sums),
-                            _ => half_dots::<1>(self.kind, ws, std::array::from_fn(x), &mut sums),
+                            4 => {
+                                half_dots::<4>(self.kind, group, std::array::from_fn(x), &mut sums)
+                            }
+                            3 => {
+                                half_dots::<3>(self.kind, group, std::array::from_fn(x), &mut sums)
+                            }
+                            2 => {
+                                half_dots::<2>(self.kind, group, std::array::from_fn(x), &mut sums)
+                            }
+                            _ => {
+                                half_dots::<1>(self.kind, group, std::array::from_fn(x), &mut sums)
+                            }
                         }
                         for (i, row_sums) in sums.iter().take(take_rows).enumerate() {
                             for (k, sum) in row_sums.iter().take(take).enumerate() {
@@ -132,9 +181,20 @@ impl HalfMatrix {
     }
 }
 
+/// `HALF_ROWS` rows interleaved eight values at a time: values `c..c + 8` of each row in
+/// turn, then the next eight.
+pub(super) fn interleave(rows: [&[u16]; HALF_ROWS]) -> impl Iterator<Item = u16> + '_ {
+    let cols = rows[0].len();
+    (0..cols).step_by(8).flat_map(move |c| {
+        rows.into_iter()
+            .flat_map(move |row| row[c..c + 8].iter().copied())
+    })
+}
+
+/// The `HALF_ROWS` interleaved rows of `group` against `N` vectors.
 fn half_dots<const N: usize>(
     kind: HalfKind,
-    ws: [&[u16]; HALF_ROWS],
+    group: &[u16],
     xs: [&[f32]; N],
     sums: &mut [[f32; 4]; HALF_ROWS],
 ) {
@@ -144,15 +204,15 @@ fn half_dots<const N: usize>(
         target_feature = "fma"
     ))]
     match kind {
-        HalfKind::F16 => super::avx2::half_dots::<N, false>(ws, xs, sums),
-        HalfKind::Bf16 => super::avx2::half_dots::<N, true>(ws, xs, sums),
+        HalfKind::F16 => super::avx2::half_dots::<N, false>(group, xs, sums),
+        HalfKind::Bf16 => super::avx2::half_dots::<N, true>(group, xs, sums),
     }
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     )))]
-    super::portable::half_dots::<N>(kind, ws, xs, sums);
+    super::portable::half_dots::<N>(kind, group, xs, sums);
 }
 
 #[cfg(test)]
@@ -181,7 +241,13 @@ mod tests {
         for kind in [HalfKind::F16, HalfKind::Bf16] {
             for (rows, cols) in [(7, 96), (16, 64), (1, 8), (3, 40)] {
                 let raw = random(rows, cols, kind);
-                let m = HalfMatrix::new(&raw, rows, cols, kind).unwrap();
+                let raw_rows: Vec<u16> = raw
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                let plain = HalfMatrix::new(&raw, rows, cols, kind).unwrap();
+                let mut m = plain.clone();
+                m.pack();
                 let mut row = vec![0f32; cols];
                 for n in [1, 2, 3, 4, 5, 9, 37] {
                     let xs = vectors(n, cols);
@@ -189,6 +255,9 @@ mod tests {
                     m.matmul(&xs, &mut out);
                     for r in 0..rows {
                         m.dequantize_row(r, &mut row);
+                        let mut unpacked = vec![0f32; cols];
+                        plain.dequantize_row(r, &mut unpacked);
+                        assert_eq!(row, unpacked, "{kind:?} {rows}x{cols} row {r}");
                         // The widened values are the file's exactly.
                         let bits = u16::from_le_bytes([raw[2 * r * cols], raw[2 * r * cols + 1]]);
                         assert_eq!(row[0], kind.widen(bits));
@@ -211,8 +280,9 @@ mod tests {
                             );
                             // The portable kernel agrees.
                             let mut sums = [[0f32; 4]; HALF_ROWS];
-                            let ws = [&m.values[r * cols..(r + 1) * cols]; HALF_ROWS];
-                            portable::half_dots::<1>(kind, ws, [x], &mut sums);
+                            let row = &raw_rows[r * cols..(r + 1) * cols];
+                            let group: Vec<u16> = interleave([row; HALF_ROWS]).collect();
+                            portable::half_dots::<1>(kind, &group, [x], &mut sums);
                             assert!((f64::from(sums[0][0]) - exact).abs() <= 1e-5 * size + 1e-6);
                         }
                     }

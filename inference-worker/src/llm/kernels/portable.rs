@@ -221,13 +221,17 @@ pub fn s8_dots<const N: usize>(row: &[S8Block], xs: [&[ActBlock]; N], out: &mut 
 
 pub fn half_dots<const N: usize>(
     kind: super::floats::HalfKind,
-    ws: [&[u16]; super::floats::HALF_ROWS],
+    group: &[u16],
     xs: [&[f32]; N],
     sums: &mut [[f32; 4]; super::floats::HALF_ROWS],
 ) {
-    for (w, row_sums) in ws.iter().zip(sums.iter_mut()) {
+    let rows = super::floats::HALF_ROWS;
+    for (i, row_sums) in sums.iter_mut().enumerate() {
+        let row = group
+            .chunks_exact(8 * rows)
+            .flat_map(|chunk| &chunk[8 * i..8 * i + 8]);
         for (x, sum) in xs.iter().zip(row_sums.iter_mut()) {
-            *sum = w.iter().zip(*x).map(|(b, v)| kind.widen(*b) * v).sum();
+            *sum = row.clone().zip(*x).map(|(b, v)| kind.widen(*b) * v).sum();
         }
     }
 }
