@@ -284,22 +284,12 @@ impl Llama {
             rms_norm(&x, &layer.attn_norm, h.eps, &mut normed);
             layer.qkv.forward(&normed, &mut qkv)?;
             let width = dim + 2 * kv_dim;
-            let rotate = |(s, row): (&Slot, &mut [f32])| {
+            // One slot and its row at a time.
+            by_rows((slots, 1), (&mut qkv, width), |(s, row)| {
                 let (q, kv) = row.split_at_mut(dim);
-                self.rotate(q, s.position);
-                self.rotate(&mut kv[..kv_dim], s.position);
-            };
-            if n >= PARALLEL_ROWS {
-                slots
-                    .par_iter()
-                    .zip(qkv.par_chunks_exact_mut(width))
-                    .for_each(rotate);
-            } else {
-                slots
-                    .iter()
-                    .zip(qkv.chunks_exact_mut(width))
-                    .for_each(rotate);
-            }
+                self.rotate(q, s[0].position);
+                self.rotate(&mut kv[..kv_dim], s[0].position);
+            });
             for (s, row) in slots.iter().zip(qkv.chunks_exact(width)) {
                 let cache = &mut caches[s.cache];
                 if cache.keys[l].len() != s.position * kv_dim {
@@ -326,15 +316,7 @@ impl Llama {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
             };
-            if n >= PARALLEL_ROWS {
-                ffn.par_chunks_exact(2 * inter)
-                    .zip(act.par_chunks_exact_mut(inter))
-                    .for_each(silu);
-            } else {
-                ffn.chunks_exact(2 * inter)
-                    .zip(act.chunks_exact_mut(inter))
-                    .for_each(silu);
-            }
+            by_rows((&ffn, 2 * inter), (&mut act, inter), silu);
             layer.down.forward(&act, &mut proj)?;
             add_into(&mut x, &proj);
         }
@@ -492,20 +474,28 @@ fn rms_norm(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         }
     };
     let width = weight.len();
-    if xs.len() >= PARALLEL_ROWS * width {
-        xs.par_chunks_exact(width)
-            .zip(out.par_chunks_exact_mut(width))
-            .for_each(norm);
-    } else {
-        xs.chunks_exact(width)
-            .zip(out.chunks_exact_mut(width))
-            .for_each(norm);
-    }
+    by_rows((xs, width), (out, width), norm);
 }
 
 /// Slots past which a step's per-token work (norms, rotations, activations) is shared out
 /// to the thread pool, so a prompt's chunk does not leave the other threads idle.
 const PARALLEL_ROWS: usize = 16;
+
+/// `f` on each pair of rows of `a` and `b` (rows `aw` and `bw` long), on the pool's threads
+/// from `PARALLEL_ROWS` rows on.
+fn by_rows<T: Sync, U: Send>(
+    (a, aw): (&[T], usize),
+    (b, bw): (&mut [U], usize),
+    f: impl Fn((&[T], &mut [U])) + Sync + Send,
+) {
+    if a.len() >= PARALLEL_ROWS * aw {
+        a.par_chunks_exact(aw)
+            .zip(b.par_chunks_exact_mut(bw))
+            .for_each(f);
+    } else {
+        a.chunks_exact(aw).zip(b.chunks_exact_mut(bw)).for_each(f);
+    }
+}
 
 #[cfg(test)]
 mod tests {
