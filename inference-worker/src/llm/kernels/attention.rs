@@ -261,10 +261,12 @@ impl TurnedKeys {
         out: &mut [f32],
     ) {
         let hd = self.hd;
-        if !hd.is_multiple_of(8) || out.len() < 8 {
+        // Heads without whole 8-value chunks, or more whole blocks than were turned: the
+        // plain products from the f16 rows.
+        if !hd.is_multiple_of(8) || out.len() < 8 || out.len() / 8 > self.blocks {
             return cached_dots(q, rows, stride, scale, out);
         }
-        let done = (out.len() / 8).min(self.blocks) * 8;
+        let done = out.len() / 8 * 8;
         let turned = &self.data[head * self.blocks * hd * 8..];
         for (c, chunk) in out[..done].chunks_exact_mut(8).enumerate() {
             let block = &turned[c * hd * 8..(c + 1) * hd * 8];
@@ -273,16 +275,9 @@ impl TurnedKeys {
                 *o = s * scale;
             }
         }
-        if done < out.len() {
-            let len = q.len();
-            if done == out.len() / 8 * 8 {
-                for (p, o) in out.iter_mut().enumerate().skip(done) {
-                    *o = dot_cached(q, &rows[p * stride..p * stride + len]) * scale;
-                }
-            } else {
-                // More whole blocks than were turned: the plain products from the f16 rows.
-                cached_dots(q, rows, stride, scale, out);
-            }
+        let len = q.len();
+        for (p, o) in out.iter_mut().enumerate().skip(done) {
+            *o = dot_cached(q, &rows[p * stride..p * stride + len]) * scale;
         }
     }
 }

@@ -151,22 +151,8 @@ impl HalfMatrix {
                     let mut v = chunk;
                     while v < chunk_end {
                         let take = (chunk_end - v).min(4);
-                        let x = |k: usize| &xs[(v + k) * cols..(v + k + 1) * cols];
                         let mut sums = [[0f32; 4]; HALF_ROWS];
-                        match take {
-                            4 => {
-                                half_dots::<4>(self.kind, group, std::array::from_fn(x), &mut sums)
-                            }
-                            3 => {
-                                half_dots::<3>(self.kind, group, std::array::from_fn(x), &mut sums)
-                            }
-                            2 => {
-                                half_dots::<2>(self.kind, group, std::array::from_fn(x), &mut sums)
-                            }
-                            _ => {
-                                half_dots::<1>(self.kind, group, std::array::from_fn(x), &mut sums)
-                            }
-                        }
+                        half_dots_of(self.kind, group, xs, (v, take), &mut sums);
                         for (i, row_sums) in sums.iter().take(take_rows).enumerate() {
                             for (k, sum) in row_sums.iter().take(take).enumerate() {
                                 outs[v + k][local + i] = *sum;
@@ -189,6 +175,24 @@ pub(super) fn interleave(rows: [&[u16]; HALF_ROWS]) -> impl Iterator<Item = u16>
         rows.into_iter()
             .flat_map(move |row| row[c..c + 8].iter().copied())
     })
+}
+
+/// `take` (1–4) vectors from vector `first` of `xs` against the rows of `group`.
+fn half_dots_of(
+    kind: HalfKind,
+    group: &[u16],
+    xs: &[f32],
+    (first, take): (usize, usize),
+    sums: &mut [[f32; 4]; HALF_ROWS],
+) {
+    let cols = group.len() / HALF_ROWS;
+    let x = |k: usize| &xs[(first + k) * cols..(first + k + 1) * cols];
+    match take {
+        4 => half_dots::<4>(kind, group, std::array::from_fn(x), sums),
+        3 => half_dots::<3>(kind, group, std::array::from_fn(x), sums),
+        2 => half_dots::<2>(kind, group, std::array::from_fn(x), sums),
+        _ => half_dots::<1>(kind, group, std::array::from_fn(x), sums),
+    }
 }
 
 /// The `HALF_ROWS` interleaved rows of `group` against `N` vectors.
